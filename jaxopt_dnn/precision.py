@@ -1,0 +1,451 @@
+"""Mixed precision: dtype policies over pytrees and loss scaling for float16.
+
+A :class:`Policy` names three dtypes, as in jmp: parameters are *stored* in
+``param_dtype`` (the float32 master weights), the forward/backward pass *computes* in
+``compute_dtype`` and the model *returns* ``output_dtype``. A train step is::
+
+  logits = policy.cast_to_output(model.apply(policy.cast_to_compute(params), x_c))
+  loss   = cross_entropy(logits)                 # softmax in output_dtype (float32)
+  grads  = d loss / d params                     # float32, the cast is differentiable
+  params = params + optimizer(grads)             # float32 update of the master weights
+
+Casts touch **floating leaves only**: integer leaves, PRNG keys and quantized ``QArray``
+leaves (their int8 values *and* their scales) pass through unchanged. Per-path
+exceptions are ``(regex, dtype)`` pairs over the key path (first match wins); the
+default keeps normalization parameters and running statistics (any path containing
+``norm`` or ``batch_stats``) in float32.
+
+float16 has a 5-bit exponent: gradients below ~6e-8 flush to zero. Loss scaling
+multiplies the loss by ``S`` before differentiation and divides the gradients by ``S``
+afterwards (``g = (d(S * L) / dp) / S``). :class:`DynamicLossScale` halves ``S`` on a
+step with non-finite gradients (that step is skipped: params and optimizer state are
+returned bit-identical) and doubles it after ``period`` finite steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxopt_dnn import _tree
+
+PyTree = Any
+
+_DTYPE_NAMES = {
+    "float32": np.dtype(jnp.float32), "f32": np.dtype(jnp.float32),
+    "fp32": np.dtype(jnp.float32), "float": np.dtype(jnp.float32),
+    "single": np.dtype(jnp.float32), "full": np.dtype(jnp.float32),
+    "bfloat16": np.dtype(jnp.bfloat16), "bf16": np.dtype(jnp.bfloat16),
+    "float16": np.dtype(jnp.float16), "f16": np.dtype(jnp.float16),
+    "fp16": np.dtype(jnp.float16), "half": np.dtype(jnp.float16),
+    "float64": np.dtype(jnp.float64), "f64": np.dtype(jnp.float64),
+    "fp64": np.dtype(jnp.float64), "double": np.dtype(jnp.float64),
+}
+_KEYS = {"params": "param_dtype", "param": "param_dtype", "p": "param_dtype",
+         "compute": "compute_dtype", "c": "compute_dtype",
+         "output": "output_dtype", "out": "output_dtype", "o": "output_dtype"}
+_SHORT = {"fp32": ("float32", "float32", "float32"),
+          "bf16": ("float32", "bfloat16", "float32"),
+          "fp16": ("float32", "float16", "float32")}
+
+#: Default per-path exceptions: normalization scales/biases and statistics stay float32.
+DEFAULT_EXCEPTIONS: tuple[tuple[str, Any], ...] = (
+    (r"(?i)norm", np.dtype(jnp.float32)),
+    (r"(?i)batch_stats", np.dtype(jnp.float32)),
+)
+
+
+def as_dtype(value: Any, what: str = "dtype") -> np.dtype:
+  """A floating ``np.dtype`` from a name (``"bf16"``, ``"float32"``...) or a dtype."""
+  if isinstance(value, str):
+    key = value.strip().lower()
+    if key not in _DTYPE_NAMES:
+      raise ValueError(f"{what}: unknown dtype name {value!r}; known names: "
+                       + ", ".join(sorted(_DTYPE_NAMES)))
+    return _DTYPE_NAMES[key]
+  try:
+    dt = np.dtype(value)
+  except TypeError:
+    raise TypeError(f"{what}: {value!r} is not a dtype") from None
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise ValueError(f"{what}: {dt} is not a floating dtype")
+  return dt
+
+
+def is_qarray(x: Any) -> bool:
+  """True for a quantized-array leaf (``jaxopt_dnn.quant.QArray`` or a look-alike)."""
+  return type(x).__name__ == "QArray"
+
+
+def _cast_leaf(x: Any, dtype: np.dtype) -> Any:
+  if is_qarray(x) or not _tree.is_float_array(x) or x.dtype == dtype:
+    return x
+  return x.astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """Storage, compute and output dtypes, with per-path exceptions.
+
+  Attributes:
+    param_dtype: dtype parameters are stored and updated in (master weights).
+    compute_dtype: dtype of the forward/backward math.
+    output_dtype: dtype the wrapped function returns (the logits / softmax dtype).
+    exceptions: ``((regex, dtype), ...)`` applied by :meth:`cast_to_compute` and
+      :meth:`cast_to_param` to leaves whose key path matches (first match wins). A
+      mapping ``{regex: dtype}`` is accepted and stored as pairs.
+  """
+
+  param_dtype: Any = jnp.float32
+  compute_dtype: Any = jnp.float32
+  output_dtype: Any = jnp.float32
+  exceptions: Any = DEFAULT_EXCEPTIONS
+
+  def __post_init__(self):
+    for f in ("param_dtype", "compute_dtype", "output_dtype"):
+      object.__setattr__(self, f, as_dtype(getattr(self, f), f))
+    exc = self.exceptions
+    exc = tuple(exc.items()) if isinstance(exc, Mapping) else tuple(exc or ())
+    pairs = []
+    for i, pair in enumerate(exc):
+      if not (isinstance(pair, tuple) and len(pair) == 2):
+        raise TypeError(f"exceptions[{i}]: expected (regex, dtype), got {pair!r}")
+      rx, dt = pair
+      if not isinstance(rx, str):
+        raise TypeError(f"exceptions[{i}]: regex must be a string, got {rx!r}")
+      try:
+        re.compile(rx)
+      except re.error as e:
+        raise ValueError(f"exceptions[{i}]: invalid regex {rx!r}: {e}") from None
+      pairs.append((rx, as_dtype(dt, f"exceptions[{rx!r}]")))
+    object.__setattr__(self, "exceptions", tuple(pairs))
+
+  @classmethod
+  def from_string(cls, spec: str, **kwargs: Any) -> Policy:
+    """Parses ``"params=float32,compute=bfloat16,output=float32"`` or a short name.
+
+    Short names: ``"fp32"``, ``"bf16"`` (f32 params, bf16 compute, f32 output) and
+    ``"fp16"`` (f32 params, f16 compute, f32 output). Unnamed fields default to float32.
+    """
+    if not isinstance(spec, str):
+      raise TypeError(f"policy spec must be a string, got {spec!r}")
+    s = spec.strip().lower()
+    if s in _SHORT:
+      return cls(*_SHORT[s], **kwargs)
+    fields: dict[str, np.dtype] = {}
+    for part in filter(None, (p.strip() for p in s.split(","))):
+      if "=" not in part:
+        raise ValueError(f"policy spec {spec!r}: expected key=dtype, got {part!r}; short "
+                         f"names are {sorted(_SHORT)}")
+      key, val = (t.strip() for t in part.split("=", 1))
+      if key not in _KEYS:
+        raise ValueError(f"policy spec {spec!r}: unknown key {key!r}; use params, "
+                         "compute, output")
+      fields[_KEYS[key]] = as_dtype(val, f"policy spec {spec!r}: {key}")
+    if not fields:
+      raise ValueError(f"empty policy spec {spec!r}")
+    return cls(**fields, **kwargs)
+
+  def _exception_dtypes(self, tree: PyTree) -> list[np.dtype | None]:
+    paths = [p for p, _ in _tree.leaves_with_paths(tree, is_leaf=is_qarray)]
+    idx = _tree.first_match([rx for rx, _ in self.exceptions], paths,
+                            argname="Policy.exceptions", require_all=False)
+    return [None if i < 0 else self.exceptions[i][1] for i in idx]
+
+  def _cast(self, tree: PyTree, dtype: np.dtype, exceptions: bool) -> PyTree:
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=is_qarray)
+    overrides = (self._exception_dtypes(tree) if exceptions and self.exceptions
+                 else [None] * len(leaves))
+    out = [_cast_leaf(x, dtype if o is None else o) for x, o in zip(leaves, overrides)]
+    return jax.tree.unflatten(treedef, out)
+
+  def cast_to_compute(self, tree: PyTree, *, exceptions: bool = True) -> PyTree:
+    """Floating leaves -> ``compute_dtype`` (exception paths -> their own dtype)."""
+    return self._cast(tree, self.compute_dtype, exceptions)
+
+  def cast_to_param(self, tree: PyTree, *, exceptions: bool = True) -> PyTree:
+    """Floating leaves -> ``param_dtype`` (exception paths -> their own dtype)."""
+    return self._cast(tree, self.param_dtype, exceptions)
+
+  def cast_to_output(self, tree: PyTree) -> PyTree:
+    """Floating leaves -> ``output_dtype`` (no path exceptions)."""
+    return self._cast(tree, self.output_dtype, False)
+
+  def report(self, tree: PyTree) -> str:
+    """One line per leaf: path, stored dtype -> compute dtype, and the rule that won."""
+    rows = []
+    items = _tree.leaves_with_paths(tree, is_leaf=is_qarray)
+    for (path, x), o in zip(items, self._exception_dtypes(tree)):
+      if is_qarray(x) or not _tree.is_float_array(x):
+        rows.append(f"{path}: {getattr(x, 'dtype', type(x).__name__)} (untouched)")
+        continue
+      rule = next((rx for rx, _ in self.exceptions if re.search(rx, path)), None)
+      target = self.compute_dtype if o is None else o
+      rows.append(f"{path}: {x.dtype} -> {target}" + (f"  [exception {rule!r}]" if rule else ""))
+    return "\n".join(rows)
+
+  def __str__(self) -> str:
+    return (f"params={self.param_dtype.name},compute={self.compute_dtype.name},"
+            f"output={self.output_dtype.name}")
+
+
+def _norm_output_interceptor(dtype: np.dtype):
+  """Linen interceptor: casts the floating outputs of ``*Norm*`` modules to ``dtype``.
+
+  Normalization parameters stay float32, so a linen norm layer promotes its bf16 input
+  to float32; without this cast every following layer would compute in float32 too.
+  """
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and "norm" in type(context.module).__name__.lower():
+      out = jax.tree.map(lambda x: _cast_leaf(x, dtype), out, is_leaf=is_qarray)
+    return out
+  return interceptor
+
+
+def with_policy(apply_fn: Callable[..., Any], policy: Policy | str, *,
+                norm_outputs_in_compute: bool = True) -> Callable[..., Any]:
+  """Wraps ``apply_fn(variables, *args, **kwargs)`` (e.g. a Flax ``model.apply``).
+
+  The wrapper casts ``variables`` with :meth:`Policy.cast_to_compute` (path exceptions
+  apply), floating positional/keyword inputs to ``compute_dtype``, and the result to
+  ``output_dtype``. With ``mutable=...`` the returned ``(out, state)`` has ``state``
+  cast back with :meth:`Policy.cast_to_param`. With ``norm_outputs_in_compute`` (linen
+  models) the outputs of normalization modules are cast back to ``compute_dtype`` so the
+  layers after a float32 norm still compute in ``compute_dtype``. Gradients flow through
+  the casts, so ``grad`` of a loss of the wrapper w.r.t. float32 params is float32.
+  """
+  if isinstance(policy, str):
+    policy = Policy.from_string(policy)
+  if not isinstance(policy, Policy):
+    raise TypeError(f"policy must be a Policy or a spec string, got {policy!r}")
+
+  @functools.wraps(apply_fn)
+  def wrapped(variables, *args, **kwargs):
+    variables = policy.cast_to_compute(variables)
+    args = policy.cast_to_compute(args, exceptions=False)
+    kwargs = {k: policy.cast_to_compute(v, exceptions=False) for k, v in kwargs.items()}
+    if norm_outputs_in_compute:
+      import flax.linen as nn  # linen-only hook; a no-op for non-linen functions
+      with nn.intercept_methods(_norm_output_interceptor(policy.compute_dtype)):
+        out = apply_fn(variables, *args, **kwargs)
+    else:
+      out = apply_fn(variables, *args, **kwargs)
+    if kwargs.get("mutable", False) and isinstance(out, tuple) and len(out) == 2:
+      return policy.cast_to_output(out[0]), policy.cast_to_param(out[1])
+    return policy.cast_to_output(out)
+
+  return wrapped
+
+
+# ----------------------------------------------------------------------------------
+# Loss scaling.
+
+
+def _register(cls, data_fields: tuple[str, ...], meta_fields: tuple[str, ...]):
+  """Registers a frozen dataclass as a pytree: arrays are children, the rest aux data.
+
+  Every field is carried (children or aux), so ``unflatten(flatten(x)) == x`` field by
+  field (jmp lost ``min_loss_scale`` here). Unflatten bypasses ``__init__`` so that
+  placeholder leaves (tracers, ``None``, sharding objects) are accepted.
+  """
+  def flatten_with_keys(obj):
+    children = [(jax.tree_util.GetAttrKey(f), getattr(obj, f)) for f in data_fields]
+    return children, tuple(getattr(obj, f) for f in meta_fields)
+
+  def unflatten(aux, children):
+    obj = object.__new__(cls)
+    for f, v in zip(data_fields, children):
+      object.__setattr__(obj, f, v)
+    for f, v in zip(meta_fields, aux):
+      object.__setattr__(obj, f, v)
+    return obj
+
+  def flatten(obj):
+    return [getattr(obj, f) for f in data_fields], tuple(getattr(obj, f) for f in meta_fields)
+
+  jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
+  return cls
+
+
+def _scale_tree(tree: PyTree, factor: jax.Array) -> PyTree:
+  return jax.tree.map(
+      lambda x: x * factor.astype(x.dtype) if _tree.is_float_array(x) else x, tree,
+      is_leaf=is_qarray)
+
+
+def _as_scalar(x: Any, dtype):
+  if isinstance(x, (int, float, np.number)) or (isinstance(x, np.ndarray) and x.ndim == 0):
+    return jnp.asarray(x, dtype)
+  return x
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NoOpLossScale:
+  """No scaling (float32 / bfloat16 training): ``scale``/``unscale`` are identities."""
+
+  @property
+  def loss_scale(self) -> jax.Array:
+    return jnp.ones((), jnp.float32)
+
+  def scale(self, tree: PyTree) -> PyTree:
+    return tree
+
+  def unscale(self, tree: PyTree) -> PyTree:
+    return tree
+
+  def adjust(self, grads_finite: jax.Array) -> NoOpLossScale:
+    del grads_finite
+    return self
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StaticLossScale:
+  """A fixed scale ``S``: ``scale(x) = S x``, ``unscale(g) = g / S``."""
+
+  loss_scale: Any
+
+  def __post_init__(self):
+    object.__setattr__(self, "loss_scale", _as_scalar(self.loss_scale, jnp.float32))
+
+  def scale(self, tree: PyTree) -> PyTree:
+    return _scale_tree(tree, self.loss_scale)
+
+  def unscale(self, tree: PyTree) -> PyTree:
+    return _scale_tree(tree, 1.0 / self.loss_scale)
+
+  def adjust(self, grads_finite: jax.Array) -> StaticLossScale:
+    del grads_finite
+    return self
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DynamicLossScale:
+  """Loss scale that adapts to overflow.
+
+  On a step with finite gradients ``counter += 1``; when ``counter == period`` the
+  scale becomes ``S * factor`` (if finite) and the counter resets. On a non-finite step
+  ``S <- max(S / factor, min_loss_scale)`` and the counter resets.
+
+  Attributes:
+    loss_scale: current ``S`` (float32 scalar; a pytree child).
+    period: finite steps between increases (aux data).
+    factor: multiplicative change, > 1 (aux data).
+    min_loss_scale: floor for ``S`` (aux data; survives flatten/unflatten).
+    counter: finite steps since the last change (int32 scalar; a pytree child).
+  """
+
+  loss_scale: Any
+  period: int = 2000
+  factor: float = 2.0
+  min_loss_scale: float = 1.0
+  counter: Any = 0
+
+  def __post_init__(self):
+    if not isinstance(self.period, (int, np.integer)) or self.period < 1:
+      raise ValueError(f"DynamicLossScale.period must be a positive int, got {self.period!r}")
+    if not float(self.factor) > 1.0:
+      raise ValueError(f"DynamicLossScale.factor must be > 1, got {self.factor!r}")
+    if not float(self.min_loss_scale) > 0.0:
+      raise ValueError(
+          f"DynamicLossScale.min_loss_scale must be > 0, got {self.min_loss_scale!r}")
+    object.__setattr__(self, "period", int(self.period))
+    object.__setattr__(self, "factor", float(self.factor))
+    object.__setattr__(self, "min_loss_scale", float(self.min_loss_scale))
+    object.__setattr__(self, "loss_scale", _as_scalar(self.loss_scale, jnp.float32))
+    object.__setattr__(self, "counter", _as_scalar(self.counter, jnp.int32))
+
+  def scale(self, tree: PyTree) -> PyTree:
+    return _scale_tree(tree, self.loss_scale)
+
+  def unscale(self, tree: PyTree) -> PyTree:
+    return _scale_tree(tree, 1.0 / self.loss_scale)
+
+  def adjust(self, grads_finite: jax.Array) -> DynamicLossScale:
+    """The next loss scale given whether this step's gradients were all finite."""
+    counter = self.counter + 1
+    grow = jnp.logical_and(grads_finite, counter == self.period)
+    bigger = self.loss_scale * self.factor
+    bigger = jnp.where(jnp.isfinite(bigger), bigger, self.loss_scale)
+    smaller = jnp.maximum(jnp.asarray(self.min_loss_scale, self.loss_scale.dtype),
+                          self.loss_scale / self.factor)
+    loss_scale = jnp.where(grads_finite, jnp.where(grow, bigger, self.loss_scale), smaller)
+    counter = jnp.where(jnp.logical_and(grads_finite, jnp.logical_not(grow)), counter, 0)
+    return dataclasses.replace(self, loss_scale=loss_scale,
+                               counter=counter.astype(jnp.int32))
+
+
+_register(NoOpLossScale, (), ())
+_register(StaticLossScale, ("loss_scale",), ())
+_register(DynamicLossScale, ("loss_scale", "counter"), ("period", "factor", "min_loss_scale"))
+
+LossScale = NoOpLossScale | StaticLossScale | DynamicLossScale
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+  """Scalar bool: every element of every floating leaf is finite (True if none)."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if _tree.is_float_array(x)]
+  if not checks:
+    return jnp.asarray(True)
+  return jnp.all(jnp.stack(checks))
+
+
+def select_tree(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
+  """Leafwise ``where(pred, a, b)`` for a scalar ``pred``; the result is bit-identical
+  to the chosen tree."""
+  s_true, s_false = jax.tree.structure(on_true), jax.tree.structure(on_false)
+  if s_true != s_false:
+    raise ValueError(f"select_tree: structures differ: {s_true} vs {s_false}")
+  return jax.tree.map(lambda a, b: jax.lax.select(pred, jnp.asarray(a), jnp.asarray(b)),
+                      on_true, on_false)
+
+
+def value_and_grad(loss_fn: Callable[..., Any], *, has_aux: bool = False,
+                   argnums: int = 0) -> Callable[..., Any]:
+  """Loss-scaled ``jax.value_and_grad``.
+
+  Returns ``fn(loss_scale, *args, **kwargs) -> (value, grads)`` where ``grads`` are the
+  *unscaled* gradients ``(d(S * L) / dp) / S`` and ``value`` is the unscaled loss (or
+  ``(loss, aux)`` with ``has_aux``).
+  """
+  def fn(loss_scale, *args, **kwargs):
+    def scaled(*a, **k):
+      out = loss_fn(*a, **k)
+      loss, aux = out if has_aux else (out, None)
+      return loss_scale.scale(loss), (loss, aux)
+    (_, (loss, aux)), grads = jax.value_and_grad(
+        scaled, argnums=argnums, has_aux=True)(*args, **kwargs)
+    return ((loss, aux) if has_aux else loss), loss_scale.unscale(grads)
+  return fn
+
+
+class GuardedUpdate(NamedTuple):
+  params: PyTree
+  opt_state: PyTree
+  loss_scale: Any
+  grads_finite: jax.Array
+
+
+def guarded_update(optimizer: optax.GradientTransformation, grads: PyTree,
+                   opt_state: PyTree, params: PyTree, loss_scale: Any) -> GuardedUpdate:
+  """Applies ``optimizer`` only if ``grads`` are all finite; adjusts the loss scale.
+
+  ``grads`` must already be unscaled (see :func:`value_and_grad`). On a non-finite step
+  the returned ``params`` and ``opt_state`` are bit-identical to the inputs and the
+  scale goes down; otherwise ``params <- params + optimizer.update(grads)``.
+  """
+  finite = all_finite(grads)
+  updates, new_opt_state = optimizer.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  return GuardedUpdate(select_tree(finite, new_params, params),
+                       select_tree(finite, new_opt_state, opt_state),
+                       loss_scale.adjust(finite), finite)
