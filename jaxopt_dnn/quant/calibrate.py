@@ -1,0 +1,136 @@
+"""Range estimation (absmax, percentile, MSE-optimal clipping) and PTQ calibration.
+
+All statistics are computed and kept in float32 (bf16 running maxima/sums stall).
+
+* ``absmax``:     ``a = max |x|`` over the reduced axes.
+* ``percentile``: ``a = P_p(|x|)`` (default ``p = 99.99``), ignoring rare outliers.
+* ``mse``:        ``a = argmin_{c in {r_k * max|x|}} sum (x - fq_c(x))^2`` over a grid of
+                  clipping ratios ``r_k in [0.2, 1]``, where ``fq_c`` fake-quantizes with
+                  ``s = c / (2^(b-1) - 1)``.
+
+:func:`calibrate` runs a model on a few batches with every quantized op's input
+recorded and returns the per-op activation ranges as a ``quant_stats`` tree
+(``{"Conv_0": {"input_amax": f32[]}, ...}``), the collection the QAT and serving paths
+read. Across batches, ``absmax`` takes the maximum, the others the mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_MSE_GRID = 48
+
+
+def estimate_absmax(x: jax.Array, reduce_axes: tuple[int, ...], method: str, *, bits: int = 8,
+                    percentile: float = 99.99) -> jax.Array:
+  """Clipping threshold of ``|x|`` (keepdims over ``reduce_axes``), float32."""
+  a = jnp.abs(jnp.asarray(x, jnp.float32))
+  amax = jnp.max(a, axis=reduce_axes, keepdims=True)
+  if method == "absmax":
+    return amax
+  if method == "percentile":
+    return jnp.percentile(a, percentile, axis=reduce_axes, keepdims=True).astype(jnp.float32)
+  if method == "mse":
+    return _mse_threshold(a, amax, reduce_axes, bits)
+  raise ValueError(f"method must be absmax|percentile|mse, got {method!r}")
+
+
+def estimate_minmax(x: jax.Array, reduce_axes: tuple[int, ...], method: str, *, bits: int = 8,
+                    percentile: float = 99.99) -> tuple[jax.Array, jax.Array]:
+  """``(lo, hi)`` with ``lo <= 0 <= hi`` for asymmetric quantization, float32."""
+  x = jnp.asarray(x, jnp.float32)
+  if method == "percentile":
+    lo = jnp.percentile(x, 100.0 - percentile, axis=reduce_axes, keepdims=True)
+    hi = jnp.percentile(x, percentile, axis=reduce_axes, keepdims=True)
+  else:
+    lo = jnp.min(x, axis=reduce_axes, keepdims=True)
+    hi = jnp.max(x, axis=reduce_axes, keepdims=True)
+  lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+  if method == "mse":   # shrink both ends by the MSE-optimal ratio of the symmetric case
+    amax = jnp.maximum(-lo, hi)
+    r = _mse_threshold(jnp.abs(x), amax, reduce_axes, bits) / jnp.where(amax > 0, amax, 1.0)
+    lo, hi = lo * r, hi * r
+  return lo.astype(jnp.float32), hi.astype(jnp.float32)
+
+
+def _mse_threshold(a: jax.Array, amax: jax.Array, reduce_axes, bits: int) -> jax.Array:
+  qmax = float(2 ** (bits - 1) - 1)
+
+  def body(k, carry):
+    best_err, best_c = carry
+    c = amax * (0.2 + 0.8 * k / (_MSE_GRID - 1))
+    s = jnp.where(c > 0, c / qmax, 1.0)
+    fq = jnp.clip(jnp.round(a * (1.0 / s)), 0, qmax) * s
+    err = jnp.sum((a - fq) ** 2, axis=reduce_axes, keepdims=True)
+    better = err < best_err
+    return jnp.where(better, err, best_err), jnp.where(better, c, best_c)
+
+  init = (jnp.full(amax.shape, jnp.inf, jnp.float32), amax)
+  return jax.lax.fori_loop(0, _MSE_GRID, body, init)[1]
+
+
+def batch_statistic(x: jax.Array, method: str, percentile: float = 99.99, bits: int = 8):
+  """Per-tensor clipping threshold of one activation batch (float32 scalar)."""
+  return estimate_absmax(x, tuple(range(jnp.ndim(x))), method, bits=bits,
+                         percentile=percentile).reshape(())
+
+
+def _check_batch(batch: Any, i: int) -> None:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
+    arr = np.asarray(leaf)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+      raise ValueError(f"calibrate: calibration batch {i} has NaN/inf at "
+                       f"{jax.tree_util.keystr(path) or 'input'} "
+                       f"({int((~np.isfinite(arr)).sum())} values)")
+
+
+def calibrate(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any], *,
+              method: str = "absmax", rules=None, percentile: float = 99.99,
+              max_batches: int | None = None) -> dict:
+  """Post-training calibration of activation ranges.
+
+  Args:
+    apply_fn: ``apply_fn(variables, batch)`` running a linen model (e.g. ``model.apply``
+      or a lambda calling it), or ``apply_fn(model, batch)`` for an NNX model when
+      ``variables`` is an ``nnx.Module``.
+    variables: the float variables (``{"params": ...}``) or the NNX module.
+    batches: iterable of model inputs (a tuple is splatted as positional args).
+    method: ``absmax`` | ``percentile`` | ``mse``.
+    rules: quantization rules (see :mod:`jaxopt_dnn.quant.rules`); ops whose kernel no
+      rule quantizes, or whose rule is weight-only, get no statistic.
+    max_batches: stop after this many batches.
+
+  Returns:
+    ``quant_stats`` tree: ``{op path...: {"input_amax": float32 scalar}}``.
+  """
+  from jaxopt_dnn.quant import intercept  # the hook module depends on this one
+
+  if method not in ("absmax", "percentile", "mse"):
+    raise ValueError(f"calibrate: method must be absmax|percentile|mse, got {method!r}")
+  run = intercept.calibration_runner(apply_fn, variables, method=method, rules=rules,
+                                     percentile=percentile)
+  per_op: dict[str, list[np.ndarray]] = {}
+  n = 0
+  for i, batch in enumerate(batches):
+    if max_batches is not None and i >= max_batches:
+      break
+    _check_batch(batch, i)
+    stats = jax.device_get(run(batch if isinstance(batch, tuple) else (batch,)))
+    for op, v in stats.items():
+      if not np.isfinite(v):
+        raise ValueError(f"calibrate: op {op!r} saw a non-finite activation range {v} "
+                         f"on batch {i}")
+      per_op.setdefault(op, []).append(np.float32(v))
+    n += 1
+  if n == 0:
+    raise ValueError("calibrate: the batches iterator is empty; pass at least one batch")
+  if not per_op:
+    raise ValueError("calibrate: no quantized op ran (no Dense/DenseGeneral/Conv/Einsum or "
+                     "nnx.Linear/nnx.Conv matched the rules)")
+  combine = np.max if method == "absmax" else np.mean
+  return intercept.stats_tree({op: np.float32(combine(v)) for op, v in per_op.items()})

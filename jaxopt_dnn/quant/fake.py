@@ -1,0 +1,192 @@
+"""Quantize / fake-quantize with the standard numerics and a straight-through gradient.
+
+For ``b`` bits, symmetric (``zero_point = 0``) quantization with an integer range of
+``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (``[-127, 127]`` for int8, as in TFLite's weight
+spec and ``torch.fake_quantize_per_channel_affine`` with ``quant_min=-127``):
+
+    s = absmax / (2^(b-1) - 1)                  (s := 1 where absmax == 0)
+    q = clip(round(x * (1 / s)), -(2^(b-1) - 1), 2^(b-1) - 1)
+    fake_quant(x) = q * s
+
+Asymmetric quantization uses the full range ``[qmin, qmax] = [-2^(b-1), 2^(b-1) - 1]``
+and a zero point ``z`` so that ``lo = min(x, 0)`` and ``hi = max(x, 0)`` are representable:
+
+    s = (hi - lo) / (qmax - qmin),   z = clip(qmin - round(lo / s), qmin, qmax)
+    q = clip(round(x * (1 / s)) + z, qmin, qmax),   fake_quant(x) = (q - z) * s
+
+``round`` is round-half-to-even and ``x * (1/s)`` is computed in float32 with the
+reciprocal taken first, exactly like PyTorch's fake-quant kernels, so results agree
+bit for bit. Statistics (``absmax``, percentile, MSE-optimal clipping; see
+:mod:`jaxopt_dnn.quant.calibrate`) are reduced over every axis except ``axis`` (the
+channel axes; ``None`` = one scale per tensor) and kept in float32.
+
+Gradient (straight-through estimator): ``d fake_quant(x) / dx = 1`` where
+``qmin <= round(x / s) + z <= qmax`` and ``0`` outside; ``s`` and ``z`` get no gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopt_dnn.quant.calibrate import estimate_absmax, estimate_minmax
+from jaxopt_dnn.quant.qarray import QArray, pack_int4
+
+METHODS = ("absmax", "percentile", "mse")
+
+
+def check_bits(bits: Any, where: str = "bits") -> int:
+  if isinstance(bits, bool) or bits not in (4, 8):
+    raise ValueError(f"{where}: bits must be 4 or 8, got {bits!r}")
+  return int(bits)
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+  """Integer range: ``(-(2^(b-1)-1), 2^(b-1)-1)`` symmetric, ``(-2^(b-1), 2^(b-1)-1)`` not."""
+  hi = 2 ** (bits - 1) - 1
+  return (-hi, hi) if symmetric else (-hi - 1, hi)
+
+
+def channel_axes(axis: None | int | tuple[int, ...], ndim: int, name: str = "x") -> tuple[int, ...]:
+  """Normalizes ``axis`` (None / int / tuple, negatives allowed) to sorted non-negative axes."""
+  if axis is None:
+    return ()
+  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+  out = []
+  for a in axes:
+    if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or not -ndim <= a < ndim:
+      raise ValueError(f"{name}: axis {a!r} out of range for an array of rank {ndim}")
+    out.append(int(a) % ndim)
+  if len(set(out)) != len(out):
+    raise ValueError(f"{name}: repeated axis in {axis!r}")
+  return tuple(sorted(out))
+
+
+def check_array(x: Any, name: str = "x") -> None:
+  """TypeError for non-float input; ValueError for NaN/inf (when the value is concrete)."""
+  if isinstance(x, QArray):
+    raise TypeError(f"{name}: is already a QArray ({x!r})")
+  dtype = getattr(x, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"{name}: only floating arrays can be quantized, got dtype {dtype} "
+                    f"({type(x).__name__})")
+  if not isinstance(x, jax.core.Tracer):
+    bad = ~np.isfinite(np.asarray(x, np.float32))
+    if bad.any():
+      idx = tuple(int(i) for i in np.argwhere(bad)[0])
+      raise ValueError(f"{name}: contains NaN/inf ({int(bad.sum())} values, first at index "
+                       f"{idx}: {np.asarray(x)[idx]})")
+
+
+def compute_qparams(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True,
+                    method: str = "absmax", percentile: float = 99.99, name: str = "x"):
+  """Scale (float32, keepdims shape) and zero point (int32 or None) for ``x``."""
+  bits = check_bits(bits, name)
+  if method not in METHODS:
+    raise ValueError(f"{name}: method must be one of {METHODS}, got {method!r}")
+  chan = channel_axes(axis, jnp.ndim(x), name)
+  red = tuple(a for a in range(jnp.ndim(x)) if a not in chan)
+  qmin, qmax = qrange(bits, symmetric)
+  xf = jnp.asarray(x, jnp.float32)
+  if symmetric:
+    amax = estimate_absmax(xf, red, method, bits=bits, percentile=percentile)
+    return scale_from_absmax(amax, bits), None
+  lo, hi = estimate_minmax(xf, red, method, bits=bits, percentile=percentile)
+  s = (hi - lo) / (qmax - qmin)
+  s = jnp.where(s > 0, s, 1.0)
+  z = jnp.clip(qmin - jnp.round(lo / s), qmin, qmax).astype(jnp.int32)
+  return s, z
+
+
+def scale_from_absmax(amax: jax.Array, bits: int) -> jax.Array:
+  """``s = absmax / (2^(b-1) - 1)`` in float32, with ``s = 1`` where ``absmax == 0``."""
+  amax = jnp.asarray(amax, jnp.float32)
+  return jnp.where(amax > 0, amax / float(2 ** (bits - 1) - 1), 1.0).astype(jnp.float32)
+
+
+def _int_q(x, scale, zp, qmin, qmax):
+  """Unclipped integer grid position ``round(x * (1/s)) + z`` in float32."""
+  inv = 1.0 / scale
+  q = jnp.round(x.astype(jnp.float32) * inv)
+  return q if zp is None else q + zp.astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fq(x, scale, zp, qmin, qmax):
+  q = jnp.clip(_int_q(x, scale, zp, qmin, qmax), qmin, qmax)
+  if zp is not None:
+    q = q - zp.astype(jnp.float32)
+  return (q * scale).astype(x.dtype)
+
+
+def _fq_fwd(x, scale, zp, qmin, qmax):
+  return _fq(x, scale, zp, qmin, qmax), (x, scale, zp)
+
+
+def _fq_bwd(qmin, qmax, res, g):
+  x, scale, zp = res
+  q = _int_q(x, scale, zp, qmin, qmax)
+  inside = (q >= qmin) & (q <= qmax)
+  zp_ct = None if zp is None else np.zeros(zp.shape, jax.dtypes.float0)
+  return (jnp.where(inside, g, jnp.zeros_like(g)), jnp.zeros_like(scale), zp_ct)
+
+
+_fq.defvjp(_fq_fwd, _fq_bwd)
+
+
+def fake_quant_with(x: jax.Array, scale: jax.Array, zero_point: jax.Array | None = None, *,
+                    bits: int = 8) -> jax.Array:
+  """Quantize-dequantize ``x`` with a given scale (and zero point); STE gradient."""
+  qmin, qmax = qrange(bits, zero_point is None)
+  return _fq(x, jax.lax.stop_gradient(jnp.asarray(scale, jnp.float32)),
+             None if zero_point is None else jax.lax.stop_gradient(zero_point), qmin, qmax)
+
+
+def fake_quant(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True,
+               method: str = "absmax", percentile: float = 99.99, scale=None,
+               zero_point=None, name: str = "x") -> jax.Array:
+  """Quantize-dequantize in float: ``(clip(round(x/s) + z, qmin, qmax) - z) * s``.
+
+  Args:
+    x: floating array.
+    bits: 4 or 8.
+    axis: channel axis/axes that keep their own scale (``-1`` for Flax kernels,
+      per output channel); ``None`` = per tensor.
+    symmetric: zero point 0 and range ``[-(2^(b-1)-1), 2^(b-1)-1]`` if True.
+    method: range estimator, ``absmax`` | ``percentile`` | ``mse``.
+    scale, zero_point: use these instead of estimating them from ``x``.
+
+  Returns:
+    Array of ``x``'s shape and dtype on the quantization grid; gradient is the STE.
+  """
+  check_array(x, name)
+  bits = check_bits(bits, name)
+  if scale is None:
+    scale, zero_point = compute_qparams(x, bits=bits, axis=axis, symmetric=symmetric,
+                                        method=method, percentile=percentile, name=name)
+  return fake_quant_with(x, scale, zero_point, bits=bits)
+
+
+def quantize(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True,
+             method: str = "absmax", percentile: float = 99.99, scale=None,
+             zero_point=None, name: str = "x") -> QArray:
+  """Quantizes ``x`` to a :class:`QArray` (int8, or int4 packed two per byte).
+
+  Same arguments and numerics as :func:`fake_quant`; ``dequantize(quantize(x))`` equals
+  ``fake_quant(x)`` bit for bit.
+  """
+  check_array(x, name)
+  bits = check_bits(bits, name)
+  chan = channel_axes(axis, jnp.ndim(x), name)
+  if scale is None:
+    scale, zero_point = compute_qparams(x, bits=bits, axis=axis, symmetric=symmetric,
+                                        method=method, percentile=percentile, name=name)
+  qmin, qmax = qrange(bits, zero_point is None)
+  q = jnp.clip(_int_q(x, scale, zero_point, qmin, qmax), qmin, qmax).astype(jnp.int8)
+  value = pack_int4(q) if bits == 4 else q
+  return QArray(value, jnp.asarray(scale, jnp.float32), zero_point, bits=bits,
+                channel_axes=chan, shape=jnp.shape(x), dtype=x.dtype, name=name)

@@ -1,0 +1,166 @@
+"""Real integer ops: s8 x s8 -> s32 dot_general / conv / einsum, rescaled after.
+
+With a per-tensor activation scale ``s_x`` and per-output-channel weight scale ``s_w``
+(constant along every contracted weight axis):
+
+    q_x = clip(round(x * (1 / s_x)), -127, 127)                    (int8)
+    acc = dot_general(q_x, q_w, preferred_element_type=int32)      (exact int32 sums)
+    y   = float32(acc) * (s_x * s_w)                                (s_w broadcast to y)
+
+which equals the fake-quantized float computation up to float summation order.
+``preferred_element_type=int32`` keeps XLA on its integer GEMM path (s8 x s8 -> s8 falls
+off it). XLA:CPU widens the s8 operands to s32 inside the compiled program (it has no
+s8 GEMM); GPU/TPU keep s8. :func:`int8_dot_census` reports both the op the program
+asked for and what XLA compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxopt_dnn import _hlo
+from jaxopt_dnn.quant.qarray import QArray, int_values
+
+
+def quantize_activation(x: jax.Array, scale: jax.Array, bits: int = 8) -> jax.Array:
+  """Per-tensor symmetric ``int8`` codes of ``x`` (same numerics as ``fake_quant``)."""
+  hi = 2 ** (bits - 1) - 1
+  return jnp.clip(jnp.round(x.astype(jnp.float32) * (1.0 / scale)), -hi, hi).astype(jnp.int8)
+
+
+def _check_weight(w: QArray, op: str) -> None:
+  if not isinstance(w, QArray):
+    raise TypeError(f"{op}: int8 op needs a QArray weight, got {type(w).__name__}")
+  if w.zero_point is not None:
+    raise ValueError(f"{op}: the int8 path needs symmetric weights (zero_point=None); "
+                     "quantize with symmetric=True or serve weight-only")
+
+
+def _scale_keep(w: QArray, contracted, op: str):
+  """Weight scale with contracted axes squeezed: ``(kept axes, squeezed scale)``."""
+  s = jnp.broadcast_to(w.scale, w.scale.shape)
+  for a in contracted:
+    if s.shape[a] != 1:
+      raise ValueError(f"{op}: weight scale varies along contracted axis {a} "
+                       f"(channel_axes={w.channel_axes}, shape={w.shape}); the integer "
+                       "accumulator cannot be rescaled per input channel. Quantize this "
+                       "weight per output channel or per tensor")
+  kept = [a for a in range(len(w.shape)) if a not in contracted]
+  return kept, s.reshape([s.shape[a] for a in kept])
+
+
+def int8_dot_general(x: jax.Array, w: QArray, x_scale: jax.Array, dimension_numbers, *,
+                     out_dtype=None, op: str = "dot_general") -> jax.Array:
+  """``dot_general(x, dequantize(w))`` computed as s8 x s8 -> s32 and rescaled."""
+  _check_weight(w, op)
+  (lc, rc), (lb, rb) = dimension_numbers
+  kept, s = _scale_keep(w, tuple(rc), op)
+  acc = lax.dot_general(quantize_activation(x, x_scale), int_values(w), dimension_numbers,
+                        preferred_element_type=jnp.int32)
+  # output layout: batch dims (rhs order rb), lhs free dims, rhs free dims
+  n_lhs_free = x.ndim - len(lc) - len(lb)
+  rfree = [a for a in kept if a not in rb]
+  order = [kept.index(a) for a in rb] + [kept.index(a) for a in rfree]
+  s = jnp.transpose(s, order)
+  shape = list(s.shape[:len(rb)]) + [1] * n_lhs_free + list(s.shape[len(rb):])
+  y = acc.astype(jnp.float32) * (s.reshape(shape) * x_scale)
+  return y.astype(out_dtype or x.dtype)
+
+
+def int8_einsum(eq: str, x: jax.Array, w: QArray, x_scale: jax.Array, *, out_dtype=None,
+                op: str = "einsum") -> jax.Array:
+  """``einsum(eq, x, dequantize(w))`` as an s8 x s8 -> s32 einsum, rescaled after."""
+  _check_weight(w, op)
+  eq = eq.replace(" ", "")
+  ins, out = eq.split("->")
+  _, k_sub = ins.split(",")
+  if "." in k_sub:
+    raise ValueError(f"{op}: int8 einsum needs explicit kernel subscripts, got {eq!r}")
+  contracted = tuple(i for i, c in enumerate(k_sub) if c not in out)
+  kept, s = _scale_keep(w, contracted, op)
+  acc = jnp.einsum(eq, quantize_activation(x, x_scale), int_values(w),
+                   preferred_element_type=jnp.int32)
+  letters = out.replace("...", "." * (acc.ndim - len(out.replace("...", ""))))
+  kept_letters = [k_sub[a] for a in kept]
+  order = sorted(range(len(kept)), key=lambda i: letters.index(kept_letters[i]))
+  s = jnp.transpose(s, order)
+  sorted_letters = [kept_letters[i] for i in order]
+  shape = [s.shape[sorted_letters.index(c)] if c in sorted_letters else 1 for c in letters]
+  y = acc.astype(jnp.float32) * (s.reshape(shape) * x_scale)
+  return y.astype(out_dtype or x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def int8_conv_supported(backend: str | None = None) -> bool:
+  """Whether this backend compiles ``conv_general_dilated(s8, s8) -> s32`` (probed once)."""
+  try:
+    f = jax.jit(lambda a, b: lax.conv_general_dilated(
+        a, b, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        preferred_element_type=jnp.int32), backend=backend)
+    a = jax.ShapeDtypeStruct((1, 4, 4, 2), jnp.int8)
+    b = jax.ShapeDtypeStruct((3, 3, 2, 2), jnp.int8)
+    f.lower(a, b).compile()
+    return True
+  except Exception:  # noqa: BLE001 - any backend failure means "not supported"
+    return False
+
+
+def int8_conv(x: jax.Array, w: QArray, x_scale: jax.Array, window_strides, padding, *,
+              lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+              feature_group_count: int = 1, out_dtype=None, op: str = "conv") -> jax.Array:
+  """``conv_general_dilated(x, dequantize(w))`` as s8 x s8 -> s32, rescaled per channel.
+
+  Falls back (with a one-line warning) to a float conv of the dequantized operands where
+  the backend cannot compile an int8 convolution.
+  """
+  _check_weight(w, op)
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, dimension_numbers)
+  out_feat_w, out_feat_y = dn.rhs_spec[0], dn.out_spec[1]
+  contracted = tuple(a for a in range(len(w.shape)) if a != out_feat_w)
+  _, s = _scale_keep(w, contracted, op)
+  kw = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dn,
+            feature_group_count=feature_group_count)
+  qx = quantize_activation(x, x_scale)
+  if int8_conv_supported():
+    acc = lax.conv_general_dilated(qx, int_values(w), window_strides, padding,
+                                   preferred_element_type=jnp.int32, **kw)
+    acc = acc.astype(jnp.float32)
+  else:
+    warnings.warn(f"{op}: this backend has no int8 convolution; using a float conv of the "
+                  "dequantized int8 operands", RuntimeWarning, stacklevel=2)
+    acc = lax.conv_general_dilated(qx.astype(jnp.float32), int_values(w).astype(jnp.float32),
+                                   window_strides, padding, **kw)
+  shape = [1] * acc.ndim
+  shape[out_feat_y] = s.shape[0]
+  y = acc * (s.reshape(shape) * x_scale)
+  return y.astype(out_dtype or x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Census:
+  """What the program asked for (``lowered``) and what XLA compiled (``compiled``)."""
+
+  lowered: _hlo.DotCensus
+  compiled: _hlo.DotCensus
+
+  def __str__(self):
+    return f"requested (lowered HLO):\n{self.lowered}\ncompiled (optimized HLO):\n{self.compiled}"
+
+
+def int8_dot_census(fn, *args, **kwargs) -> Int8Census:
+  """Census of dots/convs by dtype before and after XLA optimization.
+
+  ``lowered`` shows ``s8 x s8 -> s32`` for every integer op the function requested;
+  ``compiled`` is the optimized HLO (XLA:CPU widens s8 operands to s32 there, GPU/TPU
+  keep s8). A silent fall-back to float shows up as float ops in both.
+  """
+  jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+  lowered = jitted.lower(*args, **kwargs)
+  return Int8Census(_hlo.census_from_hlo(lowered.as_text(dialect="hlo")),
+                    _hlo.census_from_hlo(lowered.compile().as_text()))

@@ -1,0 +1,149 @@
+"""``QArray``: a quantized array as an ordinary pytree leaf (int8, or int4 packed).
+
+A ``QArray`` stores integers ``q`` and a float32 ``scale`` (plus an optional integer
+``zero_point``) such that the represented value is
+
+    x ~= dequantize(q) = (q - zero_point) * scale
+
+``scale`` (and ``zero_point``) have the shape of the original array with every reduced
+axis kept as size 1 (``keepdims``), so they broadcast against ``q``. ``channel_axes``
+are the axes that keep their own scale (``()`` means one scale for the whole tensor).
+
+int4 values (``bits=4``, range ``[-8, 7]``) are stored packed two per byte in a
+``uint8`` array along axis 0: ``byte[i] = (q[2i] & 0xF) | (q[2i+1] & 0xF) << 4``
+(axis 0 padded to even length). A checkpoint of int4 weights is therefore ~1/8 of
+float32.
+
+The array children (``value``, ``scale``, ``zero_point``) are pytree children, so a
+tree of ``QArray`` goes through ``jax.jit``, ``jax.tree.*`` and orbax unchanged; the
+metadata (bits, axes, original shape/dtype) is static. Feeding a ``QArray`` to code
+that expects a float array raises a ``TypeError`` naming the leaf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class _Meta:
+  bits: int
+  channel_axes: tuple[int, ...]
+  shape: tuple[int, ...]
+  dtype: str
+  name: str = dataclasses.field(default="", compare=False)  # path, for error messages
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class QArray:
+  """Quantized array leaf; see the module docstring for the representation.
+
+  Attributes:
+    value: ``int8`` array of the original shape (bits=8), or ``uint8`` packed pairs of
+      int4 along axis 0 (bits=4).
+    scale: float32, original shape with reduced axes of size 1.
+    zero_point: ``None`` (symmetric) or int32 of the scale's shape.
+    bits: 4 or 8.
+    channel_axes: axes with their own scale (non-negative ints); ``()`` = per tensor.
+    shape, dtype: the original array's shape and float dtype.
+  """
+
+  __slots__ = ("value", "scale", "zero_point", "_meta")
+
+  def __init__(self, value, scale, zero_point=None, *, bits: int, channel_axes=(),
+               shape=None, dtype="float32", name: str = ""):
+    if bits not in (4, 8):
+      raise ValueError(f"QArray{'(' + name + ')' if name else ''}: bits must be 4 or 8, got {bits!r}")
+    self.value = value
+    self.scale = scale
+    self.zero_point = zero_point
+    shape = tuple(np.shape(value)) if shape is None else tuple(int(d) for d in shape)
+    self._meta = _Meta(int(bits), tuple(int(a) for a in channel_axes), shape,
+                       str(np.dtype(dtype)), name)
+
+  bits = property(lambda self: self._meta.bits)
+  channel_axes = property(lambda self: self._meta.channel_axes)
+  shape = property(lambda self: self._meta.shape)
+  dtype = property(lambda self: np.dtype(self._meta.dtype))
+  name = property(lambda self: self._meta.name)
+  ndim = property(lambda self: len(self._meta.shape))
+
+  def tree_flatten_with_keys(self):
+    k = jax.tree_util.GetAttrKey
+    return (((k("value"), self.value), (k("scale"), self.scale),
+             (k("zero_point"), self.zero_point)), self._meta)
+
+  @classmethod
+  def tree_unflatten(cls, meta: _Meta, children):
+    obj = object.__new__(cls)
+    obj.value, obj.scale, obj.zero_point = children
+    obj._meta = meta
+    return obj
+
+  def with_name(self, name: str) -> "QArray":
+    return QArray(self.value, self.scale, self.zero_point, bits=self.bits,
+                  channel_axes=self.channel_axes, shape=self.shape, dtype=self.dtype,
+                  name=name)
+
+  def __repr__(self):
+    zp = "" if self.zero_point is None else ", asymmetric"
+    where = f"{self.name}: " if self.name else ""
+    return (f"QArray({where}int{self.bits}{list(self.shape)}, channel_axes="
+            f"{self.channel_axes}{zp}, dtype={self.dtype})")
+
+  def _float_misuse(self, *_, **__):
+    raise TypeError(
+        f"{self!r} was used where a float array is expected; call "
+        "jaxopt_dnn.quant.dequantize(q) / dequantize_params(tree) first, or run the "
+        "model through jaxopt_dnn.quant.int8_apply")
+
+  __jax_array__ = _float_misuse
+  __array__ = _float_misuse
+  __add__ = __radd__ = __mul__ = __rmul__ = __matmul__ = __rmatmul__ = _float_misuse
+  __sub__ = __rsub__ = __truediv__ = __neg__ = astype = _float_misuse
+
+
+def is_qarray(x: Any) -> bool:
+  return isinstance(x, QArray)
+
+
+def pack_int4(q: jax.Array) -> jax.Array:
+  """Packs int values in ``[-8, 7]`` two per byte along axis 0 -> ``uint8``."""
+  q = jnp.atleast_1d(q).astype(jnp.uint8) & 0xF
+  if q.shape[0] % 2:
+    q = jnp.concatenate([q, jnp.zeros((1,) + q.shape[1:], jnp.uint8)], axis=0)
+  return q[0::2] | (q[1::2] << 4)
+
+
+def unpack_int4(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Inverse of :func:`pack_int4`: ``uint8`` pairs -> ``int8`` of ``shape``."""
+  lo = (packed & 0xF).astype(jnp.int8)
+  hi = (packed >> 4).astype(jnp.int8)
+  both = jnp.stack([lo, hi], axis=1).reshape((-1,) + packed.shape[1:])
+  both = jnp.where(both > 7, both - 16, both).astype(jnp.int8)   # sign-extend 4 bits
+  n0 = shape[0] if shape else 1
+  return both[:n0].reshape(shape)
+
+
+def int_values(q: QArray) -> jax.Array:
+  """The integer values as ``int8`` of the original shape (int4 unpacked)."""
+  if not isinstance(q, QArray):
+    raise TypeError(f"int_values expects a QArray, got {type(q).__name__}")
+  if q.bits == 4:
+    return unpack_int4(q.value, q.shape)
+  return q.value
+
+
+def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
+  """``(q - zero_point) * scale`` in float32, cast to ``dtype`` (default: original)."""
+  if not isinstance(q, QArray):
+    raise TypeError(f"dequantize expects a QArray, got {type(q).__name__}")
+  v = int_values(q).astype(jnp.float32)
+  if q.zero_point is not None:
+    v = v - q.zero_point.astype(jnp.float32)
+  return (v * q.scale).astype(dtype or q.dtype)

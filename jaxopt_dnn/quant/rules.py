@@ -1,0 +1,171 @@
+"""Which leaves/ops are quantized, and how: regex rules over key paths, first match wins.
+
+A rule matches a parameter by its key path (``params/encoder/layer_0/query/kernel``)
+through :mod:`jaxopt_dnn._tree`; the same rules drive the activation side, because an
+intercepted op (``Dense``, ``Conv``, ``Einsum``, ``nnx.Linear``...) is identified by its
+kernel's path. A rule that matches no leaf is an error (rules silently stop matching
+after a model refactor), and :func:`explain` prints which rule won each leaf.
+
+Default (``rules=None``): every floating leaf with ``ndim >= 2`` is quantized to
+``bits`` per output channel, with 8-bit activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxopt_dnn import _tree
+from jaxopt_dnn.quant import fake
+from jaxopt_dnn.quant.qarray import QArray, dequantize, is_qarray
+
+GRANULARITIES = ("channel", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantRule:
+  """One rule: leaves whose path ``re.search``-matches ``pattern``.
+
+  Attributes:
+    pattern: regex over ``/``-joined key paths.
+    bits: weight bits, 4 or 8.
+    granularity: ``"channel"`` (one scale per index of the last axis, i.e. per output
+      channel of a Flax kernel), ``"tensor"``, or explicit channel axes (int / tuple).
+    act_bits: activation bits for the op using this kernel (8, or 4); ``None`` means
+      weight-only (activations stay float).
+    symmetric: symmetric weights (zero point 0). The int8 serving path needs True.
+    method: weight range estimator, ``absmax`` | ``percentile`` | ``mse``.
+    skip: leave matching leaves (and their ops) in float.
+  """
+
+  pattern: str
+  bits: int = 8
+  granularity: str | int | tuple[int, ...] = "channel"
+  act_bits: int | None = 8
+  symmetric: bool = True
+  method: str = "absmax"
+  skip: bool = False
+
+  def __post_init__(self):
+    where = f"rule {self.pattern!r}"
+    if not isinstance(self.pattern, str):
+      raise TypeError(f"rule pattern must be a regex string, got {self.pattern!r}")
+    fake.check_bits(self.bits, where)
+    if self.act_bits is not None:
+      fake.check_bits(self.act_bits, where + " act_bits")
+    if isinstance(self.granularity, str) and self.granularity not in GRANULARITIES:
+      raise ValueError(f"{where}: granularity must be one of {GRANULARITIES} or axes, "
+                       f"got {self.granularity!r}")
+    if self.method not in fake.METHODS:
+      raise ValueError(f"{where}: method must be one of {fake.METHODS}, got {self.method!r}")
+    if isinstance(self.granularity, list):
+      object.__setattr__(self, "granularity", tuple(self.granularity))
+
+  @property
+  def axis(self):
+    """Channel axes for :func:`fake.quantize` (``-1`` per channel, ``None`` per tensor)."""
+    g = self.granularity
+    return -1 if g == "channel" else None if g == "tensor" else g
+
+
+def as_rules(rules: Any, *, bits: int = 8) -> tuple[QuantRule, ...] | None:
+  """Normalizes ``None`` / regex / ``QuantRule`` / sequence / ``{regex: kwargs}`` to rules."""
+  fake.check_bits(bits, "quantize_params")
+  if rules is None:
+    return None
+  if isinstance(rules, (str, QuantRule)):
+    rules = [rules]
+  if isinstance(rules, Mapping):
+    rules = [(k, v) for k, v in rules.items()]
+  out = []
+  for r in rules:
+    if isinstance(r, QuantRule):
+      out.append(r)
+    elif isinstance(r, str):
+      out.append(QuantRule(r, bits=bits))
+    elif isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], Mapping):
+      out.append(QuantRule(r[0], **{"bits": bits, **r[1]}))
+    else:
+      raise TypeError(f"rules: each rule must be a QuantRule, a regex or (regex, dict), "
+                      f"got {r!r}")
+  return tuple(out)
+
+
+def resolve(tree: Any, rules: Any, *, bits: int = 8) -> list[tuple[str, Any, QuantRule | None]]:
+  """``[(path, leaf, winning rule or None), ...]``; a rule that wins nothing is an error."""
+  rs = as_rules(rules, bits=bits)
+  items = _tree.leaves_with_paths(tree, is_leaf=is_qarray)
+  if rs is None:
+    default = QuantRule(".*", bits=bits)
+    return [(p, x, default if _tree.default_prunable(p, x) else None) for p, x in items]
+  idx = _tree.first_match([r.pattern for r in rs], [p for p, _ in items], argname="rules")
+  return [(p, x, None if i < 0 else rs[i]) for (p, x), i in zip(items, idx)]
+
+
+def rule_for_path(rules: tuple[QuantRule, ...] | None, path: str, *, bits: int = 8):
+  """The rule that wins ``path`` (an op's kernel path), or None; no 'unused' check."""
+  if rules is None:
+    return QuantRule(".*", bits=bits)
+  i = _tree.first_match([r.pattern for r in rules], [path], require_all=False)[0]
+  return None if i < 0 else rules[i]
+
+
+def _describe(rule: QuantRule | None, leaf: Any) -> str:
+  if rule is None:
+    return "float (no rule)"
+  if rule.skip:
+    return "float (skip)"
+  g = rule.granularity if isinstance(rule.granularity, str) else f"axes {rule.granularity}"
+  act = "weight-only" if rule.act_bits is None else f"a{rule.act_bits}"
+  sym = "" if rule.symmetric else " asym"
+  return f"int{rule.bits} per-{g} {act}{sym} ({rule.method})"
+
+
+def explain(params: Any, rules: Any = None, *, bits: int = 8, print_fn=print) -> str:
+  """Prints (and returns) one line per leaf: path, shape, winning rule, action."""
+  rows = []
+  for p, x, r in resolve(params, rules, bits=bits):
+    pat = "-" if r is None else repr(r.pattern)
+    rows.append((p, str(tuple(np.shape(x))), pat, _describe(r, x)))
+  w = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in
+       enumerate(("path", "shape", "rule"))]
+  lines = [f"{'path':<{w[0]}}  {'shape':<{w[1]}}  {'rule':<{w[2]}}  action"]
+  lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:<{w[2]}}  {d}" for a, b, c, d in rows]
+  text = "\n".join(lines)
+  if print_fn is not None:
+    print_fn(text)
+  return text
+
+
+def quantize_leaf(path: str, x: Any, rule: QuantRule) -> QArray:
+  """Quantizes one leaf by its rule (errors name ``path``)."""
+  return fake.quantize(x, bits=rule.bits, axis=rule.axis, symmetric=rule.symmetric,
+                       method=rule.method, name=path)
+
+
+def quantize_params(params: Any, rules: Any = None, *, bits: int = 8) -> Any:
+  """Returns ``params`` with every rule-selected leaf replaced by a :class:`QArray`.
+
+  Unselected and ``skip`` leaves are returned untouched (same tree structure otherwise).
+  Integer/boolean leaves selected by a rule raise ``TypeError``; NaN/inf raise
+  ``ValueError``; both name the leaf path.
+  """
+  chosen = {p: r for p, _, r in resolve(params, rules, bits=bits)}
+
+  def one(path, x):
+    r = chosen[path]
+    if r is None or r.skip or is_qarray(x):
+      return x
+    return quantize_leaf(path, x, r)
+
+  return _tree.map_with_path_str(one, params, is_leaf=is_qarray)
+
+
+def dequantize_params(tree: Any, dtype: Any = None) -> Any:
+  """Replaces every :class:`QArray` leaf by its float value."""
+  return jax.tree.map(lambda x: dequantize(x, dtype) if is_qarray(x) else x, tree,
+                      is_leaf=is_qarray)
