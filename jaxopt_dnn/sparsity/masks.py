@@ -1,0 +1,361 @@
+"""Pruning masks over parameter pytrees: magnitude (layer / global), random, N:M, channel.
+
+A *mask tree* has exactly the structure of the params. A pruned leaf's mask is a bool
+array of the leaf's shape (``True`` = keep); a leaf that is not pruned holds the dense
+marker, a 0-d ``True`` (it broadcasts, so ``where(mask, p, 0)`` works on every leaf, and
+it costs one byte in an optimizer state).
+
+Unstructured selection is exact: for a leaf (or, in global scope, the set of chosen
+leaves) with ``n`` entries and sparsity ``s``, exactly ``k = round(s * n)`` entries with
+the smallest score are removed, ties broken by position (leaf order, then row-major
+index; earlier entries are removed first). The k-th smallest score is found by bisection
+over the float32 bit pattern (non-negative floats order like their bit patterns as
+int32), followed by a bisection over positions among the tied entries. Every step is a
+count, i.e. a scalar reduction, so a kernel sharded over an FSDP mesh axis is never
+gathered onto one device (unlike an argsort), and the function runs under ``jit`` with a
+traced sparsity.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopt_dnn import _tree
+
+PyTree = Any
+Rules = str | Sequence[str] | Callable[[str, Any], bool] | None
+SparsityArg = float | jax.Array | Mapping[str, float]
+
+_INF_BITS = 0x7F800000  # bit pattern of +inf as int32: the largest finite-or-inf key.
+
+
+def dense_marker() -> jax.Array:
+  """The mask of a leaf that is not pruned: a 0-d ``True`` that broadcasts."""
+  return jnp.ones((), jnp.bool_)
+
+
+def is_dense(mask: Any) -> bool:
+  """Whether ``mask`` is the dense marker (0-d) rather than a real per-entry mask."""
+  return np.ndim(mask) == 0
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_sparsity(value: Any, where: str) -> None:
+  """Static check of a Python/NumPy sparsity in [0, 1); traced values are not checked."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  v = np.asarray(value)
+  if v.ndim != 0 or not np.issubdtype(v.dtype, np.number) or not (0.0 <= float(v) < 1.0):
+    raise ValueError(f"sparsity for {where} must be a number in [0, 1), got {value!r}")
+
+
+def _chosen(params: PyTree, rules: Rules, argname: str = "rules") -> list[tuple[str, Any, bool]]:
+  """``[(path, leaf, chosen)]``; integer/bool leaves chosen by a rule are a TypeError."""
+  out = []
+  for path, x, val in _tree.select(params, rules, argname=argname):
+    chosen = val is not None
+    if chosen and not _tree.is_float_array(x):
+      raise TypeError(
+          f"leaf {path!r} (dtype {getattr(x, 'dtype', type(x).__name__)}) was chosen for "
+          "pruning, but only floating-point leaves can be pruned; narrow `rules`")
+    out.append((path, x, chosen))
+  if not any(c for _, _, c in out):
+    raise ValueError("no leaf was chosen for pruning. Candidate paths: "
+                     + ", ".join(p for p, _, _ in out))
+  return out
+
+
+def _unflatten_like(params: PyTree, masks: list[Any]) -> PyTree:
+  return jax.tree.unflatten(jax.tree.structure(params), masks)
+
+
+def check_mask_tree(params: PyTree, masks: PyTree) -> None:
+  """Raises ValueError naming the first leaf where ``masks`` does not fit ``params``."""
+  ps, ms = jax.tree.structure(params), jax.tree.structure(masks)
+  if ps != ms:
+    pp = {p for p, _ in _tree.leaves_with_paths(params)}
+    mp = {p for p, _ in _tree.leaves_with_paths(masks)}
+    raise ValueError(
+        "mask tree does not match the params tree: only in params "
+        f"{sorted(pp - mp)[:5]}, only in masks {sorted(mp - pp)[:5]} "
+        f"(params structure {ps}, masks structure {ms})")
+  for (path, p), (_, m) in zip(_tree.leaves_with_paths(params), _tree.leaves_with_paths(masks)):
+    if not is_dense(m) and tuple(np.shape(m)) != tuple(np.shape(p)):
+      raise ValueError(f"mask for {path!r} has shape {np.shape(m)}, param has {np.shape(p)}")
+    if hasattr(m, "dtype") and m.dtype not in (jnp.bool_, jnp.uint8):
+      raise TypeError(f"mask for {path!r} has dtype {m.dtype}; masks are bool or uint8")
+
+
+# ------------------------------------------------------------- per-leaf sparsities
+
+
+def erk_sparsities(shapes: Mapping[str, tuple[int, ...]], sparsity: float) -> dict[str, float]:
+  """Erdős–Rényi-Kernel layer sparsities (Evci et al. 2020, RigL).
+
+  The density of layer ``l`` is ``eps * sum(shape_l) / prod(shape_l)``, with ``eps``
+  chosen so that the total number of kept weights is ``(1 - sparsity) * sum(n_l)``.
+  Layers whose density would exceed 1 are kept dense and ``eps`` is solved again.
+  """
+  _check_sparsity(sparsity, "distribution='erk'")
+  sizes = {p: math.prod(s) for p, s in shapes.items()}
+  raw = {p: sum(s) / sizes[p] for p, s in shapes.items()}
+  budget = (1.0 - sparsity) * sum(sizes.values())
+  dense: set[str] = set()
+  while True:
+    rest = [p for p in shapes if p not in dense]
+    eps = (budget - sum(sizes[p] for p in dense)) / sum(raw[p] * sizes[p] for p in rest)
+    over = [p for p in rest if eps * raw[p] > 1.0]
+    if not over:
+      break
+    dense.add(max(over, key=lambda p: raw[p]))
+  return {p: (0.0 if p in dense else 1.0 - eps * raw[p]) for p in shapes}
+
+
+def leaf_sparsities(chosen: list[tuple[str, Any, bool]], sparsity: SparsityArg,
+                    distribution: str) -> list[Any]:
+  """Sparsity per chosen leaf (``None`` for leaves that are not pruned)."""
+  if isinstance(sparsity, Mapping):
+    paths = [p for p, _, c in chosen if c]
+    for rx, v in sparsity.items():
+      _check_sparsity(v, f"pattern {rx!r}")
+    idx = iter(_tree.first_match(list(sparsity), paths, argname="sparsity"))
+    values = list(sparsity.values())
+    out = []
+    for _, _, c in chosen:
+      i = next(idx) if c else -1
+      out.append(values[i] if i >= 0 else None)
+    return out
+  _check_sparsity(sparsity, "the model")
+  if distribution == "uniform":
+    return [sparsity if c else None for _, _, c in chosen]
+  if distribution == "erk":
+    if isinstance(sparsity, jax.core.Tracer):
+      raise TypeError("distribution='erk' needs a concrete (non-traced) sparsity")
+    erk = erk_sparsities({p: np.shape(x) for p, x, c in chosen if c}, float(sparsity))
+    return [erk[p] if c else None for p, _, c in chosen]
+  raise ValueError(f"distribution must be 'uniform', 'erk' or a {{regex: sparsity}} dict, "
+                   f"got {distribution!r}")
+
+
+# ---------------------------------------------------------- exact k-smallest masks
+
+
+def _keys(score: jax.Array) -> jax.Array:
+  """Order-preserving int32 keys of non-negative scores (NaN sorts as +inf: kept)."""
+  score = jnp.asarray(score, jnp.float32)
+  score = jnp.where(jnp.isnan(score), jnp.inf, jnp.abs(score))
+  return jax.lax.bitcast_convert_type(score, jnp.int32)
+
+
+def _bisect(count_le: Callable[[jax.Array], jax.Array], k: jax.Array, lo: int, hi: int,
+            iters: int) -> jax.Array:
+  """Smallest ``t`` in ``(lo, hi]`` with ``count_le(t) >= k`` (``count_le`` monotone)."""
+
+  def body(_, lohi):
+    lo, hi = lohi
+    mid = lo + (hi - lo) // 2
+    ok = count_le(mid) >= k
+    return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+  _, hi = jax.lax.fori_loop(0, iters, body, (jnp.int32(lo), jnp.int32(hi)))
+  return hi
+
+
+def smallest_k_masks(scores: Sequence[jax.Array], k: Any) -> list[jax.Array]:
+  """Keep-masks removing exactly the ``k`` smallest entries over all ``scores`` together.
+
+  Ties are broken by position: score list order, then row-major index. Only scalar
+  counts are reduced across the arrays, so sharded inputs stay sharded.
+
+  Args:
+    scores: arrays of non-negative scores (any shapes).
+    k: number of entries to remove, ``0 <= k <= total size`` (may be traced).
+
+  Returns:
+    bool arrays shaped like ``scores``; ``False`` marks a removed entry.
+  """
+  total = sum(int(np.prod(np.shape(s))) for s in scores)
+  if total >= 2**31 - 1:
+    raise ValueError(f"too many entries to rank together ({total}); use scope='layer'")
+  return list(_smallest_k(tuple(scores), jnp.asarray(k, jnp.int32)))
+
+
+@jax.jit
+def _smallest_k(scores: tuple[jax.Array, ...], k: jax.Array) -> tuple[jax.Array, ...]:
+  """Jitted body of :func:`smallest_k_masks` (cached by shapes, so eager calls are cheap)."""
+  keys = [_keys(s) for s in scores]
+  sizes = [int(np.prod(key.shape)) for key in keys]
+  total = sum(sizes)
+
+  def count(pred):
+    return sum(jnp.sum(pred(key, i), dtype=jnp.int32) for i, key in enumerate(keys))
+
+  # 1) threshold key t: smallest key with #(key <= t) >= k.
+  t = _bisect(lambda mid: count(lambda key, _: key <= mid), k, -1, _INF_BITS, 32)
+  # 2) among entries equal to t, remove the first r by global position.
+  r = k - count(lambda key, _: key < t)
+  offsets = np.cumsum([0] + sizes)
+  pos = [int(offsets[i]) + _flat_iota(key.shape) for i, key in enumerate(keys)]
+  j = _bisect(lambda mid: count(lambda key, i: (key == t) & (pos[i] <= mid)), r, -1,
+              max(total - 1, 0), max(total.bit_length(), 1) + 1)
+  return tuple(~(((key < t) | ((key == t) & (p <= j))) & (k > 0)) for key, p in zip(keys, pos))
+
+
+def _flat_iota(shape: tuple[int, ...]) -> jax.Array:
+  """Row-major linear index of every entry, built from per-axis iotas (shard-friendly)."""
+  if not shape:
+    return jnp.zeros((), jnp.int32)
+  idx = jnp.zeros(shape, jnp.int32)
+  stride = 1
+  for ax in reversed(range(len(shape))):
+    idx = idx + jax.lax.broadcasted_iota(jnp.int32, shape, ax) * stride
+    stride *= shape[ax]
+  return idx
+
+
+def _num_to_remove(sparsity: Any, size: int) -> jax.Array:
+  """``k = round(sparsity * size)`` (round half to even), computed in float32."""
+  return jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
+
+
+def _masks_from_scores(params: PyTree, chosen, sparsity: SparsityArg, scope: str,
+                       distribution: str, score_fn: Callable[[int, str, Any], jax.Array]):
+  """Shared driver of magnitude and random masks."""
+  if scope not in ("layer", "global"):
+    raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+  out: list[Any] = [dense_marker() for _ in chosen]
+  picked = [i for i, (_, _, c) in enumerate(chosen) if c]
+  if scope == "global":
+    if isinstance(sparsity, Mapping) or distribution != "uniform":
+      raise ValueError("scope='global' ranks all chosen leaves together: pass one float "
+                       "sparsity and distribution='uniform'")
+    _check_sparsity(sparsity, "the model")
+    scores = [score_fn(i, chosen[i][0], chosen[i][1]) for i in picked]
+    total = sum(int(np.size(chosen[i][1])) for i in picked)
+    for i, m in zip(picked, smallest_k_masks(scores, _num_to_remove(sparsity, total))):
+      out[i] = m
+  else:
+    per_leaf = leaf_sparsities(chosen, sparsity, distribution)
+    for i in picked:
+      if per_leaf[i] is None:
+        continue
+      path, x, _ = chosen[i]
+      (out[i],) = smallest_k_masks([score_fn(i, path, x)], _num_to_remove(per_leaf[i], np.size(x)))
+  return _unflatten_like(params, out)
+
+
+# ------------------------------------------------------------------ public masks
+
+
+def magnitude_masks(params: PyTree, sparsity: SparsityArg, *, scope: str = "layer",
+                    rules: Rules = None, distribution: str = "uniform") -> PyTree:
+  """Masks removing the smallest-``|w|`` weights.
+
+  ``scope="layer"``: each chosen leaf loses exactly ``round(s_l * size_l)`` entries,
+  where ``s_l`` is ``sparsity`` (uniform), the ERK share of it (``distribution="erk"``)
+  or the value of the first matching regex of a ``{regex: sparsity}`` dict.
+  ``scope="global"``: all chosen entries are ranked together and exactly
+  ``round(sparsity * sum_l size_l)`` are removed (one threshold for the model).
+
+  Args:
+    params: any pytree of arrays.
+    sparsity: fraction in [0, 1) to remove (may be traced), or ``{regex: fraction}``.
+    scope: ``"layer"`` or ``"global"``.
+    rules: which leaves to prune: regex(es) over key paths, a predicate ``(path, leaf)``,
+      or None for floating leaves with ``ndim >= 2``.
+    distribution: ``"uniform"`` or ``"erk"`` (layer scope only).
+
+  Returns:
+    A mask tree (see module docstring).
+  """
+  chosen = _chosen(params, rules)
+  return _masks_from_scores(params, chosen, sparsity, scope, distribution,
+                            lambda i, p, x: jnp.abs(x))
+
+
+def random_masks(key: jax.Array, params: PyTree, sparsity: SparsityArg, *, scope: str = "layer",
+                 rules: Rules = None, distribution: str = "uniform") -> PyTree:
+  """Masks removing exactly ``round(s * size)`` uniformly random entries per leaf (or
+  over all chosen leaves with ``scope="global"``); the same key gives the same masks."""
+  chosen = _chosen(params, rules)
+  return _masks_from_scores(
+      params, chosen, sparsity, scope, distribution,
+      lambda i, p, x: jax.random.uniform(jax.random.fold_in(key, i), np.shape(x)))
+
+
+def nm_masks(params: PyTree, n: int, m: int, *, axis: int = -2, rules: Rules = None) -> PyTree:
+  """N:M masks: in every group of ``m`` consecutive weights along ``axis`` keep the ``n``
+  largest ``|w|`` (ties: the earlier index is kept). ``axis=-2`` is the contraction
+  (input) axis of Flax ``Dense`` ``(in, out)`` and ``Conv`` ``(..., in, out)`` kernels;
+  2:4 along it is the pattern of sparse tensor cores."""
+  if not (isinstance(n, int) and isinstance(m, int)) or not 0 < n <= m:
+    raise ValueError(f"N:M needs integers 0 < n <= m, got n={n!r}, m={m!r}")
+  chosen = _chosen(params, rules)
+  out = []
+  for path, x, c in chosen:
+    if not c:
+      out.append(dense_marker())
+      continue
+    if not -x.ndim <= axis < x.ndim:
+      raise ValueError(f"axis={axis} is out of range for {path!r} with shape {x.shape}")
+    if x.shape[axis] % m:
+      raise ValueError(f"leaf {path!r}: axis {axis} has length {x.shape[axis]}, which is not "
+                       f"a multiple of m={m}")
+    out.append(_nm_leaf(x, n, m, axis))
+  return _unflatten_like(params, out)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _nm_leaf(x: jax.Array, n: int, m: int, axis: int) -> jax.Array:
+  moved = jnp.moveaxis(jnp.abs(x), axis, -1)
+  groups = moved.reshape(moved.shape[:-1] + (moved.shape[-1] // m, m))
+  order = jnp.argsort(-groups, axis=-1, stable=True)
+  rank = jnp.argsort(order, axis=-1, stable=True)
+  return jnp.moveaxis((rank < n).reshape(moved.shape), -1, axis)
+
+
+def _bias_path(kernel_path: str) -> str | None:
+  return kernel_path[: -len("kernel")] + "bias" if kernel_path.endswith("kernel") else None
+
+
+def channel_masks(params: PyTree, sparsity: SparsityArg, *, rules: Rules = None,
+                  distribution: str = "uniform") -> PyTree:
+  """Structured masks removing whole output channels (last axis) by L2 norm.
+
+  For a kernel ``W`` of shape ``(..., C_out)`` the score of channel ``c`` is
+  ``||W[..., c]||_2``; exactly ``round(s * C_out)`` channels with the smallest norms are
+  removed (ties: lower index first). A sibling ``bias`` leaf (same path with ``kernel``
+  replaced by ``bias``, shape ``(C_out,)``) gets the same channel mask, so a removed
+  channel outputs exactly zero before the activation. Exclude the classifier head with
+  ``rules`` (removing a class is rarely what you want).
+  """
+  chosen = _chosen(params, rules)
+  per_leaf = leaf_sparsities(chosen, sparsity, distribution)
+  out: list[Any] = [dense_marker() for _ in chosen]
+  index = {p: i for i, (p, _, _) in enumerate(chosen)}
+  for i, (path, x, c) in enumerate(chosen):
+    if not c or per_leaf[i] is None:
+      continue
+    norms = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(x.ndim - 1))))
+    (keep,) = smallest_k_masks([norms], _num_to_remove(per_leaf[i], x.shape[-1]))
+    out[i] = jnp.broadcast_to(keep, x.shape)
+    b = index.get(_bias_path(path) or "")
+    if b is not None and np.shape(chosen[b][1]) == (x.shape[-1],):
+      out[b] = keep
+  return _unflatten_like(params, out)
+
+
+def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
+  """``where(mask, p, 0)`` leaf by leaf (dense markers leave the leaf as it is)."""
+  check_mask_tree(params, masks)
+  return jax.tree.map(lambda p, m: p if is_dense(m) else jnp.where(m, p, jnp.zeros((), p.dtype)),
+                      params, masks)

@@ -1,0 +1,138 @@
+"""An optax transform that prunes while it optimizes: masks live in its state.
+
+``prune_optimizer(tx, schedule)`` wraps any optax ``GradientTransformation``. Each step
+it runs the inner optimizer, then returns the update
+
+.. math::  u' = m \\odot (p + u) - p
+
+so that ``optax.apply_updates(p, u') = m ⊙ (p + u)``: the new params are already masked
+(no separate pre/post call, every checkpoint consistent). On mask-update steps
+(``step % update_every == 0``, and ``step <= update_until`` if given) the masks are
+recomputed from ``p + u`` at the scheduled sparsity under ``lax.cond``; otherwise they are
+carried. Masks are bool, never the weights' dtype. The inner optimizer sees unmasked
+gradients; pruned entries are re-zeroed every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxopt_dnn.sparsity import masks as _m
+
+PyTree = Any
+
+
+class PruneState(NamedTuple):
+  """State of :func:`prune_optimizer`."""
+
+  count: jax.Array          # int32 step counter
+  masks: PyTree             # bool mask tree (dense markers for unpruned leaves)
+  inner_state: optax.OptState
+  key: jax.Array            # PRNG key (used by method="random")
+
+
+_METHODS = ("magnitude", "random", "nm", "channel")
+
+
+def _mask_fn(method: str, scope: str, rules, distribution: str, n: int, m: int, axis: int):
+  """``(params, sparsity, key) -> masks`` for the chosen method."""
+  if method == "magnitude":
+    return lambda p, s, key: _m.magnitude_masks(p, s, scope=scope, rules=rules,
+                                                distribution=distribution)
+  if method == "random":
+    return lambda p, s, key: _m.random_masks(key, p, s, scope=scope, rules=rules,
+                                             distribution=distribution)
+  if method == "channel":
+    return lambda p, s, key: _m.channel_masks(p, s, rules=rules, distribution=distribution)
+  if method == "nm":
+    def nm(p, s, key):
+      pattern = _m.nm_masks(p, n, m, axis=axis, rules=rules)
+      # The N:M pattern is switched on once the schedule is positive.
+      return jax.tree.map(lambda mk: mk | (s <= 0), pattern)
+    return nm
+  raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+
+
+def prune_optimizer(tx: optax.GradientTransformation, schedule: Callable[[Any], Any], *,
+                    method: str = "magnitude", scope: str = "layer", update_every: int = 10,
+                    update_until: int | None = None, rules=None, distribution: str = "uniform",
+                    n: int = 2, m: int = 4, axis: int = -2,
+                    seed: int = 0) -> optax.GradientTransformation:
+  """Wraps ``tx`` so that its updates keep the params pruned.
+
+  Args:
+    tx: any optax optimizer (``sgd``, ``adam``, ``adamw``, ``inject_hyperparams``,
+      ``chain``, ...).
+    schedule: ``step -> sparsity`` (e.g. :func:`polynomial_schedule`). For
+      ``method="nm"`` the N:M pattern is applied while ``schedule(step) > 0``.
+    method: ``"magnitude"``, ``"random"``, ``"nm"`` or ``"channel"``.
+    scope: ``"layer"`` or ``"global"`` (magnitude / random).
+    update_every: recompute masks when ``step % update_every == 0``.
+    update_until: last step at which masks are recomputed (then frozen for fine-tuning);
+      ``None`` recomputes for ever.
+    rules: which leaves to prune (see :func:`magnitude_masks`).
+    distribution: ``"uniform"``, ``"erk"`` or a ``{regex: sparsity}`` dict, whose values
+      are multiplied by ``schedule(step) / max(dict values)`` (the largest one follows
+      the schedule).
+    n, m, axis: N:M parameters.
+    seed: PRNG seed for ``method="random"``.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`PruneState`; its
+    ``update`` requires ``params``.
+  """
+  if update_every < 1:
+    raise ValueError(f"update_every must be >= 1, got {update_every}")
+  if method == "nm":
+    if not (isinstance(n, int) and isinstance(m, int)) or not 0 < n <= m:
+      raise ValueError(f"N:M needs integers 0 < n <= m, got n={n!r}, m={m!r}")
+  sparsity_arg = distribution if isinstance(distribution, dict) else None
+  dist = "uniform" if sparsity_arg is not None else distribution
+  compute = _mask_fn(method, scope, rules, dist, n, m, axis)
+
+  def scheduled(s):
+    if sparsity_arg is None:
+      return s
+    peak = max(sparsity_arg.values())
+    return {rx: s * (v / peak if peak > 0 else 0.0) for rx, v in sparsity_arg.items()}
+
+  def init_fn(params):
+    # Validates rules / shapes eagerly (e.g. N:M divisibility) with a dense start.
+    shape_masks = compute(params, scheduled(jnp.float32(0.0)), jax.random.key(seed))
+    masks = jax.tree.map(
+        lambda mk, p: jnp.ones(jnp.shape(p), jnp.bool_) if not _m.is_dense(mk) else mk,
+        shape_masks, params)
+    return PruneState(jnp.zeros((), jnp.int32), masks, tx.init(params), jax.random.key(seed))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("prune_optimizer needs `params` in update(grads, state, params)")
+    inner_updates, inner_state = tx.update(updates, state.inner_state, params)
+    candidate = optax.apply_updates(params, inner_updates)
+    step = state.count
+    due = (step % update_every) == 0
+    if update_until is not None:
+      due = due & (step <= update_until)
+    key = jax.random.fold_in(state.key, step)
+    masks = jax.lax.cond(
+        due, lambda: compute(candidate, scheduled(schedule(step)), key), lambda: state.masks)
+    new_updates = jax.tree.map(
+        lambda u, p, c, mk: u if _m.is_dense(mk) else jnp.where(mk, c, jnp.zeros((), c.dtype)) - p,
+        inner_updates, params, candidate, masks)
+    return new_updates, PruneState(step + 1, masks, inner_state, state.key)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def masks_from_state(opt_state: Any) -> PyTree:
+  """Returns the masks of the (first) :class:`PruneState` inside ``opt_state``."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PruneState))
+           if isinstance(s, PruneState)]
+  if not found:
+    raise ValueError("no PruneState in this optimizer state: was it built with prune_optimizer?")
+  return found[0].masks
