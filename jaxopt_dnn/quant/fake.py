@@ -4,7 +4,7 @@ For ``b`` bits, symmetric (``zero_point = 0``) quantization with an integer rang
 ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (``[-127, 127]`` for int8, as in TFLite's weight
 spec and ``torch.fake_quantize_per_channel_affine`` with ``quant_min=-127``):
 
-    s = absmax / (2^(b-1) - 1)                  (s := 1 where absmax == 0)
+    s = absmax / (2^(b-1) - 1)     (s := 1 where absmax == 0; s >= 2^-126, never subnormal)
     q = clip(round(x * (1 / s)), -(2^(b-1) - 1), 2^(b-1) - 1)
     fake_quant(x) = q * s
 
@@ -37,6 +37,7 @@ from jaxopt_dnn.quant.calibrate import estimate_absmax, estimate_minmax
 from jaxopt_dnn.quant.qarray import QArray, pack_int4
 
 METHODS = ("absmax", "percentile", "mse")
+_TINY = float(np.finfo(np.float32).tiny)   # 2^-126: 1/s stays finite under flush-to-zero
 
 
 def check_bits(bits: Any, where: str = "bits") -> int:
@@ -97,7 +98,7 @@ def compute_qparams(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool =
     return scale_from_absmax(amax, bits), None
   lo, hi = estimate_minmax(xf, red, method, bits=bits, percentile=percentile)
   s = (hi - lo) / (qmax - qmin)
-  s = jnp.where(s > 0, s, 1.0)
+  s = jnp.where(s > 0, jnp.maximum(s, _TINY), 1.0)
   z = jnp.clip(qmin - jnp.round(lo / s), qmin, qmax).astype(jnp.int32)
   return s, z
 
@@ -105,7 +106,8 @@ def compute_qparams(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool =
 def scale_from_absmax(amax: jax.Array, bits: int) -> jax.Array:
   """``s = absmax / (2^(b-1) - 1)`` in float32, with ``s = 1`` where ``absmax == 0``."""
   amax = jnp.asarray(amax, jnp.float32)
-  return jnp.where(amax > 0, amax / float(2 ** (bits - 1) - 1), 1.0).astype(jnp.float32)
+  s = jnp.maximum(amax / float(2 ** (bits - 1) - 1), _TINY)   # no subnormal scales (FTZ)
+  return jnp.where(amax > 0, s, 1.0).astype(jnp.float32)
 
 
 def _int_q(x, scale, zp, qmin, qmax):
@@ -117,10 +119,10 @@ def _int_q(x, scale, zp, qmin, qmax):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _fq(x, scale, zp, qmin, qmax):
-  q = jnp.clip(_int_q(x, scale, zp, qmin, qmax), qmin, qmax)
+  q = jnp.clip(_int_q(x, scale, zp, qmin, qmax), qmin, qmax).astype(jnp.int32)
   if zp is not None:
-    q = q - zp.astype(jnp.float32)
-  return (q * scale).astype(x.dtype)
+    q = q - zp.astype(jnp.int32)
+  return (q.astype(jnp.float32) * scale).astype(x.dtype)   # via int: round(-0.3) -> +0
 
 
 def _fq_fwd(x, scale, zp, qmin, qmax):
