@@ -7,10 +7,15 @@ Images are returned NHWC float32 in [0, 1]; labels int32.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import NamedTuple
+import difflib
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
+import jax
 import numpy as np
+
+from jaxopt_dnn._tree import path_str
 
 
 class Dataset(NamedTuple):
@@ -58,9 +63,250 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int = 0,
 
 
 def infinite_batches(x: np.ndarray, y: np.ndarray, batch_size: int, *,
-                     seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Endless stream of batches, epoch after epoch (deterministic)."""
-  epoch = 0
+                     seed: int = 0, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Endless stream of batches, epoch after epoch (deterministic).
+
+  ``start`` skips the first ``start`` batches: the stream from ``start=k`` equals the
+  uninterrupted stream after ``k`` batches, so a resumed run sees the same data.
+  """
+  per_epoch = steps_per_epoch(len(x), batch_size)
+  epoch, skip = divmod(start, per_epoch)
   while True:
-    yield from batches(x, y, batch_size, seed=seed, epoch=epoch)
+    for i, b in enumerate(batches(x, y, batch_size, seed=seed, epoch=epoch)):
+      if i >= skip:
+        yield b
+    skip = 0
     epoch += 1
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+  """Full batches per epoch (the remainder is dropped)."""
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  if n < batch_size:
+    raise ValueError(f"dataset of {n} examples is smaller than batch_size={batch_size}")
+  return n // batch_size
+
+
+def batch_at(x: np.ndarray, y: np.ndarray, batch_size: int, step: int, *,
+             seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """The batch that :func:`infinite_batches` yields at position ``step`` (0-based).
+
+  Random access makes the data position a pure function of the training step:
+  ``epoch = step // steps_per_epoch``, then the ``step % steps_per_epoch``-th slice of
+  that epoch's permutation (seeded by ``(seed, epoch)``). This is what makes resume
+  exact.
+  """
+  if len(x) != len(y):
+    raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}")
+  if step < 0:
+    raise ValueError(f"step must be >= 0, got {step}")
+  epoch, i = divmod(int(step), steps_per_epoch(len(x), batch_size))
+  idx = _permutation(len(x), seed, epoch)[i * batch_size:(i + 1) * batch_size]
+  return x[idx], y[idx]
+
+
+_PERM_CACHE: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+  key = (n, seed, epoch)
+  perm = _PERM_CACHE.get(key)
+  if perm is None:
+    if len(_PERM_CACHE) > 64:
+      _PERM_CACHE.clear()
+    perm = _PERM_CACHE[key] = np.random.default_rng([seed, epoch]).permutation(n)
+  return perm
+
+
+def synthetic(n: int = 2048, shape: Sequence[int] = (8, 8, 1), num_classes: int = 10, *,
+              seed: int = 0, noise: float = 0.5, test_fraction: float = 0.2) -> Dataset:
+  """A learnable synthetic classification set, for benchmarks at any size.
+
+  ``x = clip(prototype[y] + noise * N(0, 1), 0, 1)`` with one random prototype in
+  ``[0, 1]^shape`` per class and balanced labels ``y = i mod num_classes`` (shuffled).
+  Deterministic in ``seed``.
+  """
+  if n < 2 or num_classes < 2:
+    raise ValueError(f"synthetic: need n >= 2 and num_classes >= 2, got n={n}, "
+                     f"num_classes={num_classes}")
+  shape = tuple(int(s) for s in shape)
+  if not shape or min(shape) <= 0:
+    raise ValueError(f"synthetic: shape must be non-empty and positive, got {shape}")
+  rng = np.random.default_rng(seed)
+  protos = rng.random((num_classes,) + shape, dtype=np.float32)
+  y = (np.arange(n) % num_classes).astype(np.int32)
+  x = protos[y] + np.float32(noise) * rng.standard_normal((n,) + shape, dtype=np.float32)
+  x = np.clip(x, 0.0, 1.0).astype(np.float32)
+  return split(x, y, test_fraction=test_fraction, seed=seed, num_classes=num_classes,
+               name=f"synthetic{n}")
+
+
+def _as_images(x: np.ndarray, where: str) -> np.ndarray:
+  if x.dtype == np.uint8:
+    x = x.astype(np.float32) / 255.0
+  elif np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating):
+    x = x.astype(np.float32)
+  else:
+    raise TypeError(f"{where}: x must be numeric, got dtype {x.dtype}")
+  if x.ndim == 3:  # (N, H, W) grey images -> NHWC
+    x = x[..., None]
+  if x.ndim < 2:
+    raise ValueError(f"{where}: x must have a leading example axis and features, got shape {x.shape}")
+  return x
+
+
+def _as_labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
+  if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+    raise ValueError(f"{where}: y must be 1-D integer class labels, got shape {y.shape} "
+                     f"dtype {y.dtype}")
+  if len(y) != n:
+    raise ValueError(f"{where}: x has {n} examples but y has {len(y)}")
+  if len(y) and y.min() < 0:
+    raise ValueError(f"{where}: labels must be >= 0, found {int(y.min())}")
+  return y.astype(np.int32)
+
+
+def from_arrays(x_train, y_train, x_test=None, y_test=None, *, name: str = "arrays",
+                num_classes: int | None = None, test_fraction: float = 0.2,
+                seed: int = 0) -> Dataset:
+  """A :class:`Dataset` from numpy arrays (``uint8`` images scaled to [0, 1]; ``(N, H, W)``
+  gets a channel axis). Without a test set, a deterministic split is made."""
+  x_train = _as_images(np.asarray(x_train), f"{name}: x_train")
+  y_train = _as_labels(np.asarray(y_train), len(x_train), f"{name}: y_train")
+  if (x_test is None) != (y_test is None):
+    raise ValueError(f"{name}: give both x_test and y_test, or neither")
+  if x_test is not None:
+    x_test = _as_images(np.asarray(x_test), f"{name}: x_test")
+    y_test = _as_labels(np.asarray(y_test), len(x_test), f"{name}: y_test")
+    if x_test.shape[1:] != x_train.shape[1:]:
+      raise ValueError(f"{name}: x_train examples have shape {x_train.shape[1:]} but x_test "
+                       f"examples have {x_test.shape[1:]}")
+  labels = y_train if y_test is None else np.concatenate([y_train, y_test])
+  found = int(labels.max()) + 1 if len(labels) else 0
+  k = found if num_classes is None else int(num_classes)
+  if found > k:
+    raise ValueError(f"{name}: label {found - 1} >= num_classes={k}")
+  if k < 2:
+    raise ValueError(f"{name}: need at least 2 classes, found {k}")
+  if x_test is None:
+    return split(x_train, y_train, test_fraction=test_fraction, seed=seed, num_classes=k,
+                 name=name)
+  return Dataset(x_train, y_train, x_test, y_test, k, name)
+
+
+def load_npz(path: str | os.PathLike, *, num_classes: int | None = None,
+             test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+  """Loads a user dataset from an ``.npz`` file.
+
+  The file holds either ``x_train, y_train, x_test, y_test`` or ``x, y`` (then split
+  deterministically with ``test_fraction``/``seed``). Pickled (object) arrays are
+  refused.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: not an ``.npz`` archive, or the arrays are missing or malformed
+      (the message lists the arrays found).
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"dataset file not found: {path!r}")
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      arrays = {k: z[k] for k in z.files}
+  except (ValueError, OSError) as e:
+    raise ValueError(f"{path!r} is not a readable .npz archive of plain arrays: {e}") from None
+  if not isinstance(arrays, dict):
+    raise ValueError(f"{path!r} holds a single array, expected an .npz archive")
+  name = os.path.splitext(os.path.basename(path))[0]
+  full = ("x_train", "y_train", "x_test", "y_test")
+  if all(k in arrays for k in full):
+    return from_arrays(*(arrays[k] for k in full), name=name, num_classes=num_classes)
+  if "x" in arrays and "y" in arrays:
+    return from_arrays(arrays["x"], arrays["y"], name=name, num_classes=num_classes,
+                       test_fraction=test_fraction, seed=seed)
+  raise ValueError(f"{path!r}: expected arrays x_train, y_train, x_test, y_test (or x, y); "
+                   f"found {sorted(arrays) or 'none'}")
+
+
+def load_tfds(name: str, *, data_dir: str | None = None, train_split: str = "train",
+              test_split: str | None = "test", image_key: str = "image",
+              label_key: str = "label", test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+  """Loads an already-prepared TFDS dataset into memory. Never downloads.
+
+  Needs the optional ``tensorflow_datasets`` package. The dataset must already be
+  prepared under ``data_dir`` (``tfds.load(..., download=False)``). With
+  ``test_split=None`` (or a dataset without that split) the train split is divided
+  deterministically.
+  """
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    raise ImportError("load_tfds needs tensorflow_datasets: pip install tensorflow-datasets "
+                      "(and prepare the dataset locally; nothing is downloaded)") from None
+
+  def _load(split_name):
+    ds = tfds.load(name, split=split_name, data_dir=data_dir, download=False, batch_size=-1)
+    ds = tfds.as_numpy(ds)
+    if image_key not in ds or label_key not in ds:
+      raise ValueError(f"tfds {name!r}: expected features {image_key!r} and {label_key!r}, "
+                       f"found {sorted(ds)}")
+    return ds[image_key], ds[label_key]
+
+  try:
+    x_tr, y_tr = _load(train_split)
+    test = None
+    if test_split is not None:
+      try:
+        test = _load(test_split)
+      except (KeyError, ValueError) as e:
+        if "split" not in str(e).lower():
+          raise
+  except (AssertionError, FileNotFoundError, OSError) as e:
+    raise FileNotFoundError(f"tfds dataset {name!r} is not prepared under data_dir={data_dir!r} "
+                            f"(nothing is downloaded): {e}") from None
+  kw = dict(name=name, test_fraction=test_fraction, seed=seed)
+  return from_arrays(x_tr, y_tr, *(test if test is not None else (None, None)), **kw)
+
+
+_NAMED = {"digits": lambda **kw: load_digits(**kw), "synthetic": lambda **kw: synthetic(**kw)}
+
+
+def load_dataset(name_or_path: str, **kwargs) -> Dataset:
+  """``"digits"`` (default), ``"synthetic"``, ``"tfds:NAME"``, or a path to an ``.npz`` file."""
+  s = os.fspath(name_or_path)
+  if s in _NAMED:
+    return _NAMED[s](**kwargs)
+  if s.startswith("tfds:"):
+    return load_tfds(s[len("tfds:"):], **kwargs)
+  if s.endswith(".npz") or os.sep in s or os.path.exists(s):
+    return load_npz(s, **kwargs)
+  close = difflib.get_close_matches(s, list(_NAMED), n=1)
+  hint = f" Did you mean {close[0]!r}?" if close else ""
+  raise ValueError(f"unknown dataset {s!r}; valid: {', '.join(sorted(_NAMED))}, "
+                   f"'tfds:NAME', or a path to an .npz file.{hint}")
+
+
+def process_slice(batch: Any, process_index: int | None = None,
+                  process_count: int | None = None) -> Any:
+  """This process's share of a global batch (multi-host data loading).
+
+  Every process builds the same global batch (same seed, same step) and keeps rows
+  ``[i * B/P, (i + 1) * B/P)`` of every leaf, ``i = process_index``, ``P =
+  process_count`` (defaults: ``jax.process_index()``, ``jax.process_count()``). The
+  slices are what ``jax.make_array_from_process_local_data`` expects.
+  """
+  i = jax.process_index() if process_index is None else int(process_index)
+  p = jax.process_count() if process_count is None else int(process_count)
+  if p < 1 or not 0 <= i < p:
+    raise ValueError(f"process_slice: need 0 <= process_index < process_count, got {i}, {p}")
+
+  def cut(path, leaf):
+    n = np.shape(leaf)[0] if np.ndim(leaf) else None
+    if n is None or n % p:
+      raise ValueError(f"process_slice: leaf {path_str(path)!r} with leading size "
+                       f"{n} does not split over {p} processes")
+    k = n // p
+    return leaf[i * k:(i + 1) * k]
+
+  return jax.tree_util.tree_map_with_path(cut, batch)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import difflib
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import optax
+from flax import nnx
 
 
 class MLP(nn.Module):
@@ -47,3 +54,261 @@ class CNN(nn.Module):
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(self.dense, dtype=self.dtype)(x))
     return nn.Dense(self.num_classes, dtype=self.dtype)(x)
+
+
+class BasicBlock(nn.Module):
+  """ResNet basic block: ``conv3x3 -> BN -> relu -> conv3x3 -> BN`` plus the shortcut.
+
+  The shortcut is the identity, or ``conv1x1 -> BN`` when the stride or the width
+  changes. With ``batch_norm=False`` the BatchNorms are left out and the convolutions
+  get biases: that is the model that :func:`jaxopt_dnn.fold.batchnorm` folds into.
+  """
+
+  features: int
+  strides: int = 1
+  batch_norm: bool = True
+  dtype: jnp.dtype | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    conv = lambda f, k, s: nn.Conv(f, (k, k), (s, s), use_bias=not self.batch_norm,
+                                   dtype=self.dtype)
+    norm = lambda: (nn.BatchNorm(use_running_average=not train, dtype=self.dtype)
+                    if self.batch_norm else (lambda y: y))
+    residual = x
+    y = norm()(conv(self.features, 3, self.strides)(x))
+    y = nn.relu(y)
+    y = norm()(conv(self.features, 3, 1)(y))
+    if residual.shape != y.shape:
+      residual = norm()(conv(self.features, 1, self.strides)(residual))
+    return nn.relu(y + residual)
+
+
+class ResNet(nn.Module):
+  """A small ResNet: ``conv3x3 stem -> BN -> relu -> stages of BasicBlocks -> mean pool -> Dense``.
+
+  ``stage_sizes[i]`` blocks of width ``features[i]``; every stage after the first
+  halves the spatial size (stride 2). Defaults (two stages of one block, 16 and 32
+  channels) train on 8x8 digits in seconds.
+  """
+
+  stage_sizes: Sequence[int] = (1, 1)
+  features: Sequence[int] = (16, 32)
+  num_classes: int = 10
+  batch_norm: bool = True
+  dtype: jnp.dtype | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if len(self.stage_sizes) != len(self.features):
+      raise ValueError(f"ResNet: stage_sizes {tuple(self.stage_sizes)} and features "
+                       f"{tuple(self.features)} must have the same length")
+    x = nn.Conv(self.features[0], (3, 3), use_bias=not self.batch_norm, dtype=self.dtype)(x)
+    if self.batch_norm:
+      x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
+    x = nn.relu(x)
+    for i, (n, f) in enumerate(zip(self.stage_sizes, self.features)):
+      for j in range(n):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = BasicBlock(f, strides, self.batch_norm, self.dtype)(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LayerNorm Transformer encoder block: ``x + MHA(LN(x))``, then ``x + MLP(LN(x))``.
+
+  The attention projections are the ``query``/``key``/``value``/``out`` Dense layers
+  of :class:`flax.linen.MultiHeadDotProductAttention`, so path rules such as
+  ``"attention/(query|key|value)"`` select them.
+  """
+
+  num_heads: int
+  mlp_dim: int
+  dtype: jnp.dtype | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
+                                        name="attention")(y, y)
+    x = x + y
+    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = nn.Dense(self.mlp_dim, dtype=self.dtype, name="mlp_in")(y)
+    y = nn.Dense(d, dtype=self.dtype, name="mlp_out")(nn.gelu(y))
+    return x + y
+
+
+class Transformer(nn.Module):
+  """A small Transformer encoder classifier over image patches (ViT-style).
+
+  ``(N, H, W, C)`` -> non-overlapping ``patch x patch`` tokens -> Dense(d_model) +
+  learned position embedding -> ``num_layers`` :class:`EncoderBlock` -> LayerNorm ->
+  mean over tokens -> Dense(num_classes). A ``(N, T, F)`` input is taken as tokens.
+  """
+
+  num_classes: int = 10
+  patch: int = 2
+  d_model: int = 32
+  num_heads: int = 4
+  num_layers: int = 2
+  mlp_dim: int = 64
+  dtype: jnp.dtype | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    if x.ndim == 4:
+      n, h, w, c = x.shape
+      p = self.patch
+      if h % p or w % p:
+        raise ValueError(f"Transformer: image size {(h, w)} is not divisible by patch={p}")
+      x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+      x = x.reshape(n, (h // p) * (w // p), p * p * c)
+    elif x.ndim != 3:
+      raise ValueError(f"Transformer: expected (N, H, W, C) or (N, T, F) input, got shape {x.shape}")
+    x = nn.Dense(self.d_model, dtype=self.dtype, name="embed")(x)
+    pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1,) + x.shape[1:])
+    x = x + pos.astype(x.dtype)
+    for _ in range(self.num_layers):
+      x = EncoderBlock(self.num_heads, self.mlp_dim, self.dtype)(x)
+    x = nn.LayerNorm(dtype=self.dtype)(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(jnp.mean(x, axis=1))
+
+
+# --------------------------------------------------------------------------- NNX
+
+
+class NnxCNN(nnx.Module):
+  """The NNX twin of :class:`CNN` (no BatchNorm): ``[Conv3x3 -> relu]* -> Dense -> Dense``.
+
+  Built eagerly with ``rngs``; input ``(N, H, W, in_channels)``.
+  """
+
+  def __init__(self, num_classes: int = 10, features: Sequence[int] = (16, 32),
+               dense: int = 64, *, in_channels: int = 1, image_size: tuple[int, int] = (8, 8),
+               rngs: nnx.Rngs):
+    chans = (in_channels,) + tuple(features)
+    self.convs = nnx.List([nnx.Conv(a, b, (3, 3), rngs=rngs) for a, b in zip(chans, chans[1:])])
+    flat = image_size[0] * image_size[1] * chans[-1]
+    self.hidden = nnx.Linear(flat, dense, rngs=rngs)
+    self.head = nnx.Linear(dense, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    for conv in self.convs:
+      x = nnx.relu(conv(x))
+    x = x.reshape((x.shape[0], -1))
+    return self.head(nnx.relu(self.hidden(x)))
+
+
+@dataclasses.dataclass(frozen=True)
+class NnxModel:
+  """A linen-style ``init``/``apply`` face over an NNX module, for pure-pytree pipelines.
+
+  NNX modules are stateful objects; every transform in this library works on pytrees.
+  The bridge is NNX's own split/merge: ``init`` builds the module and returns its
+  ``nnx.Param`` state as a pure nested dict ``{"params": {...}}`` (paths such as
+  ``params/convs/0/kernel``); ``apply`` merges a (possibly pruned, quantized or
+  sharded) params dict back into the module's graph definition and calls it. Both
+  run under ``jax.jit``.
+
+  Attributes:
+    factory: ``rngs -> nnx.Module``, e.g. ``functools.partial(NnxCNN, 10)``.
+  """
+
+  factory: Callable[[nnx.Rngs], nnx.Module]
+
+  def _template(self):
+    abstract = nnx.eval_shape(lambda: self.factory(nnx.Rngs(0)))
+    graphdef, params = nnx.split(abstract, nnx.Param)
+    return graphdef, params
+
+  def init(self, rng, x, train: bool = False) -> dict:
+    del x, train
+    module = self.factory(nnx.Rngs(rng))
+    _, params = nnx.split(module, nnx.Param)
+    return {"params": nnx.to_pure_dict(params)}
+
+  def module(self, variables: Mapping[str, Any]) -> nnx.Module:
+    """The NNX module holding ``variables["params"]``."""
+    graphdef, template = self._template()
+    state = jax.tree.map(lambda v: v, template)
+    nnx.replace_by_pure_dict(state, variables["params"])
+    return nnx.merge(graphdef, state)
+
+  def apply(self, variables: Mapping[str, Any], x, train: bool = False, **kwargs):
+    del train
+    mutable = kwargs.pop("mutable", False)
+    if kwargs:
+      raise TypeError(f"NnxModel.apply: unsupported arguments {sorted(kwargs)}")
+    out = self.module(variables)(x)
+    return (out, {}) if mutable else out
+
+
+def nnx_train_step(tx: optax.GradientTransformation):
+  """An NNX-native train step over ``(graphdef, params_state, opt_state)``, end to end.
+
+  Shows the NNX functional API: the caller splits a module once
+  (``graphdef, params = nnx.split(module, nnx.Param)``), and the jitted step merges,
+  differentiates with ``nnx.grad``-free ``jax.value_and_grad`` over the params
+  ``State`` (an ordinary pytree), and returns the new state:
+
+    ``step(graphdef, params, opt_state, x, y) -> (params, opt_state, loss)``
+
+  Loss: mean softmax cross-entropy with integer labels.
+  """
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def step(graphdef, params, opt_state, x, y):
+    def loss_fn(p):
+      logits = nnx.merge(graphdef, p)(x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return step
+
+
+# ---------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, Callable[..., Any]] = {
+    "mlp": lambda num_classes, **kw: MLP(num_classes=num_classes, **kw),
+    "cnn": lambda num_classes, **kw: CNN(num_classes=num_classes, **kw),
+    "cnn_bn": lambda num_classes, **kw: CNN(num_classes=num_classes, **{"batch_norm": True, **kw}),
+    "resnet": lambda num_classes, **kw: ResNet(num_classes=num_classes, **kw),
+    "transformer": lambda num_classes, **kw: Transformer(num_classes=num_classes, **kw),
+    "nnx_cnn": lambda num_classes, **kw: NnxModel(functools.partial(
+        _nnx_cnn, num_classes=num_classes, **kw)),
+}
+
+
+def _nnx_cnn(rngs, **kw):
+  return NnxCNN(rngs=rngs, **kw)
+
+
+def model_names() -> list[str]:
+  """Names accepted by :func:`get_model`."""
+  return sorted(_REGISTRY)
+
+
+def get_model(name: str, num_classes: int = 10, **kwargs):
+  """A reference model by name (``"mlp"``, ``"cnn"``, ``"cnn_bn"``, ``"resnet"``,
+  ``"transformer"``, ``"nnx_cnn"``); ``kwargs`` go to its constructor.
+
+  Every returned object has linen's ``init(rng, x)`` / ``apply(variables, x, train=...)``.
+  """
+  if not isinstance(name, str) or name not in _REGISTRY:
+    close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"unknown model {name!r}; valid: {', '.join(model_names())}.{hint}")
+  if not isinstance(num_classes, int) or num_classes < 2:
+    raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+  return _REGISTRY[name](num_classes, **kwargs)
+
+
+def has_batch_norm(variables: Mapping[str, Any]) -> bool:
+  """Whether ``variables`` carries a ``batch_stats`` collection."""
+  return bool(variables.get("batch_stats"))
