@@ -77,6 +77,7 @@ def test_bert_encoder_quantized_with_rules_and_served_int8(bert):
   assert census.lowered.float == 4   # only the 2 attention einsums per layer stay float
 
 
+@pytest.mark.slow
 def test_bert_qat_gradients_flow_to_kernels(bert):
   model, params, ids = bert
   qm = quant.qat(model, RULES)
@@ -100,6 +101,7 @@ class NnxNet(nnx.Module):
     return self.fc(nnx.relu(self.conv(x)).reshape(x.shape[0], -1))
 
 
+@pytest.mark.slow
 def test_nnx_qat_stats_live_outside_params_and_optimizer():
   x = jax.random.uniform(jax.random.key(0), (16, 8, 8, 1))
   y = jnp.arange(16) % 10

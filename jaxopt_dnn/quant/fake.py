@@ -126,18 +126,29 @@ def _fq(x, scale, zp, qmin, qmax):
 
 
 def _fq_fwd(x, scale, zp, qmin, qmax):
-  return _fq(x, scale, zp, qmin, qmax), (x, scale, zp)
+  q = _int_q(x, scale, zp, qmin, qmax)
+  inside = (q >= qmin) & (q <= qmax)          # 1-byte residual, fused into the forward
+  return _fq(x, scale, zp, qmin, qmax), (inside, scale, zp)
 
 
 def _fq_bwd(qmin, qmax, res, g):
-  x, scale, zp = res
-  q = _int_q(x, scale, zp, qmin, qmax)
-  inside = (q >= qmin) & (q <= qmax)
+  inside, scale, zp = res
   zp_ct = None if zp is None else np.zeros(zp.shape, jax.dtypes.float0)
   return (jnp.where(inside, g, jnp.zeros_like(g)), jnp.zeros_like(scale), zp_ct)
 
 
 _fq.defvjp(_fq_fwd, _fq_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _fq_in_range(x, scale, qmin, qmax):
+  """``_fq`` for a symmetric absmax scale of ``x`` itself: nothing is clipped, so the
+  STE gradient is exactly the identity and no mask is needed."""
+  return _fq(x, scale, None, qmin, qmax)
+
+
+_fq_in_range.defvjp(lambda x, s, qmin, qmax: (_fq(x, s, None, qmin, qmax), s),
+                    lambda qmin, qmax, s, g: (g, jnp.zeros_like(s)))
 
 
 def fake_quant_with(x: jax.Array, scale: jax.Array, zero_point: jax.Array | None = None, *,
@@ -170,6 +181,9 @@ def fake_quant(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True
   if scale is None:
     scale, zero_point = compute_qparams(x, bits=bits, axis=axis, symmetric=symmetric,
                                         method=method, percentile=percentile, name=name)
+    if symmetric and method == "absmax":   # |x| <= absmax: every value is in range
+      qmin, qmax = qrange(bits, True)
+      return _fq_in_range(x, jax.lax.stop_gradient(scale), qmin, qmax)
   return fake_quant_with(x, scale, zero_point, bits=bits)
 
 

@@ -1,0 +1,154 @@
+"""QAT train step: jaxopt_dnn.quant vs qwix's QtProvider (W8A8), and int8 vs fp32 serving.
+
+Both QAT steps train the same linen CNN (jaxopt_dnn.models.CNN) on the same digits batch
+with Adam, W8A8 fake-quant in every Conv/Dense, all inside one jax.jit. The contenders
+run alternately in one process (CPU timings are noisy when the cores are shared); the
+script prints per-contender medians and the median of the per-round ratios ours/qwix.
+
+qwix is an optional bench dependency (``pip install qwix``); without it the QAT
+comparison is skipped with a message and the script still exits 0.
+
+Usage:  python bench/quant_bench.py [--rounds 15] [--steps 20] [--batch 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxopt_dnn import data, models, quant
+
+
+def _time(fn, n):
+  t = time.perf_counter()
+  out = None
+  for _ in range(n):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t) / n
+
+
+def _train_step(apply_loss, tx):
+  @jax.jit
+  def step(p, s, o, x, y):
+    (loss, s), g = jax.value_and_grad(apply_loss, has_aux=True)(p, s, x, y)
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), s, o, loss
+  return step
+
+
+def _xent(logits, y):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def bench_qat(model, params, x, y, rounds, steps):
+  try:
+    import qwix
+  except ImportError:
+    print("qwix is not installed (pip install qwix): skipping the QAT comparison")
+    return
+  tx = optax.adam(1e-3)
+  ours = quant.qat(model)
+
+  def ours_loss(p, s, x, y):
+    logits, upd = ours.apply({"params": p, "quant_stats": s}, x, mutable=["quant_stats"])
+    return _xent(logits, y), upd["quant_stats"]
+
+  rule = qwix.QtRule(module_path=".*", weight_qtype=jnp.int8, act_qtype=jnp.int8)
+  theirs = qwix.quantize_model(model, qwix.QtProvider([rule]))
+
+  def qwix_loss(p, s, x, y):
+    return _xent(theirs.apply({"params": p}, x), y), s
+
+  def fp32_loss(p, s, x, y):
+    return _xent(model.apply({"params": p}, x), y), s
+
+  contenders = {
+      "ours": (_train_step(ours_loss, tx), ours.init_stats(params, x)),
+      "qwix": (_train_step(qwix_loss, tx), {}),
+      "fp32": (_train_step(fp32_loss, tx), {}),
+  }
+  state = {k: (params, s, tx.init(params)) for k, (_, s) in contenders.items()}
+
+  def runner(name):
+    step = contenders[name][0]
+
+    def one():
+      p, s, o = state[name]
+      p, s, o, loss = step(p, s, o, x, y)
+      state[name] = (p, s, o)
+      return loss
+    return one
+
+  fns = {k: runner(k) for k in contenders}
+  for f in fns.values():          # compile + warm up
+    _time(f, 3)
+  times = {k: [] for k in fns}
+  for r in range(rounds):
+    order = list(fns) if r % 2 == 0 else list(fns)[::-1]
+    for k in order:
+      times[k].append(_time(fns[k], steps))
+  ratios = [a / b for a, b in zip(times["ours"], times["qwix"])]
+  for k, v in times.items():
+    print(f"QAT step {k:5s}: median {statistics.median(v) * 1e3:8.3f} ms")
+  print(f"QAT step median ratio ours/qwix = {statistics.median(ratios):.3f} "
+        f"(target <= 1.0; {rounds} alternating rounds x {steps} steps, batch {x.shape[0]})")
+  print(f"QAT step median ratio ours/fp32 = "
+        f"{statistics.median([a / b for a, b in zip(times['ours'], times['fp32'])]):.3f}")
+
+
+def bench_serving(model, params, ds, rounds, steps):
+  x = jnp.asarray(ds.x_test)
+  stats = quant.calibrate(model.apply, {"params": params},
+                          [jnp.asarray(b) for b, _ in data.batches(ds.x_train, ds.y_train, 128)][:4])
+  qvars = {"params": quant.quantize_params(params)}
+  f32 = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  i8 = jax.jit(lambda qv, x: quant.int8_apply(model, qv, stats, x))
+  census = quant.int8_dot_census(i8, qvars, x)
+  fns = {"fp32": lambda: f32(params, x), "int8": lambda: i8(qvars, x)}
+  for f in fns.values():
+    _time(f, 3)
+  times = {k: [] for k in fns}
+  for r in range(rounds):
+    for k in (fns if r % 2 == 0 else list(fns)[::-1]):
+      times[k].append(_time(fns[k], steps))
+  ratio = statistics.median([a / b for a, b in zip(times["int8"], times["fp32"])])
+  print(f"serving batch {x.shape[0]}: fp32 median {statistics.median(times['fp32']) * 1e3:.3f} ms, "
+        f"int8 median {statistics.median(times['int8']) * 1e3:.3f} ms, ratio int8/fp32 = "
+        f"{ratio:.3f} on {jax.devices()[0].platform} (median of alternating rounds; on CPU "
+        "no int8 speedup is expected, so read a ratio near 1.0 as noise, not a win)")
+  print(f"int8 census: lowered dots {census.lowered.dots} convs {census.lowered.convs}; "
+        f"compiled dots {census.compiled.dots} convs {census.compiled.convs}")
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--rounds", type=int, default=15)
+  ap.add_argument("--steps", type=int, default=20)
+  ap.add_argument("--batch", type=int, default=64)
+  ap.add_argument("--train-steps", type=int, default=300)
+  args = ap.parse_args()
+  ds = data.load_digits()
+  model = models.CNN()
+  params = jax.jit(model.init)(jax.random.key(0), jnp.asarray(ds.x_train[:2]))["params"]
+  tx = optax.adam(1e-3)
+  step = _train_step(lambda p, s, x, y: (_xent(model.apply({"params": p}, x), y), s), tx)
+  opt = tx.init(params)
+  it = data.infinite_batches(ds.x_train, ds.y_train, 64)
+  for _ in range(args.train_steps):       # a trained model makes ranges realistic
+    params, _, opt, _ = step(params, {}, opt, *next(it))
+  x, y = (jnp.asarray(a) for a in next(data.batches(ds.x_train, ds.y_train, args.batch)))
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; digits CNN "
+        f"{sum(np.size(l) for l in jax.tree.leaves(params))} params")
+  bench_qat(model, params, x, y, args.rounds, args.steps)
+  bench_serving(model, params, ds, args.rounds, args.steps)
+
+
+if __name__ == "__main__":
+  main()
