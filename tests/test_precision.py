@@ -14,6 +14,24 @@ from jaxopt_dnn import precision as mp
 F32, BF16, F16 = np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16)
 
 
+def np_init(model, x_shape, seed=0):
+  """Model variables drawn with numpy (shapes from ``jax.eval_shape``): no init compile.
+
+  Kernels ~ N(0, 1/fan_in); norm scales and running variances 1; other vectors 0.
+  """
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.ones(x_shape))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, s):
+    name = jax.tree_util.keystr(path)
+    if len(s.shape) > 1:
+      return (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32)
+    fill = 1.0 if ("scale" in name or "var" in name) else 0.0
+    return np.full(s.shape, fill, np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 # --------------------------------------------------------------------- policies
 
 
@@ -71,8 +89,7 @@ def test_casts_touch_only_floating_leaves():
 @pytest.fixture(scope="module")
 def bn_model():
   model = models.CNN(features=(8, 16), dense=32, batch_norm=True)
-  variables = model.init(jax.random.key(0), jnp.ones((2, 8, 8, 1)))
-  return model, variables
+  return model, jax.tree.map(jnp.asarray, np_init(model, (2, 8, 8, 1)))
 
 
 def _train_step(model, policy, opt, **kw):
@@ -245,7 +262,7 @@ STEPS = 300
 
 def _train_digits(policy: str, ds, loss_scale):
   model = models.CNN(features=(16, 32), dense=64)
-  params = model.init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))["params"]
+  params = np_init(model, (1, 8, 8, 1))["params"]
   opt = optax.adam(1e-3)
   apply = mp.with_policy(model.apply, policy)
 
