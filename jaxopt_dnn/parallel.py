@@ -156,18 +156,29 @@ def param_shardings(params: PyTree, mesh: Mesh, strategy: str = "data_parallel",
 
 
 def _follow(sharding: NamedSharding, param_shape: tuple[int, ...], leaf: Any) -> NamedSharding:
-  """Sharding for ``leaf`` that belongs to a param: same shape -> same sharding; same
-  rank with size-1 axes (e.g. a per-channel scale) -> those axes unsharded; else
-  replicated."""
+  """Sharding for ``leaf``, which belongs to a param of ``param_shape``.
+
+  Same shape -> the param's sharding. Same rank -> dimension by dimension: a size-1
+  dimension (a per-channel scale's reduced axis) is unsharded, an equal one keeps its
+  mesh axes, another size (e.g. int4 values packed two per byte along axis 0) keeps
+  them if divisible by their device count. Anything else (scalars, other ranks) is
+  replicated.
+  """
   shape = tuple(np.shape(leaf))
-  spec = tuple(sharding.spec) + (None,) * (len(param_shape) - len(sharding.spec))
   if shape == param_shape:
     return sharding
-  if len(shape) == len(param_shape) and all(s in (1, p) for s, p in zip(shape, param_shape)):
-    return NamedSharding(sharding.mesh,
-                         P(*[None if s == 1 and p != 1 else e
-                             for s, p, e in zip(shape, param_shape, spec)]))
-  return NamedSharding(sharding.mesh, P())
+  mesh = sharding.mesh
+  if len(shape) != len(param_shape):
+    return NamedSharding(mesh, P())
+  spec = tuple(sharding.spec) + (None,) * (len(param_shape) - len(sharding.spec))
+  out = []
+  for s, p, e in zip(shape, param_shape, spec):
+    names = () if e is None else (e if isinstance(e, tuple) else (e,))
+    n = math.prod(mesh.shape[a] for a in names)
+    out.append(e if s == p or (s != 1 and s % n == 0) else None)
+  while out and out[-1] is None:
+    out.pop()
+  return NamedSharding(mesh, P(*out))
 
 
 def _prefix_match(pdef: Any, node: Any) -> bool:

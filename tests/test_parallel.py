@@ -146,7 +146,7 @@ def test_optimizer_state_masks_and_qarrays_follow_params():
        "b": QArray(jnp.ones((16, 24), jnp.int8), jnp.ones((1, 24))),
        "c": jnp.ones((3,))}
   qsh = parallel.like_params(q, params, psh)
-  assert qsh["a"].value.spec == P("fsdp") and qsh["a"].scale.spec == P(None, None)
+  assert qsh["a"].value.spec == P("fsdp") and qsh["a"].scale.spec == P()
   assert qsh["b"].value.spec == P(None, "fsdp") and qsh["b"].scale.spec == P(None, "fsdp")
   jax.device_put(q, qsh)
 
@@ -238,3 +238,20 @@ def test_data_parallel_forms_agree_with_one_device(problem):
   for name, got in (("data=8", dp), ("fsdp=8", fsdp), ("shard_map", p)):
     jax.tree.map(lambda a, b, n=name: np.testing.assert_allclose(
         np.asarray(a), b, rtol=1e-5, atol=1e-6, err_msg=n), got, ref)
+
+
+def test_real_qarrays_int8_and_packed_int4_follow_params():
+  quant = pytest.importorskip("jaxopt_dnn.quant.fake")
+  params = {"a": jnp.linspace(-1, 1, 32 * 16).reshape(32, 16),
+            "b": jnp.linspace(-1, 1, 16 * 24).reshape(16, 24)}
+  mesh = parallel.make_mesh(data=2, fsdp=4)
+  psh = parallel.param_shardings(params, mesh, "fsdp")
+  assert psh["a"].spec == P("fsdp") and psh["b"].spec == P(None, "fsdp")
+  q = {"a": quant.quantize(params["a"], bits=4, axis=1),   # value (16, 16) uint8, scale (1, 16)
+       "b": quant.quantize(params["b"], bits=8, axis=1)}   # value (16, 24) int8, scale (1, 24)
+  qsh = parallel.like_params(q, params, psh)
+  assert q["a"].value.shape == (16, 16)
+  assert qsh["a"].value.spec == P("fsdp") and qsh["a"].scale.spec == P()
+  assert qsh["b"].value.spec == P(None, "fsdp") and qsh["b"].scale.spec == P(None, "fsdp")
+  placed = jax.device_put(q, qsh)
+  assert placed["a"].value.addressable_shards[0].data.shape == (4, 16)

@@ -86,6 +86,16 @@ def test_casts_touch_only_floating_leaves():
   assert "[exception '^w$']" in custom.report(tree)
 
 
+def test_real_qarray_values_and_scales_are_never_cast():
+  fake = pytest.importorskip("jaxopt_dnn.quant.fake")
+  q = fake.quantize(jnp.linspace(-1, 1, 24).reshape(4, 6), bits=8, axis=1)
+  tree = {"q": q, "w": jnp.ones(3)}
+  for cast in ("cast_to_compute", "cast_to_param", "cast_to_output"):
+    out = getattr(mp.Policy("bfloat16", "float16", "bfloat16"), cast)(tree)
+    assert out["q"] is q and out["w"].dtype != F32
+  assert bool(mp.all_finite(tree))
+
+
 @pytest.fixture(scope="module")
 def bn_model():
   model = models.CNN(features=(8, 16), dense=32, batch_norm=True)
