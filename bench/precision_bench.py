@@ -1,5 +1,9 @@
 """Step time of fp32 vs our bf16 policy vs jmp's bf16 policy on the same model.
 
+jmp casts *every* float param to the compute dtype; our default policy keeps
+normalization parameters in float32 and casts the norm outputs back to bf16, so on a
+BatchNorm model the two bf16 programs differ slightly.
+
 All three contenders train the same Flax CNN with the same optimizer and data in one
 process; the timed rounds alternate between them (fp32, ours, jmp, fp32, ...) so that
 load from other processes hits all three alike. Reported: the median seconds per step
@@ -11,7 +15,7 @@ there; the speedup appears on GPUs/TPUs with bf16 matrix units.
 Usage::
 
   python bench/precision_bench.py                      # small CNN, CPU friendly
-  python bench/precision_bench.py --size large --batch 256 --image 32   # GPU/TPU
+  python bench/precision_bench.py --model resnet --size large --batch 256 --image 32  # GPU
 """
 
 from __future__ import annotations
@@ -29,30 +33,45 @@ import optax
 from jaxopt_dnn import _hlo, models
 from jaxopt_dnn import precision as mp
 
-SIZES = {"small": ((32, 64), 128), "medium": ((64, 128, 128), 256),
-         "large": ((128, 256, 256, 256), 512)}
+SIZES = {  # model -> size -> constructor kwargs
+    "cnn": {"small": dict(features=(32, 64), dense=128),
+            "medium": dict(features=(64, 128, 128), dense=256),
+            "large": dict(features=(128, 256, 256, 256), dense=512)},
+    "resnet": {"small": dict(stage_sizes=(1, 1), features=(32, 64)),
+               "medium": dict(stage_sizes=(2, 2, 2), features=(64, 128, 256)),
+               "large": dict(stage_sizes=(2, 2, 2, 2), features=(64, 128, 256, 512))},  # ResNet-18
+}
 
 
-def make_step(model, opt, cast_in, cast_out, apply_fn=None):
-  """A jitted train step; ``cast_in(params, x)`` -> compute-dtype args, ``cast_out`` on logits."""
-  apply_fn = apply_fn or model.apply
+def make_step(apply_fn, opt, cast_in, cast_out, has_bn: bool):
+  """A jitted train step; ``cast_in(params, x)`` -> compute-dtype args, ``cast_out`` on logits.
 
-  def loss_fn(params, x, y):
+  With BatchNorm the running statistics are carried in float32 in every contender.
+  """
+
+  def loss_fn(params, stats, x, y):
     p, xc = cast_in(params, x)
-    logits = cast_out(apply_fn({"params": p}, xc))
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    if has_bn:
+      logits, new = apply_fn({"params": p, "batch_stats": stats}, xc, train=True,
+                             mutable=["batch_stats"])
+      stats = jax.tree.map(lambda t: t.astype(jnp.float32), new["batch_stats"])
+    else:
+      logits = apply_fn({"params": p}, xc)
+    loss = optax.softmax_cross_entropy_with_integer_labels(cast_out(logits), y).mean()
+    return loss, stats
 
-  def step(params, opt_state, x, y):
-    loss, g = jax.value_and_grad(loss_fn)(params, x, y)
+  def step(params, stats, opt_state, x, y):
+    (loss, stats), g = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y)
     updates, opt_state = opt.update(g, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return optax.apply_updates(params, updates), stats, opt_state, loss
 
-  return jax.jit(step, donate_argnums=(0, 1))
+  return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--size", choices=sorted(SIZES), default="small")
+  ap.add_argument("--model", choices=sorted(SIZES), default="cnn")
+  ap.add_argument("--size", choices=("small", "medium", "large"), default="small")
   ap.add_argument("--batch", type=int, default=128)
   ap.add_argument("--image", type=int, default=16, help="square input side (channels: 3)")
   ap.add_argument("--rounds", type=int, default=7)
@@ -66,12 +85,14 @@ def main(argv=None) -> int:
           "jmp contender comparison.")
     return 0
 
-  features, dense = SIZES[a.size]
-  model = models.CNN(features=features, dense=dense, num_classes=10)
+  kwargs = SIZES[a.model][a.size]
+  model = models.get_model(a.model, num_classes=10, **kwargs)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.uniform(size=(a.batch, a.image, a.image, 3)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 10, size=(a.batch,)), jnp.int32)
-  params0 = model.init(jax.random.key(0), x[:1])["params"]
+  variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+  params0, stats0 = variables["params"], variables.get("batch_stats", {})
+  has_bn = bool(stats0)
   opt = optax.adam(1e-3)
 
   ours = mp.Policy.from_string("params=float32,compute=bfloat16,output=float32")
@@ -79,23 +100,24 @@ def main(argv=None) -> int:
   theirs = jmp.get_policy("params=float32,compute=bfloat16,output=float32")
   ident = lambda p, x: (p, x)  # noqa: E731
   contenders = {
-      "fp32": make_step(model, opt, ident, lambda t: t),
-      "ours bf16": make_step(model, opt, ident, lambda t: t, apply_fn=ours_apply),
-      "jmp bf16": make_step(model, opt,
+      "fp32": make_step(model.apply, opt, ident, lambda t: t, has_bn),
+      "ours bf16": make_step(ours_apply, opt, ident, lambda t: t, has_bn),
+      "jmp bf16": make_step(model.apply, opt,
                             lambda p, x: (theirs.cast_to_compute(p), theirs.cast_to_compute(x)),
-                            theirs.cast_to_output),
+                            theirs.cast_to_output, has_bn),
   }
-  states = {k: (jax.tree.map(jnp.copy, params0), opt.init(params0)) for k in contenders}
+  states = {k: jax.tree.map(jnp.copy, (params0, stats0, opt.init(params0)))
+            for k in contenders}
 
   census = {k: _hlo.census_from_hlo(f.lower(*states[k], x, y).as_text(dialect="hlo"))
             for k, f in contenders.items()}
 
   def run(name, n):
-    p, o = states[name]
+    p, st, o = states[name]
     for _ in range(n):
-      p, o, loss = contenders[name](p, o, x, y)
+      p, st, o, loss = contenders[name](p, st, o, x, y)
     loss.block_until_ready()
-    states[name] = (p, o)
+    states[name] = (p, st, o)
 
   for name in contenders:  # compile + warm up
     run(name, 2)
@@ -110,7 +132,7 @@ def main(argv=None) -> int:
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params0))
   print(f"device: {dev.platform} ({dev.device_kind}), jax {jax.__version__}, jmp "
         f"{getattr(jmp, '__version__', '?')}")
-  print(f"model: CNN features={features} dense={dense} ({n_params:,} params), batch "
+  print(f"model: {a.model} {kwargs} ({n_params:,} params), batch "
         f"{a.batch}x{a.image}x{a.image}x3, adam; {a.rounds} alternating rounds x "
         f"{a.steps} steps")
   base = statistics.median(times["fp32"])

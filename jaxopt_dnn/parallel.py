@@ -51,7 +51,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *,
       smaller mesh uses the first devices).
     axis_type: ``"auto"`` (XLA's sharding propagation inserts the collectives: works with
       unmodified Flax models, including FSDP) or ``"explicit"`` (sharding-in-types: every
-      op must have an unambiguous output sharding). Always passed on purpose.
+      op must have an unambiguous output sharding; plain data parallelism works with
+      unmodified Flax models, FSDP needs models that pass ``out_sharding``). Always
+      passed to ``jax.make_mesh`` on purpose (its default is Explicit).
     devices: defaults to ``jax.devices()`` (all processes' devices on multi-host).
   """
   types = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
@@ -270,7 +272,7 @@ def process_local_batch_to_global(batch: PyTree, mesh: Mesh) -> PyTree:
 
 def data_parallel_step(step_fn: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]],
                        mesh: Mesh, state_sharding: PyTree,
-                       batch_sharding_: NamedSharding | None = None, *,
+                       in_batch_sharding: NamedSharding | None = None, *,
                        donate: bool = True) -> Callable[[PyTree, PyTree], tuple[PyTree, PyTree]]:
   """Jits ``step_fn(state, batch) -> (state, aux)`` for the mesh.
 
@@ -280,7 +282,7 @@ def data_parallel_step(step_fn: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]
   inserts the gradient all-reduce (and, for FSDP, the parameter all-gathers and gradient
   reduce-scatters).
   """
-  bsh = batch_sharding(mesh) if batch_sharding_ is None else batch_sharding_
+  bsh = batch_sharding(mesh) if in_batch_sharding is None else in_batch_sharding
   jitted = jax.jit(step_fn, in_shardings=(state_sharding, bsh),
                    out_shardings=(state_sharding, replicated(mesh)),
                    donate_argnums=(0,) if donate else ())
