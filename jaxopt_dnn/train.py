@@ -159,8 +159,10 @@ def abstract_like(tree: PyTree, shardings: PyTree | None = None) -> PyTree:
   """``ShapeDtypeStruct`` target for :func:`restore`; ``shardings`` (a matching pytree of
   ``jax.sharding.Sharding``, or one for all leaves) sets where restored arrays land."""
   if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-        np.shape(a), a.dtype, sharding=shardings or getattr(a, "sharding", None)), tree)
+        np.shape(a), np.asarray(a).dtype if not hasattr(a, "dtype") else a.dtype,
+        sharding=shardings or getattr(a, "sharding", None) or default), tree)
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=s),
                       tree, shardings)
 
@@ -221,6 +223,16 @@ def restore(directory, target: PyTree | None = None, *, step: int | None = None,
   finally:
     if _mngr is None:
       mngr.close()
+
+
+def checkpoint_bytes(directory, step: int | None = None) -> int:
+  """Bytes on disk of one checkpoint step (default: the latest complete one)."""
+  directory = os.fspath(directory)
+  step = latest_step(directory) if step is None else step
+  root = os.path.join(directory, str(step))
+  if step is None or not os.path.isdir(root):
+    raise FileNotFoundError(f"no checkpoint for step {step} in {directory!r}")
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
 
 
 def save(directory, step: int, state: PyTree, meta: Mapping | None = None) -> None:

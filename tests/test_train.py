@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,7 @@ import optax
 import pytest
 from rich.console import Console
 
-from jaxopt_dnn import data, models, train
+from jaxopt_dnn import models, train
 
 MODEL = models.MLP(features=(32,))
 TX = optax.adam(3e-3)
@@ -49,6 +50,7 @@ def test_fit_trains_logs_and_keeps_k_checkpoints(setup, digits, tmp_path):
   lines = [json.loads(ln) for ln in open(tmp_path / "m.jsonl")]
   assert lines == r.history
   assert sorted(int(p) for p in os.listdir(tmp_path / "ck") if p.isdigit()) == [80, 120]
+  assert 0 < train.checkpoint_bytes(tmp_path / "ck") < 200_000
   restored, meta, k = train.restore(tmp_path / "ck", state)
   assert k == 120 and meta["step"] == 120 and meta["batch_size"] == 64
   assert isinstance(restored, train.TrainState) and _equal(restored, r.state)
@@ -133,8 +135,15 @@ def test_progress_bar_only_when_asked_or_on_a_terminal(setup, digits):
   assert quiet.getvalue() == ""
 
 
+class _DenseBN(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(10)(nn.relu(x))
+
+
 def test_classifier_step_updates_batch_stats(digits):
-  m = models.CNN(features=(4,), dense=16, batch_norm=True)
+  m = _DenseBN()
   v = m.init(jax.random.key(0), digits.x_train[:1])
   st = train.TrainState.create(v["params"], TX, extra={"batch_stats": v["batch_stats"]})
   st2, metrics = train.classifier_step(m.apply, TX)(st, (digits.x_train[:64], digits.y_train[:64]))
@@ -142,6 +151,9 @@ def test_classifier_step_updates_batch_stats(digits):
   before = v["batch_stats"]["BatchNorm_0"]["mean"]
   assert not np.allclose(st2.extra["batch_stats"]["BatchNorm_0"]["mean"], before)
   assert not np.array_equal(st2.rng, st.rng)
+  typed = train.TrainState.create(v["params"], TX, rng=jax.random.key(5))
+  np.testing.assert_array_equal(typed.rng, jax.random.key_data(jax.random.key(5)))
+  assert typed.rng.dtype == jnp.uint32
 
 
 _CHILD = textwrap.dedent('''
