@@ -28,7 +28,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -145,7 +144,7 @@ def param_shardings(params: PyTree, mesh: Mesh, strategy: str = "data_parallel",
   chosen = (_tree.select(params, dict(rules), argname="sharding rules")
             if rules else [(p, x, None) for p, x in _tree.leaves_with_paths(params)])
   out = []
-  for (path, x, rule), leaf in zip(chosen, leaves):
+  for (path, _, rule), leaf in zip(chosen, leaves):
     shape = tuple(np.shape(leaf))
     if rule is not None:
       spec = _check_spec(rule, mesh, path, shape)

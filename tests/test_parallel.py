@@ -7,7 +7,7 @@ import optax
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import AxisType
 
 from jaxopt_dnn import data, models, parallel
 
