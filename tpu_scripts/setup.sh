@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Installs jax[tpu] and jaxopt_dnn on every worker of a TPU VM, and copies train_tpu.py.
+#
+#   tpu_scripts/setup.sh --name my-tpu --zone us-west4-a             # from git
+#   tpu_scripts/setup.sh --name my-tpu --wheel dist/jaxopt_dnn-0.1.0-py3-none-any.whl
+#
+# JAX needs Python >= 3.11 and the TPU VM images ship an older one, so each worker gets a
+# uv-managed Python in a virtual environment ($TPU_VENV, default $HOME/jaxopt_venv).
+# shellcheck source-path=SCRIPTDIR
+set -euo pipefail
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+WHEEL=""
+REF=""
+PYTHON_VERSION="3.12"
+EXTRA_PIP=()
+
+usage() {
+  cat <<USAGE
+usage: $0 [flags]
+On every worker (--worker=all): creates the venv $TPU_VENV with Python \$PYTHON_VERSION,
+installs jax[tpu], gcsfs (gs:// checkpoints) and jaxopt_dnn, then copies
+tpu_scripts/train_tpu.py to the worker's home directory.
+
+$COMMON_USAGE
+setup flags:
+  --git URL           install jaxopt_dnn from this git repository [\$JAXOPT_DNN_GIT,
+                      default $JAXOPT_DNN_GIT]
+  --ref REF           git branch, tag or commit to install (default: the default branch)
+  --wheel FILE        install a locally built wheel instead (copied with scp); build it
+                      with: python -m pip wheel --no-deps -w dist .
+  --python VERSION    Python version of the worker venv (default 3.12)
+  --pip SPEC          an extra pip requirement to install (repeatable)
+USAGE
+}
+
+handle_flag() {
+  case "$1" in
+    --git) JAXOPT_DNN_GIT="${2:?--git needs a value}"; NSHIFT=2 ;;
+    --ref) REF="${2:?--ref needs a value}"; NSHIFT=2 ;;
+    --wheel) WHEEL="${2:?--wheel needs a value}"; NSHIFT=2 ;;
+    --python) PYTHON_VERSION="${2:?--python needs a value}"; NSHIFT=2 ;;
+    --pip) EXTRA_PIP+=("${2:?--pip needs a value}"); NSHIFT=2 ;;
+    *) NSHIFT=0 ;;
+  esac
+}
+
+parse_flags "$@"
+location_flags
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+if [[ -n "$WHEEL" ]]; then
+  if [[ ! -f "$WHEEL" ]] && ((!DRY_RUN)); then
+    die "wheel not found: $WHEEL"
+  fi
+  run gcloud compute tpus tpu-vm scp "$WHEEL" "$TPU_NAME:" "${LOCATION[@]}" --worker=all
+  package="\$HOME/$(basename "$WHEEL")"
+else
+  package="jaxopt-dnn @ git+$JAXOPT_DNN_GIT${REF:+@$REF}"
+fi
+run gcloud compute tpus tpu-vm scp "$here/train_tpu.py" "$TPU_NAME:train_tpu.py" \
+  "${LOCATION[@]}" --worker=all
+
+# The command each worker runs (its own bash; $HOME expands there).
+pip_args=("jax[tpu]" "gcsfs" "$package" ${EXTRA_PIP[@]+"${EXTRA_PIP[@]}"})
+quoted=""
+for a in "${pip_args[@]}"; do
+  if [[ "$a" == \$HOME/* ]]; then
+    quoted+="\"$a\" "  # keep $HOME expandable on the worker
+  else
+    quoted+="$(quote_arg "$a") "
+  fi
+done
+steps=(
+  "set -euo pipefail"
+  "python3 -m pip install --user --quiet --upgrade uv"
+  "UV=\$HOME/.local/bin/uv"
+  "if [ ! -x $TPU_VENV/bin/python ]; then \$UV venv --python $PYTHON_VERSION $TPU_VENV; fi"
+  "\$UV pip install --python $TPU_VENV/bin/python --upgrade ${quoted% }"
+  "$TPU_VENV/bin/python -c 'import jax, jaxopt_dnn; print(\"worker ready: jax\", jax.__version__, \"jaxopt_dnn\", jaxopt_dnn.__version__)'"
+)
+remote="$(join_steps "${steps[@]}")"
+run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${LOCATION[@]}" --worker=all --command="$remote"
