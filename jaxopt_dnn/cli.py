@@ -1,111 +1,127 @@
-"""The ``jaxopt-dnn`` command line."""
+"""The ``jaxopt-dnn`` command line: ``compress``, ``inspect`` and ``export``.
+
+``jaxopt-dnn compress`` with no arguments trains the digits CNN baseline and every
+compression variant, and prints the comparison table (see :mod:`jaxopt_dnn.compress`).
+Errors in user input (recipe keys, paths, checkpoints) print one line and exit 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import sys
-import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-
-from jaxopt_dnn import data, models
-from jaxopt_dnn import sparsity as sp
 
 
-def train_classifier(model, tx: optax.GradientTransformation, ds: data.Dataset, steps: int, *,
-                     batch_size: int = 64, seed: int = 0, params: Any = None):
-  """Minimal supervised loop: softmax cross-entropy, one jitted step. Returns
-  ``(params, opt_state, seconds)``."""
-  if params is None:
-    params = model.init(jax.random.key(seed), ds.x_train[:1])["params"]
-  opt_state = tx.init(params)
-
-  @jax.jit
-  def step(params, opt_state, x, y):
-    def loss_fn(p):
-      logits = model.apply({"params": p}, x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    grads = jax.grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  it = data.infinite_batches(ds.x_train, ds.y_train, batch_size, seed=seed)
-  start = time.perf_counter()
-  for _ in range(steps):
-    x, y = next(it)
-    params, opt_state = step(params, opt_state, x, y)
-  jax.block_until_ready(params)
-  return params, opt_state, time.perf_counter() - start
+def _parse_mesh(text: str) -> dict[str, int]:
+  """``"data=4,fsdp=2"`` -> ``{"data": 4, "fsdp": 2}``."""
+  out = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    key, _, val = part.partition("=")
+    if key not in ("data", "fsdp") or not val.lstrip("-").isdigit():
+      raise ValueError(f"--mesh: expected data=N,fsdp=M, got {text!r}")
+    out[key] = int(val)
+  return out
 
 
-def accuracy(model, params, x: np.ndarray, y: np.ndarray) -> float:
-  logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, x)
-  return float(jnp.mean(jnp.argmax(logits, -1) == y))
+def _set_cpu_devices(n: int | None) -> None:
+  if n:
+    import jax
+    jax.config.update("jax_num_cpu_devices", n)
 
 
-# Hidden layers only: the first conv (288 weights) and the classifier stay dense, as is
-# usual (Zhu & Gupta 2017; Gale et al. 2019); they hold 0.3% of the weights.
-HIDDEN_KERNELS = r"^(?!Conv_0/|Dense_1/).*kernel$"
+def cmd_compress(args) -> int:
+  _set_cpu_devices(args.cpu_devices)
+  from jaxopt_dnn import compress, data, report
+  from jaxopt_dnn.recipe import Recipe
 
-
-def prune_demo(steps: int = 600, sparsity: float = 0.9, seed: int = 0) -> dict[str, Any]:
-  """Trains the digits CNN dense and with gradual magnitude pruning (Zhu & Gupta) of its
-  hidden layers to ``sparsity`` over steps ``[steps/12, steps/2]``, then fine-tunes with
-  frozen masks for the second half."""
-  begin, end = steps // 12, steps // 2
-  schedule = sp.polynomial_schedule(0.0, sparsity, begin=begin, end=end, frequency=25)
-  tx = sp.prune_optimizer(optax.adam(1e-3), schedule, update_every=25, update_until=end,
-                          rules=HIDDEN_KERNELS)
-  ds = data.load_digits(seed=seed)
-  model = models.CNN()
-  dense_params, _, dense_s = train_classifier(model, optax.adam(1e-3), ds, steps, seed=seed)
-  pruned_params, opt_state, pruned_s = train_classifier(model, tx, ds, steps, seed=seed)
-  masks = sp.masks_from_state(opt_state)
-  return {
-      "model": model, "dense_params": dense_params, "pruned_params": pruned_params,
-      "masks": masks, "schedule": schedule,
-      "dense_acc": accuracy(model, dense_params, ds.x_test, ds.y_test),
-      "pruned_acc": accuracy(model, pruned_params, ds.x_test, ds.y_test),
-      "dense_seconds": dense_s, "pruned_seconds": pruned_s,
-  }
-
-
-def _cmd_prune_demo(args) -> int:
-  r = prune_demo(steps=args.steps, sparsity=args.sparsity, seed=args.seed)
-  report = sp.sparsity_report(r["pruned_params"], r["masks"])
-  print(report)
-  dense_bytes = sp.tree_bytes(r["dense_params"])
-  packed_bytes = sp.tree_bytes(sp.pack(r["pruned_params"], r["masks"]))
+  base = Recipe.load(args.recipe) if args.recipe else Recipe()
+  changes: dict[str, Any] = {}
+  if args.model:
+    changes["model"] = args.model
+  if args.steps is not None:
+    changes["steps"] = args.steps
+  if args.seed is not None:
+    changes["seed"] = args.seed
+  if args.mesh:
+    changes["mesh"] = _parse_mesh(args.mesh)
+  base = base.replace(**changes) if changes else base
+  ds = data.load_dataset(args.dataset)
+  out = args.out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+  variants = [v for v in args.variants.split(",") if v] if args.variants else None
+  print(f"jaxopt-dnn compress: {base.model} on {ds.name} ({len(ds.x_train)} train / "
+        f"{len(ds.x_test)} test), {base.steps} steps, out={out}", flush=True)
+  results = compress.compress(base, ds, out, variants=variants, progress=args.progress,
+                              log=lambda s: print(s, flush=True))
+  paths = report.write_all(results, out, meta={"dataset": ds.name, "model": base.model})
   print()
-  print(f"{'variant':<12} {'test acc':>9} {'train s':>8} {'nonzeros':>9} {'bytes':>9}")
-  print(f"{'dense':<12} {r['dense_acc'] * 100:>8.2f}% {r['dense_seconds']:>8.1f} "
-        f"{sp.sparsity_report(r['dense_params']).nonzeros:>9} {dense_bytes:>9}")
-  print(f"{'pruned':<12} {r['pruned_acc'] * 100:>8.2f}% {r['pruned_seconds']:>8.1f} "
-        f"{report.nonzeros:>9} {packed_bytes:>9}")
-  print("\nbytes: packed storage (bitmask + kept values). Masks alone give no speedup on dense "
-        "hardware; the win is storage (and channel shrinking, see sparsity.shrink_channels).")
+  print(report.table(results))
+  print()
+  for note in report.NOTES:
+    print(f"* {note}")
+  print(f"\nwrote {paths['json']}, {paths['md']}, {paths['png']} and checkpoints in {out}/")
   return 0
 
 
+def cmd_inspect(args) -> int:
+  from jaxopt_dnn import checkpoint_io
+
+  print(checkpoint_io.describe(args.checkpoint))
+  return 0
+
+
+def cmd_export(args) -> int:
+  from jaxopt_dnn import checkpoint_io
+
+  path, outputs = checkpoint_io.export_serving(args.checkpoint, args.out, batch=args.batch)
+  print(f"exported the serving function of {args.checkpoint} to {path} "
+        f"(input batch {args.batch}; output {outputs.shape} {outputs.dtype})")
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="jaxopt-dnn", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True)
+  c = sub.add_parser("compress", help="train a baseline and every compression variant; compare")
+  c.add_argument("--model", help="cnn (default), cnn_bn, mlp, resnet, transformer, nnx_cnn")
+  c.add_argument("--dataset", default="digits", help="digits | synthetic | tfds:NAME | path.npz")
+  c.add_argument("--recipe", help="base recipe file (.json / .yaml)")
+  c.add_argument("--variants", help="comma-separated subset, in order (default: all)")
+  c.add_argument("--steps", type=int, help="baseline training steps (default 600)")
+  c.add_argument("--mesh", help="e.g. data=8 or data=4,fsdp=2")
+  c.add_argument("--cpu-devices", type=int, help="virtual CPU devices (for --mesh on a CPU)")
+  c.add_argument("--seed", type=int)
+  c.add_argument("--out", help="output directory (default ./runs/<timestamp>)")
+  c.add_argument("--progress", action="store_true", default=None, help="show progress bars")
+  c.set_defaults(func=cmd_compress)
+  i = sub.add_parser("inspect", help="sizes, sparsity and quantization of a checkpoint")
+  i.add_argument("checkpoint", help="a directory written by compress (e.g. runs/X/combined/serve)")
+  i.set_defaults(func=cmd_inspect)
+  e = sub.add_parser("export", help="serialized StableHLO of a checkpoint's serving function")
+  e.add_argument("checkpoint", help="a serve checkpoint directory written by compress")
+  e.add_argument("--out", required=True, help="output file")
+  e.add_argument("--batch", type=int, default=1, help="input batch size of the export")
+  e.set_defaults(func=cmd_export)
+  return p
+
+
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="jaxopt-dnn", description=__doc__)
-  sub = parser.add_subparsers(dest="command", required=True)
-  demo = sub.add_parser("prune-demo", help="train the digits CNN dense and 90%% pruned; compare")
-  demo.add_argument("--steps", type=int, default=600)
-  demo.add_argument("--sparsity", type=float, default=0.9)
-  demo.add_argument("--seed", type=int, default=0)
-  demo.set_defaults(func=_cmd_prune_demo)
-  args = parser.parse_args(argv)
+  args = build_parser().parse_args(argv)
   try:
     return args.func(args)
-  except (ValueError, TypeError) as e:
-    print(f"jaxopt-dnn: error: {e}", file=sys.stderr)
+  except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"jaxopt-dnn {args.command}: error: {msg}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print("jaxopt-dnn: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":
+  np.set_printoptions(precision=4)
   sys.exit(main())

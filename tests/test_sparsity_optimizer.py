@@ -151,3 +151,12 @@ def test_nm_divisibility_checked_at_init():
   tx = sp.prune_optimizer(optax.sgd(0.1), sp.constant_schedule(0.5), method="nm", n=2, m=3)
   with pytest.raises(ValueError, match="dense/kernel"):
     tx.init(params)
+
+
+def test_target_reached_at_update_until_even_off_the_update_grid():
+  params, loss = _problem(4)
+  sched = sp.polynomial_schedule(0.0, 0.8, begin=0, end=7, frequency=1)
+  tx = sp.prune_optimizer(optax.adam(1e-2), sched, update_every=5, update_until=7)
+  final, _, history = _run(tx, params, loss, 9)
+  assert (np.asarray(history[6]["dense"]["kernel"]) == 0).sum() == round(float(sched(5)) * 128)
+  assert (np.asarray(final["dense"]["kernel"]) == 0).sum() == round(0.8 * 128)

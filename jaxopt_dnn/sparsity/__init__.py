@@ -6,6 +6,7 @@ keeps the params pruned, reports, packed storage and channel shrinking.
 
 from jaxopt_dnn.sparsity.export import PackedArray
 from jaxopt_dnn.sparsity.export import pack
+from jaxopt_dnn.sparsity.export import pack_sparse
 from jaxopt_dnn.sparsity.export import shrink_channels
 from jaxopt_dnn.sparsity.export import strip
 from jaxopt_dnn.sparsity.export import tree_bytes

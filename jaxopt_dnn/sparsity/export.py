@@ -26,7 +26,7 @@ def strip(params: PyTree, masks: PyTree) -> PyTree:
   return apply_masks(params, masks)
 
 
-@jax.tree_util.register_pytree_node_class
+@jax.tree_util.register_pytree_with_keys_class
 class PackedArray:
   """A pruned array stored as a bitmask plus its kept values.
 
@@ -41,6 +41,10 @@ class PackedArray:
   def __init__(self, bits, values, shape: tuple[int, ...], dtype):
     self.bits, self.values = bits, values
     self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+
+  def tree_flatten_with_keys(self):
+    k = jax.tree_util.GetAttrKey
+    return ((k("bits"), self.bits), (k("values"), self.values)), (self.shape, self.dtype.name)
 
   def tree_flatten(self):
     return (self.bits, self.values), (self.shape, self.dtype.name)
@@ -60,6 +64,7 @@ class PackedArray:
 
 def _nonzero_bits(x: np.ndarray) -> np.ndarray:
   """Entries whose bit pattern is not all-zero (so -0.0 counts as a kept value)."""
+  x = np.ascontiguousarray(x)
   return x.view(np.dtype(f"u{x.dtype.itemsize}")) != 0
 
 
@@ -83,12 +88,30 @@ def pack(params: PyTree, masks: PyTree | None = None, *, rules=None) -> PyTree:
       out.append(x)
       continue
     x = np.asarray(x)
-    if not np.issubdtype(x.dtype, np.floating) and x.dtype.name != "bfloat16":
-      raise TypeError(f"leaf {path!r} has dtype {x.dtype}; only float leaves are packed")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype.name == "bfloat16"):
+      raise TypeError(f"leaf {path!r} has dtype {x.dtype}; only numeric leaves are packed")
     keep = np.asarray(m, bool) if m is not None else _nonzero_bits(x)
     keep = np.broadcast_to(keep, x.shape)
     out.append(PackedArray(np.packbits(keep.ravel()), x[keep], x.shape, x.dtype))
   return jax.tree.unflatten(jax.tree.structure(params), out)
+
+
+def pack_sparse(tree: PyTree) -> PyTree:
+  """Packs every numeric leaf (``ndim >= 2``, QArray int8 values included) whose
+  packed form is smaller than its dense form; other leaves are kept as they are.
+
+  Packed size: ``ceil(size / 8) + nnz * itemsize`` bytes, smaller than
+  ``size * itemsize`` once the density is below ``1 - 1 / (8 * itemsize)``.
+  """
+  def worth(path, x):
+    if np.ndim(x) < 2 or not hasattr(x, "dtype"):
+      return False
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.number) and x.dtype.name != "bfloat16":
+      return False
+    nnz = int(np.count_nonzero(_nonzero_bits(x)))
+    return -(-x.size // 8) + nnz * x.dtype.itemsize < x.nbytes
+  return pack(tree, rules=worth)
 
 
 def _is_packed(x) -> bool:

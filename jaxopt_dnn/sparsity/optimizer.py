@@ -7,7 +7,8 @@ it runs the inner optimizer, then returns the update
 
 so that ``optax.apply_updates(p, u') = m ⊙ (p + u)``: the new params are already masked
 (no separate pre/post call, every checkpoint consistent). On mask-update steps
-(``step % update_every == 0``, and ``step <= update_until`` if given) the masks are
+(``step % update_every == 0`` up to ``update_until``, and at ``update_until`` itself,
+so the schedule's value there is always reached) the masks are
 recomputed from ``p + u`` at the scheduled sparsity under ``lax.cond``; otherwise they are
 carried. Masks are bool, never the weights' dtype. The inner optimizer sees unmasked
 gradients; pruned entries are re-zeroed every step.
@@ -73,8 +74,8 @@ def prune_optimizer(tx: optax.GradientTransformation, schedule: Callable[[Any], 
     method: ``"magnitude"``, ``"random"``, ``"nm"`` or ``"channel"``.
     scope: ``"layer"`` or ``"global"`` (magnitude / random).
     update_every: recompute masks when ``step % update_every == 0``.
-    update_until: last step at which masks are recomputed (then frozen for fine-tuning);
-      ``None`` recomputes for ever.
+    update_until: last step at which masks are recomputed (always recomputed at that
+      step, then frozen for fine-tuning); ``None`` recomputes for ever.
     rules: which leaves to prune (see :func:`magnitude_masks`).
     distribution: ``"uniform"``, ``"erk"`` or a ``{regex: sparsity}`` dict, whose values
       are multiplied by ``schedule(step) / max(dict values)`` (the largest one follows
@@ -117,7 +118,7 @@ def prune_optimizer(tx: optax.GradientTransformation, schedule: Callable[[Any], 
     step = state.count
     due = (step % update_every) == 0
     if update_until is not None:
-      due = due & (step <= update_until)
+      due = (due & (step <= update_until)) | (step == update_until)
     key = jax.random.fold_in(state.key, step)
     masks = jax.lax.cond(
         due, lambda: compute(candidate, scheduled(schedule(step)), key), lambda: state.masks)

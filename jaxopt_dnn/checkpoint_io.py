@@ -1,0 +1,135 @@
+"""Reading serving checkpoints back: ``inspect`` reports and StableHLO ``export``.
+
+A serving checkpoint (``<out>/<variant>/serve`` written by ``compress``) holds the
+serving variables, with sparse leaves stored as ``{bits, values}`` (a
+:class:`~jaxopt_dnn.sparsity.PackedArray`) and quantized ones as ``{value, scale}``
+(a :class:`~jaxopt_dnn.quant.QArray`), plus the recipe in its metadata. Restoring it
+needs no pickle: the recipe rebuilds the serving structure, and the stored arrays are
+poured into it (packed leaves unpacked on the way).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxopt_dnn import train as train_lib
+from jaxopt_dnn.recipe import Recipe
+
+
+def _is_packed(node: Any) -> bool:
+  return isinstance(node, dict) and set(node) == {"bits", "values"}
+
+
+def _nbytes(node: Any) -> int:
+  return sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(node))
+
+
+def load_raw(directory: str) -> tuple[dict, dict]:
+  """``(stored tree as nested dicts, metadata)`` of a checkpoint directory."""
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
+  state, meta, _ = train_lib.restore(directory)
+  return state, meta
+
+
+def _describe_leaf(node: Any, shape: tuple[int, ...] | None) -> tuple[str, str, str, int, int]:
+  """``(storage, shape, dtype, entries, nonzeros)`` of one stored leaf."""
+  if _is_packed(node):
+    vals = np.asarray(node["values"])
+    size = int(np.prod(shape)) if shape is not None else int(np.asarray(node["bits"]).size * 8)
+    return "bitmask+values", str(tuple(shape) if shape else "?"), str(vals.dtype), size, \
+        int(np.count_nonzero(vals))
+  arr = np.asarray(node)
+  return "dense", str(arr.shape), str(arr.dtype), int(arr.size), int(np.count_nonzero(arr))
+
+
+def describe(directory: str) -> str:
+  """A report of a serving checkpoint: per-leaf storage, shape, bytes and density, the
+  quantized tensors (int values + float32 scales) and the totals."""
+  tree, meta = load_raw(directory)
+  shapes = {k: tuple(v) for k, v in meta.get("packed_shapes", {}).items()}
+  lines = [f"checkpoint: {directory}"]
+  if "recipe" in meta:
+    r = Recipe.from_json(meta["recipe"])
+    lines.append(f"recipe: {r.name} (model={r.model}, prune={r.prune.method}"
+                 f"{'@' + str(r.prune.sparsity) if r.prune.method != 'none' else ''}, "
+                 f"quant={r.quant.mode}, precision={r.precision.policy})")
+  rows = [("path", "storage", "shape", "dtype", "bytes", "density")]
+  total_bytes = entries = nonzero = 0
+  for path, node in _flat_stored(tree):
+    storage, shape, dtype, size, nnz = _describe_leaf(node, shapes.get(path))
+    if path.endswith("/value"):
+      storage = "quantized " + storage
+    nbytes = _nbytes(node)
+    total_bytes += nbytes
+    entries += size
+    nonzero += nnz
+    rows.append((path, storage, shape, dtype, f"{nbytes:,}", f"{nnz / max(size, 1):.3f}"))
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+  lines.append(f"entries: {entries:,}; nonzero: {nonzero:,}; array bytes: {total_bytes:,}; "
+               f"bytes on disk: {train_lib.checkpoint_bytes(directory):,}")
+  return "\n".join(lines)
+
+
+def _dense(node: Any, shape: tuple[int, ...], dtype) -> np.ndarray:
+  """A stored leaf as a dense array of ``shape`` (unpacking ``{bits, values}``)."""
+  if _is_packed(node):
+    size = int(np.prod(shape))
+    keep = np.unpackbits(np.asarray(node["bits"]), count=size).astype(bool)
+    out = np.zeros(size, np.asarray(node["values"]).dtype)
+    out[keep] = np.asarray(node["values"])
+    return out.reshape(shape)
+  return np.asarray(node).reshape(shape).astype(dtype)
+
+
+def load_serving(directory: str):
+  """Rebuilds ``(serving, sample_x, recipe)`` from a serve checkpoint directory."""
+  from jaxopt_dnn import compose  # heavy imports only when needed
+
+  tree, meta = load_raw(directory)
+  if "recipe" not in meta or "input_shape" not in meta:
+    raise ValueError(f"{directory!r} is not a serving checkpoint written by compress "
+                     "(no recipe/input_shape in its metadata)")
+  recipe = Recipe.from_json(meta["recipe"])
+  sample = np.zeros((1, *meta["input_shape"]), np.float32)
+  template_build = compose.build(recipe.replace(init_from=None, distill={"teacher": None}),
+                                 sample, num_classes=int(meta["num_classes"]))
+  template = template_build.serving(template_build.state, [sample])
+  flat, treedef = jax.tree_util.tree_flatten_with_path(template.variables)
+  stored = dict(_flat_stored(tree))
+  leaves = []
+  for p, leaf in flat:
+    key = jax.tree_util.keystr(p, simple=True, separator="/")
+    if key not in stored:
+      raise ValueError(f"checkpoint {directory!r} has no entry {key!r} that recipe "
+                       f"{recipe.name!r} needs (incompatible recipe?); it has {sorted(stored)[:8]}")
+    leaves.append(_dense(stored[key], np.shape(leaf), np.asarray(leaf).dtype))
+  variables = jax.tree.unflatten(treedef, leaves)
+  return template.fn, variables, sample, recipe
+
+
+def _flat_stored(tree: Any, path: str = ""):
+  """``(path, node)`` for every stored leaf, packed nodes kept whole."""
+  if _is_packed(tree):
+    yield path, tree
+  elif isinstance(tree, dict):
+    for k, v in sorted(tree.items()):
+      yield from _flat_stored(v, f"{path}/{k}" if path else str(k))
+  elif tree is not None:
+    yield path, tree
+
+
+def export_serving(directory: str, out: str, *, batch: int = 1):
+  """Exports the serving function (weights baked in) as serialized StableHLO."""
+  from jaxopt_dnn import compile as compile_lib
+
+  fn, variables, sample, _ = load_serving(directory)
+  x = np.zeros((batch, *sample.shape[1:]), np.float32)
+  served = lambda x: fn(variables, x)  # noqa: E731 - the exported closure
+  compile_lib.export(served, x, path=out)
+  return out, np.asarray(served(x))

@@ -1,0 +1,252 @@
+"""Recipes: frozen, serialisable configurations of a compression run.
+
+A :class:`Recipe` names the model, the data budget and one section per transform
+family. It is a tree of frozen dataclasses (hashable, usable as a ``jit`` static
+argument), loads from JSON or YAML, and dumps back to the same JSON
+(``Recipe.from_json(r.to_json()) == r``). Unknown keys are errors that list the valid
+ones and suggest the closest; values are type-checked.
+
+:func:`jaxopt_dnn.compose.build` turns a recipe into one jitted train step and one
+serving function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """optax optimizer and learning-rate schedule.
+
+  ``schedule``: ``constant`` | ``cosine`` (to 0) | ``linear`` (to ``end_factor * lr``) |
+  ``exponential`` (``lr * end_factor^(t / steps)``), after ``warmup_steps`` of linear
+  warm-up from 0.
+  """
+  name: str = "adam"                # adam | adamw | sgd
+  learning_rate: float = 1e-3
+  schedule: str = "constant"
+  warmup_steps: int = 0
+  end_factor: float = 0.1
+  weight_decay: float = 1e-4        # adamw only
+  momentum: float = 0.9             # sgd only
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+  """Gradual pruning (``method="none"`` disables it).
+
+  Masks follow a Zhu–Gupta polynomial schedule from 0 to ``sparsity`` between
+  ``begin * steps`` and ``end * steps`` (``schedule="constant"``: ``sparsity`` from
+  ``begin * steps``), updated every ``update_every`` steps, then frozen.
+  """
+  method: str = "none"              # none | magnitude | random | nm | channel
+  sparsity: float = 0.9
+  scope: str = "layer"              # layer | global
+  schedule: str = "polynomial"      # polynomial | constant
+  begin: float = 0.0
+  end: float = 0.5
+  update_every: int = 25
+  rules: str | None = None          # regex over key paths; None: float leaves, ndim >= 2
+  distribution: str = "uniform"     # uniform | erk
+  n: int = 2
+  m: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """Quantization: ``ptq`` (calibrate after training) or ``qat`` (fake-quant training),
+  then int8 serving; ``weight_only`` stores int ``bits`` weights, computes in float."""
+  mode: str = "none"                # none | ptq | qat
+  bits: int = 8
+  weight_only: bool = False
+  calibration: str = "absmax"       # absmax | percentile | mse
+  calibration_batches: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionConfig:
+  """Mixed precision: a policy name or spec string, and loss scaling for fp16."""
+  policy: str = "fp32"              # fp32 | bf16 | fp16 | "params=...,compute=...,output=..."
+  loss_scale: str = "none"          # none | static | dynamic
+  initial_scale: float = 32768.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh and parameter sharding (``data=-1``: all remaining devices)."""
+  data: int = 1
+  fsdp: int = 1
+  strategy: str = "data_parallel"   # replicated | data_parallel | fsdp
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """Knowledge distillation from a teacher (``teacher=None`` disables it)."""
+  teacher: str | None = None        # checkpoint directory, or "baseline" inside compress
+  temperature: float = 4.0
+  alpha: float = 0.7
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """One compression run. ``model_kwargs`` are ``(name, value)`` pairs (hashable)."""
+  name: str = "baseline"
+  model: str = "cnn"
+  model_kwargs: tuple = ()
+  steps: int = 600                  # 0: no training (serve init_from as it is)
+  batch_size: int = 64
+  seed: int = 0
+  init_from: str | None = None      # checkpoint directory, or "baseline" inside compress
+  fold_batchnorm: bool = False
+  optimizer: OptimizerConfig = OptimizerConfig()
+  prune: PruneConfig = PruneConfig()
+  quant: QuantConfig = QuantConfig()
+  precision: PrecisionConfig = PrecisionConfig()
+  mesh: MeshConfig = MeshConfig()
+  distill: DistillConfig = DistillConfig()
+
+  def __post_init__(self):
+    _validate(self)
+
+  # ----------------------------------------------------------------- serialisation
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["model_kwargs"] = {k: v for k, v in self.model_kwargs}
+    return d
+
+  def to_json(self, indent: int | None = 2) -> str:
+    return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> Recipe:
+    return _from_dict(cls, d, "recipe")
+
+  @classmethod
+  def from_json(cls, text: str) -> Recipe:
+    return cls.from_dict(json.loads(text))
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> Recipe:
+    """Reads a ``.json``, ``.yaml`` or ``.yml`` file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"recipe file {path!r} does not exist")
+    with open(path) as f:
+      text = f.read()
+    if path.endswith((".yaml", ".yml")):
+      import yaml
+      d = yaml.safe_load(text)
+    elif path.endswith(".json"):
+      d = json.loads(text)
+    else:
+      raise ValueError(f"recipe file {path!r}: expected a .json, .yaml or .yml file")
+    if not isinstance(d, dict):
+      raise ValueError(f"recipe file {path!r} must hold a mapping, got {type(d).__name__}")
+    return cls.from_dict(d)
+
+  def replace(self, **changes) -> Recipe:
+    """``dataclasses.replace`` that also accepts section dicts: ``prune={"sparsity": .8}``."""
+    for k, v in list(changes.items()):
+      cur = getattr(self, k, None)
+      if dataclasses.is_dataclass(cur) and isinstance(v, dict):
+        changes[k] = dataclasses.replace(cur, **v)
+      elif k == "model_kwargs" and isinstance(v, dict):
+        changes[k] = tuple(sorted(v.items()))
+    return dataclasses.replace(self, **changes)
+
+
+_CHOICES = {
+    ("OptimizerConfig", "name"): ("adam", "adamw", "sgd"),
+    ("OptimizerConfig", "schedule"): ("constant", "cosine", "linear", "exponential"),
+    ("PruneConfig", "method"): ("none", "magnitude", "random", "nm", "channel"),
+    ("PruneConfig", "scope"): ("layer", "global"),
+    ("PruneConfig", "schedule"): ("polynomial", "constant"),
+    ("PruneConfig", "distribution"): ("uniform", "erk"),
+    ("QuantConfig", "mode"): ("none", "ptq", "qat"),
+    ("QuantConfig", "calibration"): ("absmax", "percentile", "mse"),
+    ("PrecisionConfig", "loss_scale"): ("none", "static", "dynamic"),
+    ("MeshConfig", "strategy"): ("replicated", "data_parallel", "fsdp"),
+}
+
+
+def _validate(r: Recipe) -> None:
+  for section in (r, r.optimizer, r.prune, r.quant, r.precision, r.mesh, r.distill):
+    cls = type(section).__name__
+    for f in dataclasses.fields(section):
+      choices = _CHOICES.get((cls, f.name))
+      v = getattr(section, f.name)
+      if choices and v not in choices:
+        raise ValueError(f"{cls}.{f.name}={v!r} is not one of {list(choices)}")
+  if r.steps < 0:
+    raise ValueError(f"recipe.steps must be >= 0 (0: no training), got {r.steps}")
+  if r.batch_size < 1:
+    raise ValueError(f"recipe.batch_size must be >= 1, got {r.batch_size}")
+  if not 0.0 <= r.prune.sparsity < 1.0:
+    raise ValueError(f"prune.sparsity must be in [0, 1), got {r.prune.sparsity}")
+  if not 0.0 <= r.prune.begin < r.prune.end <= 1.0:
+    raise ValueError(f"prune.begin/end are fractions of steps with 0 <= begin < end <= 1, "
+                     f"got begin={r.prune.begin}, end={r.prune.end}")
+  if r.quant.bits not in (4, 8):
+    raise ValueError(f"quant.bits must be 4 or 8, got {r.quant.bits}")
+  if r.quant.bits == 4 and r.quant.mode != "none" and not r.quant.weight_only:
+    raise ValueError("quant.bits=4 is supported for weight_only storage only")
+  if r.distill.teacher is not None and not 0.0 <= r.distill.alpha <= 1.0:
+    raise ValueError(f"distill.alpha must be in [0, 1], got {r.distill.alpha}")
+  if r.distill.temperature <= 0:
+    raise ValueError(f"distill.temperature must be > 0, got {r.distill.temperature}")
+  if not isinstance(r.model_kwargs, tuple):
+    raise TypeError(f"recipe.model_kwargs must be (name, value) pairs, got {r.model_kwargs!r}")
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+  """Checks a JSON/YAML value against a field annotation (``int`` accepted for float)."""
+  origin = typing.get_origin(annotation)
+  if origin in (typing.Union, types.UnionType):
+    return any(_type_ok(value, a) for a in typing.get_args(annotation))
+  if annotation is type(None):
+    return value is None
+  if annotation is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if annotation is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if annotation is tuple:
+    return isinstance(value, (dict, list, tuple))
+  return isinstance(value, annotation)
+
+
+def _hashable(v: Any) -> Any:
+  return tuple(_hashable(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def _from_dict(cls, d: Any, where: str):
+  if not isinstance(d, dict):
+    raise TypeError(f"{where} must be a mapping, got {type(d).__name__}: {d!r}")
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  hints = typing.get_type_hints(cls)
+  kwargs = {}
+  for key, value in d.items():
+    if key not in fields:
+      close = difflib.get_close_matches(str(key), list(fields), n=1)
+      hint = f" Did you mean {close[0]!r}?" if close else ""
+      raise ValueError(f"unknown key {where}.{key}.{hint} Valid keys: {sorted(fields)}")
+    ann = hints[key]
+    if dataclasses.is_dataclass(ann):
+      kwargs[key] = _from_dict(ann, value, f"{where}.{key}")
+      continue
+    if not _type_ok(value, ann):
+      raise TypeError(f"{where}.{key} must be {getattr(ann, '__name__', ann)}, "
+                      f"got {type(value).__name__}: {value!r}")
+    if key == "model_kwargs":
+      items = value.items() if isinstance(value, dict) else value
+      value = tuple(sorted((str(k), _hashable(v)) for k, v in items))
+    elif ann is float or (isinstance(value, int) and float in typing.get_args(ann)):
+      value = float(value) if value is not None else None
+    kwargs[key] = value
+  return cls(**kwargs)
