@@ -134,7 +134,7 @@ def _accuracy(logits, y):
 @pytest.fixture(scope="module")
 def trained(digits):
   model = models.CNN()
-  params = model.init(jax.random.key(0), jnp.asarray(digits.x_train[:2]))["params"]
+  params = jax.jit(model.init)(jax.random.key(0), jnp.asarray(digits.x_train[:2]))["params"]
   tx = optax.adam(1e-3)
   opt = tx.init(params)
 
@@ -150,7 +150,7 @@ def trained(digits):
   it = data.infinite_batches(digits.x_train, digits.y_train, 64)
   for _ in range(350):
     params, opt = step(params, opt, *next(it))
-  acc = _accuracy(model.apply({"params": params}, digits.x_test), digits.y_test)
+  acc = _accuracy(jax.jit(model.apply)({"params": params}, digits.x_test), digits.y_test)
   calib = [jnp.asarray(x) for x, _ in data.batches(digits.x_train, digits.y_train, 128)][:4]
   stats = quant.calibrate(model.apply, {"params": params}, calib)
   return model, params, acc, stats
@@ -200,7 +200,7 @@ def test_ptq_w8a8_int8_serving_accuracy_census_and_fake_quant_agreement(trained,
   assert census.lowered.float == 0 and census.compiled.float == 0
   assert census.compiled.total == 4
   # the fake-quant (QAT-mode, ranges frozen) model computes the same thing in float
-  fq = quant.qat(model).apply({"params": params, "quant_stats": stats}, x)
+  fq = jax.jit(quant.qat(model).apply)({"params": params, "quant_stats": stats}, x)
   step = float(jnp.max(jnp.abs(fq))) / 127                  # one int8 step of the logits
   diff = float(jnp.max(jnp.abs(fq - logits)))
   print(f"max |int8 - fake_quant| = {diff:.5f}, one step = {step:.5f}")
@@ -244,10 +244,10 @@ def test_qat_finetune_accuracy_and_stats_outside_params(trained, digits):
     params, stats, opt = step(params, stats, opt, *next(it))
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path((params, opt))]
   assert not any("input_amax" in p for p in paths)
-  acc_qat = _accuracy(qm.apply({"params": params, "quant_stats": stats}, digits.x_test),
-                      digits.y_test)
+  acc_qat = _accuracy(jax.jit(qm.apply)({"params": params, "quant_stats": stats},
+                                        digits.x_test), digits.y_test)
   qvars = {"params": quant.quantize_params(params)}
-  acc_int8 = _accuracy(quant.int8_apply(model, qvars, stats, jnp.asarray(digits.x_test)),
-                       digits.y_test)
+  serve = jax.jit(lambda qv, s, x: quant.int8_apply(model, qv, s, x))
+  acc_int8 = _accuracy(serve(qvars, stats, jnp.asarray(digits.x_test)), digits.y_test)
   print(f"fp32 {acc32:.4f}  QAT fake-quant {acc_qat:.4f}  QAT->int8 serving {acc_int8:.4f}")
   assert acc_qat >= acc32 - 0.003 and acc_int8 >= acc32 - 0.003

@@ -47,11 +47,29 @@ class Encoder(nn.Module):
 RULES = [quant.QuantRule("embeddings", skip=True), quant.QuantRule("kernel")]
 
 
+def _pretrained_like(shapes, seed=0):
+  """Random "pretrained" weights for an abstract param tree, drawn in numpy (compiling
+  the model's initializers costs seconds): LayerNorm scale 1, biases 0, embeddings
+  N(0, 0.02), kernels N(0, 1/fan_in) with fan_in = all but the last axis."""
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, s):
+    name = jax.tree_util.keystr(path)
+    if "scale" in name:
+      return jnp.ones(s.shape, s.dtype)
+    if "bias" in name:
+      return jnp.zeros(s.shape, s.dtype)
+    std = 0.02 if "embedding" in name else 1.0 / np.sqrt(np.prod(s.shape[:-1]))
+    return jnp.asarray(rng.normal(0.0, std, s.shape), s.dtype)
+
+  return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
 @pytest.fixture(scope="module")
 def bert():
   model = Encoder()
-  ids = jax.random.randint(jax.random.key(1), (4, 16), 0, 50)
-  params = jax.jit(model.init)(jax.random.key(0), ids)["params"]
+  ids = jnp.asarray(np.random.default_rng(1).integers(0, 50, (4, 16)), jnp.int32)
+  params = _pretrained_like(jax.eval_shape(model.init, jax.random.key(0), ids)["params"])
   return model, params, ids
 
 
@@ -68,8 +86,8 @@ def test_bert_encoder_quantized_with_rules_and_served_int8(bert):
   assert set(stats["layer_1"]) >= {"query", "key", "value", "out", "intermediate", "output"}
   serve = jax.jit(lambda qv, x: quant.int8_apply(model, qv, stats, x, rules=RULES))
   y8 = serve({"params": qp}, ids)
-  y32 = model.apply({"params": params}, ids)
-  fq = quant.qat(model, RULES).apply({"params": params, "quant_stats": stats}, ids)
+  y32 = jax.jit(model.apply)({"params": params}, ids)
+  fq = jax.jit(quant.qat(model, RULES).apply)({"params": params, "quant_stats": stats}, ids)
   assert float(jnp.max(jnp.abs(y8 - fq))) <= float(jnp.max(jnp.abs(fq))) / 127
   assert float(jnp.max(jnp.abs(y8 - y32))) < 0.1 * float(jnp.max(jnp.abs(y32)))
   census = quant.int8_dot_census(serve, {"params": qp}, ids)
@@ -101,11 +119,18 @@ class NnxNet(nnx.Module):
     return self.fc(nnx.relu(self.conv(x)).reshape(x.shape[0], -1))
 
 
+@pytest.fixture(scope="module")
+def nnx_net():
+  """One NnxNet for the module (eager NNX init compiles every initializer); tests
+  quantize clones of it, so it is never mutated."""
+  return NnxNet(nnx.Rngs(0))
+
+
 @pytest.mark.slow
-def test_nnx_qat_stats_live_outside_params_and_optimizer():
+def test_nnx_qat_stats_live_outside_params_and_optimizer(nnx_net):
   x = jax.random.uniform(jax.random.key(0), (16, 8, 8, 1))
   y = jnp.arange(16) % 10
-  net = NnxNet(nnx.Rngs(0))
+  net = nnx_net
   qnet = quant.qat(net)
   assert type(qnet.fc).__name__ == "QuantizedLinear" and type(net.fc) is nnx.Linear
   opt = nnx.Optimizer(qnet, optax.adam(1e-2), wrt=nnx.Param)
@@ -127,18 +152,18 @@ def test_nnx_qat_stats_live_outside_params_and_optimizer():
   assert opt_vars and not any(isinstance(v, quant.QuantStat) for v in opt_vars)
   qnet.eval()
   before = float(qnet.conv.quant_input_amax[...])
-  qnet(x * 5.0)
+  nnx.jit(lambda m, x: m(x))(qnet, x * 5.0)
   assert float(qnet.conv.quant_input_amax[...]) == before        # frozen in eval mode
   # fake-quant forward equals a manual W8A8 computation for the Linear
-  h = nnx.relu(qnet.conv(x)).reshape(16, -1)
+  h = nnx.jit(lambda m, x: nnx.relu(m.conv(x)).reshape(16, -1))(qnet, x)
   s_x = quant.fake.scale_from_absmax(qnet.fc.quant_input_amax[...], 8)
   ref = (quant.fake_quant(h, scale=s_x) @ quant.fake_quant(qnet.fc.kernel[...], axis=-1)
          + qnet.fc.bias[...])
   np.testing.assert_allclose(qnet.fc(h), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_nnx_calibrate():
-  net = NnxNet(nnx.Rngs(0))
+def test_nnx_calibrate(nnx_net):
+  net = nnx_net
   x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
   stats = quant.calibrate(lambda m, b: m(b), net, [x, 2 * x])
   np.testing.assert_allclose(stats["conv"]["input_amax"], 2 * jnp.max(x), rtol=1e-6)
@@ -168,14 +193,15 @@ def test_int8_conv_falls_back_with_a_warning(monkeypatch):
   x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3))
   qw = quant.quantize(jax.random.normal(jax.random.key(1), (3, 3, 3, 4)), axis=-1)
   sx = quant.fake.scale_from_absmax(jnp.max(x), 8)
-  args = (x, qw, sx, (1, 1), "SAME")
-  kw = dict(dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  def conv(x, qw, sx):   # traced under a fresh jit each time: one compile, no eager ops
+    return ops.int8_conv(x, qw, sx, (1, 1), "SAME",
+                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    fast = ops.int8_conv(*args, **kw)
+    fast = jax.jit(lambda *a: conv(*a))(x, qw, sx)
   monkeypatch.setattr(ops, "int8_conv_supported", lambda backend=None: False)
   with pytest.warns(RuntimeWarning, match="no int8 convolution"):
-    slow = ops.int8_conv(*args, **kw)
+    slow = jax.jit(lambda *a: conv(*a))(x, qw, sx)
   np.testing.assert_allclose(fast, slow, rtol=1e-6, atol=1e-6)
 
 
@@ -219,10 +245,15 @@ def test_nan_weights_name_the_leaf():
     quant.fake_quant(jnp.asarray([1.0, np.inf]))
 
 
-def test_calibration_bad_batches():
+@pytest.fixture(scope="module")
+def mlp():
   model = models.MLP(features=(8,))
   x = jnp.ones((2, 4))
-  variables = model.init(jax.random.key(0), x)
+  return model, x, jax.jit(model.init)(jax.random.key(0), x)
+
+
+def test_calibration_bad_batches(mlp):
+  model, x, variables = mlp
   with pytest.raises(ValueError, match="empty"):
     quant.calibrate(model.apply, variables, iter([]))
   bad = np.ones((2, 4), np.float32)
@@ -239,10 +270,9 @@ def test_rule_matching_nothing_is_an_error_listing_paths():
     quant.explain(params, ["kernel", "attention"], print_fn=None)
 
 
-def test_qarray_fed_to_float_code_is_a_type_error():
-  model = models.MLP(features=(8,))
-  x = jnp.ones((2, 4))
-  params = model.init(jax.random.key(0), x)["params"]
+def test_qarray_fed_to_float_code_is_a_type_error(mlp):
+  model, x, variables = mlp
+  params = variables["params"]
   qp = quant.quantize_params(params)
   with pytest.raises(TypeError, match="Dense_0/kernel.*dequantize"):
     model.apply({"params": qp}, x)

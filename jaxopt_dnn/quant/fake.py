@@ -198,11 +198,26 @@ def quantize(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True,
   check_array(x, name)
   bits = check_bits(bits, name)
   chan = channel_axes(axis, jnp.ndim(x), name)
-  if scale is None:
-    scale, zero_point = compute_qparams(x, bits=bits, axis=axis, symmetric=symmetric,
-                                        method=method, percentile=percentile, name=name)
-  qmin, qmax = qrange(bits, zero_point is None)
-  q = jnp.clip(_int_q(x, scale, zero_point, qmin, qmax), qmin, qmax).astype(jnp.int8)
-  value = pack_int4(q) if bits == 4 else q
+  if method not in METHODS:
+    raise ValueError(f"{name}: method must be one of {METHODS}, got {method!r}")
+  if scale is None:   # one compiled program per leaf instead of ~10 eager primitives
+    value, scale, zero_point = _quantize_own_range(x, bits, chan, symmetric, method,
+                                                   float(percentile))
+  else:
+    value = _codes(x, scale, zero_point, bits)
   return QArray(value, jnp.asarray(scale, jnp.float32), zero_point, bits=bits,
                 channel_axes=chan, shape=jnp.shape(x), dtype=x.dtype, name=name)
+
+
+def _codes(x, scale, zero_point, bits):
+  """int8 codes ``clip(round(x/s) + z, qmin, qmax)`` (packed two per byte for int4)."""
+  qmin, qmax = qrange(bits, zero_point is None)
+  q = jnp.clip(_int_q(x, scale, zero_point, qmin, qmax), qmin, qmax).astype(jnp.int8)
+  return pack_int4(q) if bits == 4 else q
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _quantize_own_range(x, bits, chan, symmetric, method, percentile):
+  scale, zp = compute_qparams(x, bits=bits, axis=chan or None, symmetric=symmetric,
+                              method=method, percentile=percentile)
+  return _codes(x, scale, zp, bits), scale, zp

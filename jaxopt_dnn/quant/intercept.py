@@ -233,9 +233,12 @@ class QatModel:
       return self.model.apply(variables, *args, **kwargs)
 
   def init_stats(self, params, *args, **kwargs) -> dict:
-    """Initial ``quant_stats`` from one batch (activation absmax of the QAT model)."""
-    _, upd = self.apply({"params": params}, *args, mutable=[STATS], **kwargs)
-    return upd[STATS]
+    """Initial ``quant_stats`` from one batch (activation absmax of the QAT model).
+
+    Runs one jitted forward (``kwargs`` are closed over, i.e. static).
+    """
+    run = jax.jit(lambda p, a: self.apply({"params": p}, *a, mutable=[STATS], **kwargs)[1])
+    return run(params, args)[STATS]
 
 
 # --------------------------------------------------------------------------- NNX
