@@ -113,6 +113,18 @@ class Recipe:
   distill: DistillConfig = DistillConfig()
 
   def __post_init__(self):
+    for f in dataclasses.fields(self):     # sections may be given as dicts
+      v = getattr(self, f.name)
+      if isinstance(v, dict) and f.name != "model_kwargs":
+        object.__setattr__(self, f.name, _from_dict(type(f.default), v, f"recipe.{f.name}"))
+    kw = self.model_kwargs
+    items = kw.items() if isinstance(kw, dict) else kw
+    try:
+      object.__setattr__(self, "model_kwargs",
+                         tuple(sorted((str(k), _hashable(v)) for k, v in items)))
+    except (TypeError, ValueError):
+      raise TypeError(f"recipe.model_kwargs must be a mapping or (name, value) pairs, "
+                      f"got {kw!r}") from None
     _validate(self)
 
   # ----------------------------------------------------------------- serialisation
@@ -157,8 +169,6 @@ class Recipe:
       cur = getattr(self, k, None)
       if dataclasses.is_dataclass(cur) and isinstance(v, dict):
         changes[k] = dataclasses.replace(cur, **v)
-      elif k == "model_kwargs" and isinstance(v, dict):
-        changes[k] = tuple(sorted(v.items()))
     return dataclasses.replace(self, **changes)
 
 
@@ -201,8 +211,6 @@ def _validate(r: Recipe) -> None:
     raise ValueError(f"distill.alpha must be in [0, 1], got {r.distill.alpha}")
   if r.distill.temperature <= 0:
     raise ValueError(f"distill.temperature must be > 0, got {r.distill.temperature}")
-  if not isinstance(r.model_kwargs, tuple):
-    raise TypeError(f"recipe.model_kwargs must be (name, value) pairs, got {r.model_kwargs!r}")
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -243,10 +251,7 @@ def _from_dict(cls, d: Any, where: str):
     if not _type_ok(value, ann):
       raise TypeError(f"{where}.{key} must be {getattr(ann, '__name__', ann)}, "
                       f"got {type(value).__name__}: {value!r}")
-    if key == "model_kwargs":
-      items = value.items() if isinstance(value, dict) else value
-      value = tuple(sorted((str(k), _hashable(v)) for k, v in items))
-    elif ann is float or (isinstance(value, int) and float in typing.get_args(ann)):
+    if ann is float or (isinstance(value, int) and float in typing.get_args(ann)):
       value = float(value) if value is not None else None
     kwargs[key] = value
   return cls(**kwargs)
