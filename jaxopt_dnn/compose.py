@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxopt_dnn import distill as distill_lib
@@ -151,7 +152,7 @@ def build(recipe: Recipe, sample_x: Any, *, num_classes: int = 10,
 
   mesh = mesh or parallel.make_mesh(recipe.mesh.data, recipe.mesh.fsdp)
   state_sharding = parallel.state_shardings(state, state.params, mesh, recipe.mesh.strategy)
-  state = jax.device_put(state, state_sharding)
+  state = place(state, state_sharding)
   dcfg = recipe.distill
   teacher_vars = None if teacher is None else teacher[1]
 
@@ -208,6 +209,22 @@ def build(recipe: Recipe, sample_x: Any, *, num_classes: int = 10,
 
   return Built(recipe, model, apply_fn, tx, state, state_sharding, mesh, train_step,
                place_batch, teacher)
+
+
+def place(tree: PyTree, shardings: PyTree) -> PyTree:
+  """Puts a host-identical pytree onto (possibly multi-process) shardings.
+
+  Leaves go through host memory (``np.asarray``): ``device_put`` of an array committed
+  to one local device onto a sharding spanning other processes' devices is an error,
+  while the same host values, identical in every process, are accepted. Typed PRNG keys
+  are placed as raw key data and re-wrapped.
+  """
+  def put(x, sharding):
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+      raw = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
+      return jax.random.wrap_key_data(raw, impl=jax.random.key_impl(x))
+    return jax.device_put(np.asarray(x), sharding)
+  return jax.tree.map(put, tree, shardings)
 
 
 def _is_fp32(policy: precision_lib.Policy) -> bool:

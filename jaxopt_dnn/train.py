@@ -141,8 +141,9 @@ def classifier_eval(apply_fn: Callable, x: np.ndarray, y: np.ndarray, *,
 
 
 def _manager(directory, *, max_to_keep=3, save_every=None, async_save=True):
+  directory = os.fspath(directory)
   return ocp.CheckpointManager(
-      os.path.abspath(os.fspath(directory)),
+      directory if "://" in directory else os.path.abspath(directory),  # gs://, s3://
       item_handlers={"state": ocp.StandardCheckpointHandler(),
                      "meta": ocp.JsonCheckpointHandler()},
       options=ocp.CheckpointManagerOptions(
@@ -169,7 +170,7 @@ def abstract_like(tree: PyTree, shardings: PyTree | None = None) -> PyTree:
 
 def latest_step(directory) -> int | None:
   """The newest complete checkpoint step in ``directory`` (``None`` if none)."""
-  if not os.path.isdir(directory):
+  if "://" not in os.fspath(directory) and not os.path.isdir(directory):
     return None
   with _manager(directory) as mngr:
     return mngr.latest_step()

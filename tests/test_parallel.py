@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from jax.sharding import AxisType
 
 from jaxopt_dnn import data, models, parallel
+from _helpers import np_init
 
 P = jax.P
 
@@ -61,24 +62,6 @@ def test_fsdp_spec_shards_the_largest_divisible_axis(shape, n):
   assert shape[dim] % n == 0
   assert shape[dim] == max(shape[d] for d in divisible)
   assert dim == max(d for d in divisible if shape[d] == shape[dim])  # ties: later axis
-
-
-def np_init(model, x_shape, seed=0):
-  """Model variables drawn with numpy (shapes from ``jax.eval_shape``): no init compile.
-
-  Kernels ~ N(0, 1/fan_in); norm scales and running variances 1; other vectors 0.
-  """
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.ones(x_shape))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, s):
-    name = jax.tree_util.keystr(path)
-    if len(s.shape) > 1:
-      return (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32)
-    fill = 1.0 if ("scale" in name or "var" in name) else 0.0
-    return np.full(s.shape, fill, np.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def _cnn_params():

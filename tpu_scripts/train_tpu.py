@@ -37,7 +37,6 @@ Run locally as two processes of 4 CPU devices each (what the tests do)::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -152,46 +151,6 @@ def gather_to_host(tree: Any) -> Any:
   return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
-@contextlib.contextmanager
-def _device_put_from_host():
-  """Makes ``jax.device_put`` take host (numpy) copies while ``compose.build`` runs.
-
-  On several processes, ``device_put`` of an array committed to a local device onto a
-  sharding that spans other processes' devices is an error, while the same values as
-  numpy arrays, identical in every process, are accepted. ``compose.build`` places the
-  freshly initialised state with ``jax.device_put(state, state_sharding)``; this
-  converts each leaf to numpy first (a typed PRNG key: its raw key data, re-wrapped
-  after placement). A no-op with one process.
-  """
-  import jax
-  import numpy as np
-
-  if jax.process_count() == 1:
-    yield
-    return
-  original = jax.device_put
-
-  def is_key(leaf):
-    return jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key)
-
-  def put_leaf(leaf, sharding, **kwargs):
-    if is_key(leaf):  # place the raw key data, re-wrap the global array
-      raw = original(np.asarray(jax.random.key_data(leaf)), sharding, **kwargs)
-      return jax.random.wrap_key_data(raw, impl=jax.random.key_impl(leaf))
-    return original(np.asarray(leaf), sharding, **kwargs)
-
-  def put(x, device=None, **kwargs):
-    if device is None or isinstance(device, (jax.sharding.Sharding, jax.Device)):
-      return jax.tree.map(lambda leaf: put_leaf(leaf, device, **kwargs), x)
-    return jax.tree.map(lambda leaf, s: put_leaf(leaf, s, **kwargs), x, device)
-
-  jax.device_put = put
-  try:
-    yield
-  finally:
-    jax.device_put = original
-
-
 def run(a: argparse.Namespace, *, console=None) -> dict:
   """Trains the recipe, checkpoints, serves and evaluates; returns this process's result.
 
@@ -213,8 +172,7 @@ def run(a: argparse.Namespace, *, console=None) -> dict:
   mesh = parallel.make_mesh(data=-1, fsdp=recipe.mesh.fsdp)
   ds = data.load_digits(seed=recipe.seed)
   # Same seed -> same init in every process; build() places it onto the global mesh.
-  with _device_put_from_host():
-    built = compose.build(recipe, ds.x_train[:1], num_classes=ds.num_classes, mesh=mesh)
+  built = compose.build(recipe, ds.x_train[:1], num_classes=ds.num_classes, mesh=mesh)
   config = train.TrainConfig(
       steps=recipe.steps, batch_size=recipe.batch_size, seed=recipe.seed,
       log_every=a.log_every, checkpoint_dir=a.out, save_every=a.save_every,
