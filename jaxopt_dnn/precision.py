@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 from jaxopt_dnn import _tree
+from jaxopt_dnn.quant.qarray import is_qarray
 
 PyTree = Any
 
@@ -78,11 +79,6 @@ def as_dtype(value: Any, what: str = "dtype") -> np.dtype:
   if not jnp.issubdtype(dt, jnp.floating):
     raise ValueError(f"{what}: {dt} is not a floating dtype")
   return dt
-
-
-def is_qarray(x: Any) -> bool:
-  """True for a quantized-array leaf (``jaxopt_dnn.quant.QArray`` or a look-alike)."""
-  return type(x).__name__ == "QArray"
 
 
 def _cast_leaf(x: Any, dtype: np.dtype) -> Any:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from jaxopt_dnn import _hlo, data, models
 from jaxopt_dnn import precision as mp
 from _helpers import np_init
+from jaxopt_dnn.quant import QArray
 
 F32, BF16, F16 = np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16)
 
@@ -42,18 +43,11 @@ def test_policy_bad_input():
     mp.Policy(exceptions={"(": "float32"})
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class QArray:
-  """Stand-in with the layout of ``jaxopt_dnn.quant.QArray``: int8 value + float scale."""
-  value: jax.Array
-  scale: jax.Array
-
-
 def test_casts_touch_only_floating_leaves():
   tree = {"w": jnp.ones((2, 2)), "step": jnp.zeros((), jnp.int32), "flag": jnp.array(True),
           "key": jax.random.key(0), "BatchNorm_0": {"scale": jnp.ones(2)},
-          "q": QArray(jnp.ones((2, 2), jnp.int8), jnp.ones((1, 2), jnp.float32)),
+          "q": QArray(jnp.ones((2, 2), jnp.int8), jnp.ones((1, 2), jnp.float32), bits=8,
+                      channel_axes=(1,), shape=(2, 2)),
           "half": jnp.ones(2, jnp.float16)}
   out = mp.Policy.from_string("bf16").cast_to_compute(tree)
   assert out["w"].dtype == BF16 and out["half"].dtype == BF16
