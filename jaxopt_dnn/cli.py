@@ -67,16 +67,16 @@ def cmd_compress(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-  from jaxopt_dnn import checkpoint_io
+  from jaxopt_dnn import artifacts
 
-  print(checkpoint_io.describe(args.checkpoint))
+  print(artifacts.describe(args.checkpoint))
   return 0
 
 
 def cmd_export(args) -> int:
-  from jaxopt_dnn import checkpoint_io
+  from jaxopt_dnn import artifacts
 
-  path, outputs = checkpoint_io.export_serving(args.checkpoint, args.out, batch=args.batch)
+  path, outputs = artifacts.export_serving(args.checkpoint, args.out, batch=args.batch)
   print(f"exported the serving function of {args.checkpoint} to {path} "
         f"(input batch {args.batch}; output {outputs.shape} {outputs.dtype})")
   return 0

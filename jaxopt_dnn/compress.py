@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from jaxopt_dnn import compile as compile_lib
+from jaxopt_dnn import checkpoint
 from jaxopt_dnn import compose
 from jaxopt_dnn import data as data_lib
 from jaxopt_dnn import train as train_lib
@@ -155,7 +156,7 @@ def run_variant(recipe: Recipe, ds: data_lib.Dataset, out: str, *,
   serve_dir = os.path.join(vdir, "serve")
   packed_shapes = {p: list(x.shape) for p, x in _leaves(served.storage)
                    if isinstance(x, PackedArray)}
-  train_lib.save(serve_dir, 0, served.storage, {
+  checkpoint.save(serve_dir, 0, served.storage, {
       "recipe": recipe.to_json(indent=None), "num_classes": ds.num_classes,
       "input_shape": list(ds.x_train.shape[1:]), "packed_shapes": packed_shapes})
   xb = ds.x_test[:latency_batch]
@@ -167,7 +168,7 @@ def run_variant(recipe: Recipe, ds: data_lib.Dataset, out: str, *,
       train_time_s=train_s, step_time_ms=step_ms,
       latency_ms=_latency_ms(served.fn, served.variables, xb),
       params=params, nonzeros=nnz,
-      disk_bytes=train_lib.checkpoint_bytes(serve_dir),
+      disk_bytes=checkpoint.checkpoint_bytes(serve_dir),
       flops_per_example=None if report.flops is None else report.flops / len(xb),
       int8_dots=report.census.int8, recipe=recipe.to_dict())
   variables = {"params": state.params, **{k: v for k, v in state.extra["collections"].items()

@@ -10,11 +10,10 @@ opt_state, rng, extra collections) and the batch of step ``s`` is a pure functio
 checkpoint of step ``k`` therefore replays steps ``k+1..`` on exactly the inputs the
 uninterrupted run saw, and on CPU ends bit-identical to it.
 
-Checkpoints: orbax ``CheckpointManager`` (save every ``save_every`` steps, keep
-``max_to_keep``, async writes). Orbax writes each step into
-``<step>.orbax-checkpoint-tmp`` and renames it when complete, so a process killed
-mid-save leaves the previous checkpoint as the latest restorable one. Ctrl-C
-(``KeyboardInterrupt``) saves the current state, waits for the write, and re-raises.
+Checkpoints (:mod:`jaxopt_dnn.checkpoint`): orbax ``CheckpointManager`` (save every
+``save_every`` steps, keep ``max_to_keep``, async writes); a process killed mid-save
+leaves the previous checkpoint restorable. Ctrl-C (``KeyboardInterrupt``) saves the
+current state, waits for the write, and re-raises.
 """
 
 from __future__ import annotations
@@ -32,10 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
+from jaxopt_dnn import checkpoint
 from jaxopt_dnn import data as data_lib
-from jaxopt_dnn._tree import leaves_with_paths
 
 PyTree = Any
 
@@ -135,112 +133,6 @@ def classifier_eval(apply_fn: Callable, x: np.ndarray, y: np.ndarray, *,
     return {"loss": tot_l / len(x), "accuracy": tot_a / len(x)}
 
   return eval_fn
-
-
-# ------------------------------------------------------------------ checkpoints
-
-
-def _manager(directory, *, max_to_keep=3, save_every=None, async_save=True):
-  directory = os.fspath(directory)
-  return ocp.CheckpointManager(
-      directory if "://" in directory else os.path.abspath(directory),  # gs://, s3://
-      item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "meta": ocp.JsonCheckpointHandler()},
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=max_to_keep, save_interval_steps=save_every or 1,
-          enable_async_checkpointing=async_save, create=True))
-
-
-def _save(mngr, step, state, meta, force=False) -> bool:
-  return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                 meta=ocp.args.JsonSave(meta)), force=force)
-
-
-def abstract_like(tree: PyTree, shardings: PyTree | None = None) -> PyTree:
-  """``ShapeDtypeStruct`` target for :func:`restore`; ``shardings`` (a matching pytree of
-  ``jax.sharding.Sharding``, or one for all leaves) sets where restored arrays land."""
-  if shardings is None or isinstance(shardings, jax.sharding.Sharding):
-    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-        np.shape(a), np.asarray(a).dtype if not hasattr(a, "dtype") else a.dtype,
-        sharding=shardings or getattr(a, "sharding", None) or default), tree)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=s),
-                      tree, shardings)
-
-
-def latest_step(directory) -> int | None:
-  """The newest complete checkpoint step in ``directory`` (``None`` if none)."""
-  if "://" not in os.fspath(directory) and not os.path.isdir(directory):
-    return None
-  with _manager(directory) as mngr:
-    return mngr.latest_step()
-
-
-def _compat_errors(saved_meta, target) -> list[str]:
-  saved = {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in leaves_with_paths(
-      saved_meta, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))}
-  want = {p: (tuple(np.shape(a)), np.dtype(a.dtype)) for p, a in leaves_with_paths(target)}
-  errs = [f"{p}: missing in checkpoint" for p in want if p not in saved]
-  errs += [f"{p}: in checkpoint but not in target" for p in saved if p not in want]
-  errs += [f"{p}: checkpoint {saved[p][0]} {saved[p][1]} vs target {want[p][0]} {want[p][1]}"
-           for p in want if p in saved and saved[p] != want[p]]
-  return errs
-
-
-def restore(directory, target: PyTree | None = None, *, step: int | None = None,
-            _mngr=None) -> tuple[PyTree, dict, int]:
-  """Restores ``(state, meta, step)`` from a checkpoint directory.
-
-  Args:
-    directory: a directory written by :func:`fit` (or :func:`save`).
-    target: a pytree like the saved state; arrays or ``jax.ShapeDtypeStruct`` with
-      shardings (see :func:`abstract_like`) to restore onto another mesh. ``None``
-      restores the saved tree as plain nested dicts.
-    step: which step; default the latest complete one.
-
-  Raises:
-    FileNotFoundError: no checkpoint in ``directory``.
-    ValueError: ``target`` does not match the checkpoint (lists differing paths).
-  """
-  directory = os.fspath(directory)
-  mngr = _mngr or _manager(directory)
-  try:
-    step = mngr.latest_step() if step is None else step
-    if step is None or step not in mngr.all_steps():
-      raise FileNotFoundError(f"no complete checkpoint{'' if step is None else f' for step {step}'}"
-                              f" in {directory!r} (steps: {list(mngr.all_steps())})")
-    if target is not None:
-      saved_meta = mngr.item_metadata(step)["state"]
-      errs = _compat_errors(getattr(saved_meta, "tree", saved_meta), target)
-      if errs:
-        raise ValueError(f"checkpoint {directory!r} step {step} does not match the target state "
-                         f"(incompatible model or recipe?): " + "; ".join(errs[:12])
-                         + (f"; ... {len(errs) - 12} more" if len(errs) > 12 else ""))
-      target = abstract_like(target) if not all(
-          isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(target)) else target
-    out = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-    return out["state"], dict(out["meta"] or {}), step
-  finally:
-    if _mngr is None:
-      mngr.close()
-
-
-def checkpoint_bytes(directory, step: int | None = None) -> int:
-  """Bytes on disk of one checkpoint step (default: the latest complete one)."""
-  directory = os.fspath(directory)
-  step = latest_step(directory) if step is None else step
-  root = os.path.join(directory, str(step))
-  if step is None or not os.path.isdir(root):
-    raise FileNotFoundError(f"no checkpoint for step {step} in {directory!r}")
-  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
-
-
-def save(directory, step: int, state: PyTree, meta: Mapping | None = None) -> None:
-  """Writes one checkpoint synchronously (same layout as :func:`fit`)."""
-  with _manager(directory, max_to_keep=None, async_save=False) as mngr:
-    _save(mngr, step, state, dict(meta or {}), force=True)
-    mngr.wait_until_finished()
 
 
 # ------------------------------------------------------------------------ loop
@@ -375,10 +267,11 @@ def fit(state: TrainState, train_step: Callable, dataset: data_lib.Dataset | tup
   resumed_from = None
   history: list[dict] = []
   if config.checkpoint_dir is not None:
-    mngr = _manager(config.checkpoint_dir, max_to_keep=config.max_to_keep,
+    mngr = checkpoint.manager(config.checkpoint_dir, max_to_keep=config.max_to_keep,
                     save_every=config.save_every, async_save=config.async_checkpoints)
     if config.resume and mngr.latest_step() is not None:
-      state, saved_meta, resumed_from = restore(config.checkpoint_dir, state, _mngr=mngr)
+      state, saved_meta, resumed_from = checkpoint.restore(config.checkpoint_dir, state,
+                                                           _mngr=mngr)
       for k in ("batch_size", "seed"):
         if saved_meta.get(k, meta[k]) != meta[k]:
           mngr.close()
@@ -437,7 +330,7 @@ def fit(state: TrainState, train_step: Callable, dataset: data_lib.Dataset | tup
           and done != config.steps:
         emit({"step": done, "split": "eval", **{k: float(v) for k, v in eval_fn(state).items()}})
       if mngr is not None:
-        _save(mngr, done, state, {**meta, "step": done})
+        checkpoint.save_step(mngr, done, state, {**meta, "step": done})
     jax.block_until_ready(state)
     t_end = time.perf_counter()
     if eval_fn is not None:
@@ -445,13 +338,13 @@ def fit(state: TrainState, train_step: Callable, dataset: data_lib.Dataset | tup
     if mngr is not None:
       mngr.wait_until_finished()
       if done > 0 and done not in mngr.all_steps():
-        _save(mngr, done, state, {**meta, "step": done}, force=True)
+        checkpoint.save_step(mngr, done, state, {**meta, "step": done}, force=True)
   except KeyboardInterrupt:
     alive = not any(getattr(a, "is_deleted", lambda: False)() for a in jax.tree.leaves(state))
     if mngr is not None and alive and int(state.step) > start:
       mngr.wait_until_finished()
       if int(state.step) not in mngr.all_steps():
-        _save(mngr, int(state.step), state, {**meta, "step": int(state.step)}, force=True)
+        checkpoint.save_step(mngr, int(state.step), state, {**meta, "step": int(state.step)}, force=True)
       print(f"interrupted: checkpoint of step {int(state.step)} in {config.checkpoint_dir}",
             file=sys.stderr)
     raise

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxopt_dnn import checkpoint_io, cli, compose, compress, data, sparsity
+from jaxopt_dnn import artifacts, cli, compose, compress, data, sparsity
 from jaxopt_dnn.recipe import Recipe
 
 STEPS = 120
@@ -63,7 +63,7 @@ def test_inspect_and_export_round_trip(run, tmp_path, capsys):
   assert cli.main(["inspect", ckpt]) == 0
   text = capsys.readouterr().out
   assert "bitmask+values" in text and "int8" in text and "bytes on disk" in text
-  fn, variables, _, recipe = checkpoint_io.load_serving(ckpt)
+  fn, variables, _, recipe = artifacts.load_serving(ckpt)
   assert recipe.name == "combined"
   x = data.load_digits().x_test[:3]
   path = str(tmp_path / "combined.stablehlo")

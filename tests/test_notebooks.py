@@ -7,7 +7,6 @@ with ``pip install -e .[dev]`` is enough.
 """
 
 import json
-import os
 import pathlib
 import sys
 import time

@@ -190,9 +190,9 @@ def test_train_tpu_two_processes_on_loopback(tmp_path):
   assert results[0]["test_accuracy"] > 0.6  # 10 classes: chance is 0.1
   assert "final test accuracy" in logs[0] and "final test accuracy" not in logs[1]
   # Orbax checkpoints of steps 20 and 40, restorable, with the masks applied.
-  from jaxopt_dnn import train
-  assert train.latest_step(out) == 40
-  state, meta, step = train.restore(out, _single_device_target(out, 40))
+  from jaxopt_dnn import checkpoint
+  assert checkpoint.latest_step(out) == 40
+  state, meta, step = checkpoint.restore(out, _single_device_target(out, 40))
   assert step == 40 and json.loads(meta["recipe"])["name"] == "tiny-prune-int8"
   kernels = [np.asarray(v) for k, v in _flat(state["params"]).items() if k.endswith("kernel")]
   zeros = sum(int((k == 0).sum()) for k in kernels) / sum(k.size for k in kernels)

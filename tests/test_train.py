@@ -15,7 +15,7 @@ import optax
 import pytest
 from rich.console import Console
 
-from jaxopt_dnn import models, train
+from jaxopt_dnn import checkpoint, models, train
 
 MODEL = models.MLP(features=(32,))
 TX = optax.adam(3e-3)
@@ -50,8 +50,8 @@ def test_fit_trains_logs_and_keeps_k_checkpoints(setup, digits, tmp_path):
   lines = [json.loads(ln) for ln in open(tmp_path / "m.jsonl")]
   assert lines == r.history
   assert sorted(int(p) for p in os.listdir(tmp_path / "ck") if p.isdigit()) == [80, 120]
-  assert 0 < train.checkpoint_bytes(tmp_path / "ck") < 200_000
-  restored, meta, k = train.restore(tmp_path / "ck", state)
+  assert 0 < checkpoint.checkpoint_bytes(tmp_path / "ck") < 200_000
+  restored, meta, k = checkpoint.restore(tmp_path / "ck", state)
   assert k == 120 and meta["step"] == 120 and meta["batch_size"] == 64
   assert isinstance(restored, train.TrainState) and _equal(restored, r.state)
   assert r.step_time_s > 0 and r.first_step_s > 0
@@ -73,9 +73,9 @@ def test_ctrl_c_saves_the_last_completed_step(setup, digits, tmp_path):
   cfg = train.TrainConfig(steps=50, checkpoint_dir=str(tmp_path), save_every=5, progress=False)
   with pytest.raises(KeyboardInterrupt):
     train.fit(state, interrupted, digits, cfg)
-  assert train.latest_step(tmp_path) == 12  # not just the last periodic save (10)
+  assert checkpoint.latest_step(tmp_path) == 12  # not just the last periodic save (10)
   ref = train.fit(state, step, digits, train.TrainConfig(steps=12, progress=False)).state
-  restored, _, _ = train.restore(tmp_path, state)
+  restored, _, _ = checkpoint.restore(tmp_path, state)
   assert _equal(restored, ref)
 
 
@@ -84,12 +84,12 @@ def test_restore_onto_a_different_sharding(tmp_path):
   rep8 = jax.sharding.NamedSharding(mesh8, jax.P())
   tree = {"w": jax.device_put(jnp.arange(64.0).reshape(16, 4), rep8),
           "b": jax.device_put(jnp.arange(4, dtype=jnp.int32), rep8)}
-  train.save(tmp_path, 3, tree, {"note": "x"})
+  checkpoint.save(tmp_path, 3, tree, {"note": "x"})
   mesh4 = jax.make_mesh((4, 2), ("fsdp", "x"), axis_types=(jax.sharding.AxisType.Explicit,) * 2,
                         devices=jax.devices()[:8])
-  target = train.abstract_like(tree, {"w": jax.sharding.NamedSharding(mesh4, jax.P("fsdp", "x")),
+  target = checkpoint.abstract_like(tree, {"w": jax.sharding.NamedSharding(mesh4, jax.P("fsdp", "x")),
                                       "b": jax.sharding.NamedSharding(mesh4, jax.P("x"))})
-  got, meta, step = train.restore(tmp_path, target)
+  got, meta, step = checkpoint.restore(tmp_path, target)
   assert step == 3 and meta["note"] == "x"
   assert got["w"].sharding.spec == jax.P("fsdp", "x") and got["w"].addressable_shards[0].data.shape == (4, 2)
   np.testing.assert_array_equal(got["w"], tree["w"])
@@ -103,12 +103,12 @@ def test_incompatible_checkpoints_are_clear_errors(setup, digits, tmp_path):
   wide = models.MLP(features=(48,)).init(jax.random.key(0), digits.x_train[:1])["params"]
   with pytest.raises(ValueError, match=r"params/Dense_0/kernel: checkpoint \(64, 32\) float32 vs "
                                        r"target \(64, 48\)"):
-    train.restore(tmp_path, train.TrainState.create(wide, TX))
+    checkpoint.restore(tmp_path, train.TrainState.create(wide, TX))
   with pytest.raises(ValueError, match="written with batch_size=64, this run has batch_size=32"):
     train.fit(state, step, digits, train.TrainConfig(steps=6, batch_size=32,
                                                      checkpoint_dir=str(tmp_path), progress=False))
   with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-    train.restore(tmp_path / "empty", state)
+    checkpoint.restore(tmp_path / "empty", state)
 
 
 def test_step_must_advance_and_config_is_validated(setup, digits):
@@ -228,8 +228,8 @@ def test_sigkill_mid_save_then_resume_is_bit_identical(tmp_path):
   assert killed.returncode == -signal.SIGKILL, kill_err[-2000:]
   # killed while step 20 was being written: its tmp dir is there, 10 is the latest valid
   assert any(e.startswith("20") and "tmp" in e for e in os.listdir(ck)), os.listdir(ck)
-  assert train.latest_step(ck) == 10
-  restored, meta, _ = train.restore(ck)
+  assert checkpoint.latest_step(ck) == 10
+  restored, meta, _ = checkpoint.restore(ck)
   assert int(restored["step"]) == 10 and meta["seed"] == 3
   logged = [json.loads(ln)["step"] for ln in open(tmp_path / "run.jsonl")]
   assert max(logged) == 20  # records past the checkpoint, to be replaced on resume

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxopt_dnn import train as train_lib
+from jaxopt_dnn import checkpoint
 from jaxopt_dnn.recipe import Recipe
 
 
@@ -32,7 +32,7 @@ def load_raw(directory: str) -> tuple[dict, dict]:
   """``(stored tree as nested dicts, metadata)`` of a checkpoint directory."""
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
-  state, meta, _ = train_lib.restore(directory)
+  state, meta, _ = checkpoint.restore(directory)
   return state, meta
 
 
@@ -72,7 +72,7 @@ def describe(directory: str) -> str:
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
   lines.append(f"entries: {entries:,}; nonzero: {nonzero:,}; array bytes: {total_bytes:,}; "
-               f"bytes on disk: {train_lib.checkpoint_bytes(directory):,}")
+               f"bytes on disk: {checkpoint.checkpoint_bytes(directory):,}")
   return "\n".join(lines)
 
 
