@@ -10,12 +10,16 @@ Public modules (everything not listed here is private):
 * :mod:`jaxopt_dnn.distill`, :mod:`jaxopt_dnn.fold` - distillation loss, BatchNorm folding.
 * :mod:`jaxopt_dnn.recipe`, :mod:`jaxopt_dnn.compose`, :mod:`jaxopt_dnn.train` - recipes,
   one jitted train step / serving function from a recipe, the training loop.
+* :mod:`jaxopt_dnn.checkpoint`, :mod:`jaxopt_dnn.artifacts` - orbax checkpoints; serving
+  checkpoints inspected, rebuilt and exported.
 * :mod:`jaxopt_dnn.compress`, :mod:`jaxopt_dnn.report` - the main job and its table.
 * :mod:`jaxopt_dnn.data`, :mod:`jaxopt_dnn.models` - embedded datasets, reference models.
 """
 
 __version__ = "0.1.0"
 
+from jaxopt_dnn import artifacts
+from jaxopt_dnn import checkpoint
 from jaxopt_dnn import compile
 from jaxopt_dnn import compose
 from jaxopt_dnn import compress
