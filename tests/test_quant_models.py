@@ -170,6 +170,32 @@ def test_nnx_calibrate(nnx_net):
   assert stats["fc"]["input_amax"].dtype == jnp.float32
 
 
+def test_nnx_int8_serving_census_and_fake_quant_agreement(nnx_net):
+  x = jax.random.uniform(jax.random.key(2), (8, 8, 8, 1))
+  stats = quant.calibrate(lambda m, b: m(b), nnx_net, [x, x[::-1]])
+  qp = quant.quantize_params(nnx.to_pure_dict(nnx.state(nnx_net, nnx.Param)))
+  assert quant.is_qarray(qp["fc"]["kernel"]) and quant.is_qarray(qp["conv"]["kernel"])
+  serve = jax.jit(lambda qp, x: quant.int8_apply(nnx_net, qp, stats, x))
+  y8 = serve(qp, x)
+  census = quant.int8_dot_census(serve, qp, x)
+  assert census.lowered.count("s8", "s8", "s32") == 2        # the conv and the linear
+  assert census.lowered.float == 0 and census.compiled.float == 0
+  assert type(nnx_net.fc) is nnx.Linear                        # the user's module untouched
+  # the fake-quant (QAT, ranges frozen at the calibration) model computes the same thing
+  qnet = quant.qat(nnx_net)
+  for name in ("conv", "fc"):
+    getattr(qnet, name).quant_input_amax[...] = stats[name]["input_amax"]
+  qnet.eval()
+  fq = nnx.jit(lambda m, x: m(x))(qnet, x)
+  step = float(jnp.max(jnp.abs(fq))) / 127
+  assert 0 < float(jnp.max(jnp.abs(y8 - fq))) <= step
+  w_only = jax.jit(lambda qp, x: quant.int8_apply(nnx_net, qp, None, x, weight_only=True))
+  assert quant.int8_dot_census(w_only, qp, x).lowered.int8 == 0
+  np.testing.assert_allclose(w_only(qp, x), nnx_net(x), atol=0.05 * float(jnp.max(jnp.abs(fq))))
+  with pytest.raises(ValueError, match="no QArray"):
+    quant.int8_apply(nnx_net, nnx.to_pure_dict(nnx.state(nnx_net, nnx.Param)), stats, x)
+
+
 def test_int8_dot_general_and_einsum_general_shapes():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((3, 5, 6)), jnp.float32)

@@ -137,6 +137,7 @@ class _Serve(_Mode):
       return base(x, w, window_strides, padding, **kw)
     kw.pop("precision", None)
     kw.pop("preferred_element_type", None)
+    kw.pop("out_sharding", None)
     return ops.int8_conv(x, a[0], a[1], window_strides, padding, op=op, **kw)
 
   def einsum(self, ctx, op, rule, eq, x, w, **kw):
@@ -364,9 +365,30 @@ def _reduce(mode, method):
   return {op: agg(jnp.stack(v)) for op, v in mode.sink.items()}
 
 
-def int8_apply(model: nn.Module, qvariables: Any, calibration: Any = None, *args,
-               rules: Any = None, bits: int = 8, weight_only: bool = False, **kwargs):
-  """Runs a linen ``model`` with QArray weights through real int8 ops.
+def _nnx_int8_apply(model, qparams, calibration, args, kwargs, rs, bits, weight_only):
+  """NNX serving: a clone with the dequantized weights, whose quantized ``nnx.Linear`` /
+  ``nnx.Conv`` calls run :class:`_Serve` (``s8 x s8 -> s32``) on the QArray kernels."""
+  qmap = {p: q for p, q in _tree.leaves_with_paths(qparams, is_leaf=is_qarray) if is_qarray(q)}
+  if not qmap:
+    raise ValueError("int8_apply: qvariables has no QArray leaf; run "
+                     "quantize_params(nnx.to_pure_dict(nnx.state(model, nnx.Param))) first")
+  m = nnx.clone(model)
+  nnx.update(m, _rules.dequantize_params(qparams))
+  if weight_only:
+    return m(*args, **kwargs)
+  if calibration is None:
+    raise ValueError("int8_apply: no calibration; pass calibrate(...)'s quant_stats")
+  m = _nnx_install(m, _Serve(rs, bits, qmap, flat_stats(calibration), prefix=""))
+  return m(*args, **kwargs)
+
+
+def int8_apply(model: nn.Module | nnx.Module, qvariables: Any, calibration: Any = None,
+               *args, rules: Any = None, bits: int = 8, weight_only: bool = False, **kwargs):
+  """Runs a linen or NNX ``model`` with QArray weights through real int8 ops.
+
+  For an NNX module, ``qvariables`` is
+  ``quantize_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), rules)`` (kernel
+  paths like ``"fc/kernel"``); the module itself is left untouched (a clone runs).
 
   Every op whose kernel is a :class:`QArray` and whose rule has ``act_bits`` runs as
   ``s8 x s8 -> s32`` (``ops.int8_dot_general`` / ``int8_conv`` / ``int8_einsum``) with
@@ -383,6 +405,8 @@ def int8_apply(model: nn.Module, qvariables: Any, calibration: Any = None, *args
     rules: the rules used for :func:`quantize_params` (they carry ``act_bits``).
   """
   rs = _rules.as_rules(rules, bits=bits)
+  if isinstance(model, nnx.Module):
+    return _nnx_int8_apply(model, qvariables, calibration, args, kwargs, rs, bits, weight_only)
   qmap = {p: q for p, q in _tree.leaves_with_paths(qvariables, is_leaf=is_qarray) if is_qarray(q)}
   if not qmap:
     raise ValueError("int8_apply: qvariables has no QArray leaf; run quantize_params first")
