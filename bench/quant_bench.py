@@ -13,6 +13,16 @@ per-example absmax). That is the ``qwix`` row and the target ratio. qwix's defau
 (``qwix-dyn``: dynamic activation scales recomputed per example each step, no
 statistics) is printed too, for reference.
 
+Known gap (measured, see the commit log): qwix's QT step runs the forward dots/convs on
+int8 codes (XLA:CPU/YNNPACK int8 kernels beat f32 there) and, for dots, takes the
+backward from the *original* float operands (``use_original_residuals``), so it never
+materializes a float fake-quant weight. Ours computes the exact STE gradient of the
+fake-quant graph (``dx = mask * g fq(w)^T``), which needs ``fq(w)`` in float32: for the
+4096x128 Dense kernel that is 2 MB written and read per step that qwix does not move.
+An int8-forward variant of ours with the same exact STE (int8 codes + 1-byte mask as
+residuals) measured 2-5% slower than the float path, because the backward still has
+to dequantize, so it was not kept.
+
 qwix is an optional bench dependency (``pip install qwix``); without it the QAT
 comparison is skipped with a message and the script still exits 0.
 
