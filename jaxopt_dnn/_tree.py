@@ -20,11 +20,16 @@ PyTree = Any
 
 
 def path_str(path: Sequence[Any]) -> str:
-  """Renders a JAX key path as ``a/b/0/c`` (NNX ``.value`` suffixes dropped)."""
-  s = jax.tree_util.keystr(tuple(path), simple=True, separator="/")
-  if s.endswith("/value"):
-    s = s[: -len("/value")]
-  return s
+  """Renders a JAX key path as ``a/b/0/c``.
+
+  A trailing attribute key ``.value`` (how an NNX ``Variable`` flattens) is dropped, so
+  linen and NNX kernels are both ``.../kernel``. Only an attribute key is dropped: a
+  dict key named ``value`` (e.g. a ``QArray``'s integer values) stays in the path.
+  """
+  path = tuple(path)
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+    path = path[:-1]
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def leaves_with_paths(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None):

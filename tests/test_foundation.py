@@ -29,3 +29,16 @@ def test_batches_cover_epoch_once():
 
 def test_public_api_has_version():
   assert isinstance(jaxopt_dnn.__version__, str)
+
+
+def test_path_strings_name_linen_nnx_and_qarray_leaves_apart():
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from jaxopt_dnn import _tree, quant
+  nnx_paths = [p for p, _ in _tree.leaves_with_paths(
+      nnx.state(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.Param))]
+  assert nnx_paths == ["bias", "kernel"]
+  q = quant.quantize_params({"Dense_0": {"kernel": jnp.ones((4, 3))}})
+  assert [p for p, _ in _tree.leaves_with_paths(q)] == ["Dense_0/kernel/value",
+                                                        "Dense_0/kernel/scale"]

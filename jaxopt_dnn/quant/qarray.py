@@ -74,7 +74,7 @@ class QArray:
   ndim = property(lambda self: len(self._meta.shape))
 
   def tree_flatten_with_keys(self):
-    k = jax.tree_util.GetAttrKey
+    k = jax.tree_util.DictKey   # not GetAttrKey: ".value" is how NNX Variables flatten
     return (((k("value"), self.value), (k("scale"), self.scale),
              (k("zero_point"), self.zero_point)), self._meta)
 
