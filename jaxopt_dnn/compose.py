@@ -267,7 +267,11 @@ def serving(recipe: Recipe, model: Any, state: TrainState,
   policy = precision_lib.Policy.from_string(recipe.precision.policy)
   q = recipe.quant
   if q.mode == "none":
-    fwd = model.apply if _is_fp32(policy) else precision_lib.with_policy(model.apply, policy)
+    if _is_fp32(policy):
+      fwd = model.apply
+    else:   # serve (and store) the weights in the compute dtype; norms stay float32
+      fwd = precision_lib.with_policy(model.apply, policy)
+      variables = policy.cast_to_compute(variables)
     fn = jax.jit(lambda v, x: fwd(v, x, **kwargs).astype(jnp.float32))
     return Serving(fn, variables, sparsity_lib.pack_sparse(variables), False)
   if q.mode == "qat":

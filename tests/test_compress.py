@@ -54,19 +54,25 @@ def test_compress_variants_do_what_they_say(run):
   assert r["combined"]["disk_bytes"] <= 0.10 * base["disk_bytes"]
   assert r["distilled"]["params"] < 0.3 * base["params"]
   assert r["bf16"]["recipe"]["precision"]["policy"] == "bf16"
+  assert r["bf16"]["disk_bytes"] < 0.55 * base["disk_bytes"]     # served in bfloat16
 
 
 @pytest.mark.slow
-def test_inspect_and_export_round_trip(run, tmp_path, capsys):
+@pytest.mark.parametrize("variant", ["combined", "bf16"])
+def test_inspect_and_export_round_trip(run, tmp_path, capsys, variant):
   out, _ = run
-  ckpt = os.path.join(out, "combined", "serve")
+  ckpt = os.path.join(out, variant, "serve")
   assert cli.main(["inspect", ckpt]) == 0
   text = capsys.readouterr().out
-  assert "bitmask+values" in text and "int8" in text and "bytes on disk" in text
+  assert "bytes on disk" in text
+  if variant == "combined":
+    assert "bitmask+values" in text and "int8" in text
+  else:
+    assert "bfloat16" in text
   fn, variables, _, recipe = artifacts.load_serving(ckpt)
-  assert recipe.name == "combined"
+  assert recipe.name == variant
   x = data.load_digits().x_test[:3]
-  path = str(tmp_path / "combined.stablehlo")
+  path = str(tmp_path / f"{variant}.stablehlo")
   assert cli.main(["export", ckpt, "--out", path, "--batch", "3"]) == 0
   code = ("import sys, numpy as np; from jaxopt_dnn import compile as c; "
           "f = c.load_exported(sys.argv[1]); x = np.load(sys.argv[2]); "
