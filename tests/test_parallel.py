@@ -224,7 +224,7 @@ def test_data_parallel_forms_agree_with_one_device(problem):
 
 
 def test_real_qarrays_int8_and_packed_int4_follow_params():
-  quant = pytest.importorskip("jaxopt_dnn.quant.fake")
+  from jaxopt_dnn.quant import fake as quant
   params = {"a": jnp.linspace(-1, 1, 32 * 16).reshape(32, 16),
             "b": jnp.linspace(-1, 1, 16 * 24).reshape(16, 24)}
   mesh = parallel.make_mesh(data=2, fsdp=4)

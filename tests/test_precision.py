@@ -64,7 +64,7 @@ def test_casts_touch_only_floating_leaves():
 
 
 def test_real_qarray_values_and_scales_are_never_cast():
-  fake = pytest.importorskip("jaxopt_dnn.quant.fake")
+  from jaxopt_dnn.quant import fake
   q = fake.quantize(jnp.linspace(-1, 1, 24).reshape(4, 6), bits=8, axis=1)
   tree = {"q": q, "w": jnp.ones(3)}
   for cast in ("cast_to_compute", "cast_to_param", "cast_to_output"):
