@@ -73,9 +73,14 @@ def bench_qat(model, params, x, y, rounds, steps):
     return
   tx = optax.adam(1e-3)
   ours = quant.qat(model)
+  ours_i8 = quant.qat(model, estimator="int8_forward")
 
   def ours_loss(p, s, x, y):
     logits, upd = ours.apply({"params": p, "quant_stats": s}, x, mutable=["quant_stats"])
+    return _xent(logits, y), upd["quant_stats"]
+
+  def ours_i8_loss(p, s, x, y):
+    logits, upd = ours_i8.apply({"params": p, "quant_stats": s}, x, mutable=["quant_stats"])
     return _xent(logits, y), upd["quant_stats"]
 
   def qwix_model(static):
@@ -98,6 +103,7 @@ def bench_qat(model, params, x, y, rounds, steps):
 
   contenders = {
       "ours": (_train_step(ours_loss, tx), ours.init_stats(params, x)),
+      "ours-i8f": (_train_step(ours_i8_loss, tx), ours_i8.init_stats(params, x)),
       "qwix": (_train_step(qwix_loss, tx), qwix_stats),
       "qwix-dyn": (_train_step(qwix_dyn_loss, tx), {}),
       "fp32": (_train_step(fp32_loss, tx), {}),
@@ -122,7 +128,9 @@ def bench_qat(model, params, x, y, rounds, steps):
     order = list(fns) if r % 2 == 0 else list(fns)[::-1]
     for k in order:
       times[k].append(_time(fns[k], steps))
-  ratio = lambda k: statistics.median([a / b for a, b in zip(times["ours"], times[k])])  # noqa: E731
+  def ratio(k, num="ours"):
+    return statistics.median([a / b for a, b in zip(times[num], times[k])])
+
   for k, v in times.items():
     print(f"QAT step {k:8s}: median {statistics.median(v) * 1e3:8.3f} ms")
   print(f"QAT step median ratio ours/qwix = {ratio('qwix'):.3f} (target <= 1.0; like for "
@@ -131,6 +139,9 @@ def bench_qat(model, params, x, y, rounds, steps):
   print(f"QAT step median ratio ours/qwix-dyn = {ratio('qwix-dyn'):.3f} (qwix default: "
         "dynamic per-example activation scales, no running stats; reference only)")
   print(f"QAT step median ratio ours/fp32 = {ratio('fp32'):.3f}")
+  print(f"QAT step median ratio ours-i8f/qwix = {ratio('qwix', 'ours-i8f'):.3f} (ours with "
+        "estimator='int8_forward': s8 x s8 -> s32 forward, gradients at the original "
+        "operands, the same estimator as qwix's QT with unquantized gradients)")
 
 
 def bench_serving(model, params, ds, rounds, steps):

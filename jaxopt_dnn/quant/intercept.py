@@ -60,11 +60,40 @@ class _Mode:
                            method=rule.method, name=f"{op}/kernel")
 
 
+def _int8_forward(int8_fn, float_fn, x, w, x_scale):
+  """``int8_fn(x, w, x_scale)`` forward; gradients of ``float_fn(x, w)`` at the original
+  float operands (the "original residuals" estimator of AQT / qwix: no fake-quant weight
+  is materialised and no clip mask is applied in the backward pass)."""
+
+  @jax.custom_vjp
+  def f(x, w, x_scale):
+    return int8_fn(x, w, x_scale)
+
+  def fwd(x, w, x_scale):
+    return int8_fn(x, w, x_scale), (x, w, x_scale)
+
+  def bwd(res, g):
+    x, w, x_scale = res
+    _, vjp = jax.vjp(float_fn, x, w)
+    dx, dw = vjp(g)
+    return dx, dw, jnp.zeros_like(x_scale)
+
+  f.defvjp(fwd, bwd)
+  return f(x, w, x_scale)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Qat(_Mode):
-  """Fake-quant weights (per rule) and activations (per tensor, EMA range)."""
+  """Fake-quant weights (per rule) and activations (per tensor, EMA range).
+
+  ``estimator="ste"``: float fake-quant with the straight-through estimator (exact
+  clip-range gradients). ``estimator="int8_forward"``: dots/convs run as s8 x s8 -> s32
+  in the forward pass (what serving runs), gradients taken at the original float
+  operands (AQT/qwix "original residuals"); einsums keep the ``ste`` path.
+  """
 
   momentum: float = 0.99
+  estimator: str = "ste"
 
   def _x(self, ctx, op, rule, x):
     if rule.act_bits is None:
@@ -72,11 +101,38 @@ class _Qat(_Mode):
     amax = ctx.amax(op, x, self.momentum)
     return fake.fake_quant_with(x, fake.scale_from_absmax(amax, rule.act_bits), bits=rule.act_bits)
 
+  def _int8_scale(self, ctx, op, rule, x):
+    """The activation scale if this op runs int8 in the forward pass, else None."""
+    if self.estimator != "int8_forward" or rule.act_bits is None:
+      return None
+    if not rule.symmetric:
+      raise ValueError(f"qat(estimator='int8_forward'): op {op!r} has an asymmetric rule; "
+                       "the int8 path needs symmetric weights")
+    return jax.lax.stop_gradient(
+        fake.scale_from_absmax(ctx.amax(op, x, self.momentum), rule.act_bits))
+
+  def _qw(self, op, rule, w):
+    return fake.quantize(w, bits=rule.bits, axis=rule.axis, symmetric=True,
+                         method=rule.method, name=f"{op}/kernel")
+
   def dot(self, ctx, op, rule, base, x, w, dn, **kw):
+    sx = self._int8_scale(ctx, op, rule, x)
+    if sx is not None:
+      return _int8_forward(
+          lambda x, w, sx: ops.int8_dot_general(x, self._qw(op, rule, w), sx, dn, op=op),
+          lambda x, w: base(x, w, dn, **kw), x, w, sx)
     return base(self._x(ctx, op, rule, x), self._wq(op, rule, w), dn, **kw)
 
-  def conv(self, ctx, op, rule, base, x, w, *a, **kw):
-    return base(self._x(ctx, op, rule, x), self._wq(op, rule, w), *a, **kw)
+  def conv(self, ctx, op, rule, base, x, w, window_strides, padding, **kw):
+    sx = self._int8_scale(ctx, op, rule, x)
+    if sx is not None:
+      ikw = {k: v for k, v in kw.items()
+             if k not in ("precision", "preferred_element_type", "out_sharding")}
+      return _int8_forward(
+          lambda x, w, sx: ops.int8_conv(x, self._qw(op, rule, w), sx, window_strides,
+                                         padding, op=op, **ikw),
+          lambda x, w: base(x, w, window_strides, padding, **kw), x, w, sx)
+    return base(self._x(ctx, op, rule, x), self._wq(op, rule, w), window_strides, padding, **kw)
 
   def einsum(self, ctx, op, rule, eq, x, w, **kw):
     return jnp.einsum(eq, self._x(ctx, op, rule, x), self._wq(op, rule, w), **kw)
@@ -221,9 +277,11 @@ class QatModel:
   rules: tuple | None = None
   bits: int = 8
   momentum: float = 0.99
+  estimator: str = "ste"
 
   def _ctx(self):
-    return nn.intercept_methods(linen_interceptor(_Qat(self.rules, self.bits, self.momentum)))
+    return nn.intercept_methods(linen_interceptor(
+        _Qat(self.rules, self.bits, self.momentum, self.estimator)))
 
   def init(self, *args, **kwargs):
     with self._ctx():
@@ -299,7 +357,8 @@ def _nnx_install(model: nnx.Module, mode: _Mode) -> nnx.Module:
 
 
 # --------------------------------------------------------------------------- API
-def qat(model: Any, rules: Any = None, *, bits: int = 8, momentum: float = 0.99):
+def qat(model: Any, rules: Any = None, *, bits: int = 8, momentum: float = 0.99,
+        estimator: str = "ste"):
   """Quantization-aware training wrapper for an unmodified Flax model.
 
   Args:
@@ -309,14 +368,20 @@ def qat(model: Any, rules: Any = None, *, bits: int = 8, momentum: float = 0.99)
       ``model.eval()``).
     rules: see :mod:`jaxopt_dnn.quant.rules` (default: W8A8 per-channel everywhere).
     momentum: EMA momentum ``m`` of the activation ranges.
+    estimator: ``"ste"`` (default): float fake-quant, straight-through gradients inside
+      the clip range. ``"int8_forward"``: Dense/Conv run s8 x s8 -> s32 in the forward
+      pass, gradients at the original float operands (AQT/qwix "original residuals";
+      faster where int8 kernels are, a different gradient than ``"ste"``).
   """
   rs = _rules.as_rules(rules, bits=bits)
   if not 0.0 <= momentum < 1.0:
     raise ValueError(f"qat: momentum must be in [0, 1), got {momentum!r}")
+  if estimator not in ("ste", "int8_forward"):
+    raise ValueError(f"qat: estimator must be 'ste' or 'int8_forward', got {estimator!r}")
   if isinstance(model, nnx.Module):
-    return _nnx_install(model, _Qat(rs, bits, momentum))
+    return _nnx_install(model, _Qat(rs, bits, momentum, estimator))
   if isinstance(model, nn.Module):
-    return QatModel(model, rs, bits, momentum)
+    return QatModel(model, rs, bits, momentum, estimator)
   raise TypeError(f"qat: expected a flax linen or nnx Module, got {type(model).__name__}")
 
 
