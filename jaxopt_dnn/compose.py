@@ -135,7 +135,7 @@ def build(recipe: Recipe, sample_x: Any, *, num_classes: int = 10,
 
   apply_fn = model.apply
   if recipe.quant.mode == "qat":
-    qm = quant_lib.qat(model, bits=recipe.quant.bits)
+    qm = quant_lib.qat(model, bits=recipe.quant.bits, estimator=recipe.quant.estimator)
     apply_fn = qm.apply
     collections[QUANT_STATS] = qm.init_stats(params, sample_x, **(
         {"train": False} if _takes_train(model) else {}))

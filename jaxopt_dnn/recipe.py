@@ -68,6 +68,7 @@ class QuantConfig:
   weight_only: bool = False
   calibration: str = "absmax"       # absmax | percentile | mse
   calibration_batches: int = 4
+  estimator: str = "ste"            # qat gradient: ste | int8_forward (see quant.qat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +182,7 @@ _CHOICES = {
     ("PruneConfig", "distribution"): ("uniform", "erk"),
     ("QuantConfig", "mode"): ("none", "ptq", "qat"),
     ("QuantConfig", "calibration"): ("absmax", "percentile", "mse"),
+    ("QuantConfig", "estimator"): ("ste", "int8_forward"),
     ("PrecisionConfig", "loss_scale"): ("none", "static", "dynamic"),
     ("MeshConfig", "strategy"): ("replicated", "data_parallel", "fsdp"),
 }

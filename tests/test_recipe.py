@@ -52,6 +52,7 @@ def test_unknown_key_lists_valid_ones_and_suggests():
     ({"prune": {"sparsity": 1.0}}, r"sparsity must be in \[0, 1\)"),
     ({"optimizer": 3}, "recipe.optimizer must be a mapping"),
     ({"quant": {"bits": 4, "mode": "ptq"}}, "weight_only"),
+    ({"quant": {"estimator": "magic"}}, "estimator='magic'"),
 ])
 def test_bad_values(bad, match):
   with pytest.raises((TypeError, ValueError), match=match):
