@@ -71,6 +71,12 @@ class DotCensus:
     return self.count("s8", "s8")
 
   @property
+  def integer(self) -> int:
+    """Ops with integer operands: s8 x s8, plus s8 inputs that XLA widened (e.g. to s32
+    for a tiny conv on CPU); no float math."""
+    return sum(self.count(lhs=t) for t in ("s8", "s16", "s32", "u8", "s4", "u4"))
+
+  @property
   def total(self) -> int:
     return sum(self.dots.values()) + sum(self.convs.values())
 

@@ -135,10 +135,14 @@ def build(recipe: Recipe, sample_x: Any, *, num_classes: int = 10,
 
   apply_fn = model.apply
   if recipe.quant.mode == "qat":
+    if isinstance(model, models_lib.NnxModel):
+      raise ValueError(f"recipe {recipe.name!r}: quant.mode='qat' through a recipe needs a linen "
+                       "model; for NNX use jaxopt_dnn.quant.qat(nnx_module) directly")
     qm = quant_lib.qat(model, bits=recipe.quant.bits, estimator=recipe.quant.estimator)
     apply_fn = qm.apply
-    collections[QUANT_STATS] = qm.init_stats(params, sample_x, **(
-        {"train": False} if _takes_train(model) else {}))
+    _, stats = qm.apply({"params": params, **collections}, sample_x, mutable=[QUANT_STATS],
+                        **({"train": False} if _takes_train(model) else {}))
+    collections[QUANT_STATS] = stats[QUANT_STATS]
   policy = precision_lib.Policy.from_string(recipe.precision.policy)
   if not _is_fp32(policy):
     apply_fn = precision_lib.with_policy(apply_fn, policy)
@@ -233,9 +237,11 @@ def _is_fp32(policy: precision_lib.Policy) -> bool:
 
 
 def _takes_train(model) -> bool:
+  """Whether the model's forward takes ``train=`` (linen ``__call__`` or a wrapper's ``apply``)."""
   import inspect
+  fn = getattr(type(model), "__call__", None) or getattr(model, "apply", None)
   try:
-    return "train" in inspect.signature(model.__call__).parameters
+    return fn is not None and "train" in inspect.signature(fn).parameters
   except (TypeError, ValueError):
     return False
 
@@ -274,10 +280,16 @@ def serving(recipe: Recipe, model: Any, state: TrainState,
       variables = policy.cast_to_compute(variables)
     fn = jax.jit(lambda v, x: fwd(v, x, **kwargs).astype(jnp.float32))
     return Serving(fn, variables, sparsity_lib.pack_sparse(variables), False)
+  # NNX models (behind models.NnxModel) are quantized as NNX modules: the hooks see
+  # nnx.Linear / nnx.Conv, and their kernel paths are relative to the params.
+  nnx_module = model.module(variables) if isinstance(model, models_lib.NnxModel) else None
   if q.mode == "qat":
     stats = state.extra["collections"][QUANT_STATS]
   elif q.weight_only:
     stats = None
+  elif nnx_module is not None:
+    stats = quant_lib.calibrate(lambda m, x: m(x), nnx_module, calibration_batches,
+                                method=q.calibration, max_batches=q.calibration_batches)
   else:
     stats = quant_lib.calibrate(lambda v, x: model.apply(v, x, **kwargs), variables,
                                 calibration_batches, method=q.calibration,
@@ -287,8 +299,12 @@ def serving(recipe: Recipe, model: Any, state: TrainState,
     qvars[QUANT_STATS] = stats   # saved with the weights: the int8 path needs both
 
   def fn(v, x):
-    out = quant_lib.int8_apply(model, v, None, x, bits=q.bits, weight_only=q.weight_only,
-                               **kwargs)
+    if nnx_module is not None:
+      out = quant_lib.int8_apply(nnx_module, v["params"], v.get(QUANT_STATS), x, bits=q.bits,
+                                 weight_only=q.weight_only)
+    else:
+      out = quant_lib.int8_apply(model, v, None, x, bits=q.bits, weight_only=q.weight_only,
+                                 **kwargs)
     return out.astype(jnp.float32)
 
   return Serving(jax.jit(fn), qvars, sparsity_lib.pack_sparse(qvars), not q.weight_only)

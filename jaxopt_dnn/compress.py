@@ -33,11 +33,22 @@ from jaxopt_dnn.sparsity.export import PackedArray
 CNN_HIDDEN = r"^(?!Conv_0/|Dense_1/).*kernel$"
 
 
+# A smaller student of each reference model, for the distillation variant.
+STUDENTS = {
+    "cnn": {"features": (16, 32), "dense": 64},
+    "cnn_bn": {"features": (16, 32), "dense": 64},
+    "mlp": {"features": (32,)},
+    "resnet": {"features": (8, 16)},
+    "transformer": {"d_model": 16, "mlp_dim": 32, "num_layers": 1},
+    "nnx_cnn": {"features": (8, 16), "dense": 32},
+}
+
+
 def default_variants(base: Recipe) -> dict[str, Recipe]:
   """The variants of ``jaxopt-dnn compress``, derived from ``base`` (the baseline)."""
-  rules = CNN_HIDDEN if base.model == "cnn" else None
+  rules = CNN_HIDDEN if base.model in ("cnn", "cnn_bn") else None
   ft = max(base.steps // 2, 1)
-  return {
+  variants = {
       "baseline": base.replace(name="baseline"),
       "pruned90": base.replace(name="pruned90", init_from="baseline", steps=ft,
                                prune={"method": "magnitude", "sparsity": 0.9, "begin": 0.0,
@@ -49,13 +60,18 @@ def default_variants(base: Recipe) -> dict[str, Recipe]:
                                optimizer={"learning_rate": base.optimizer.learning_rate / 4},
                                quant={"mode": "qat"}),
       "bf16": base.replace(name="bf16", precision={"policy": "bf16"}),
-      "distilled": base.replace(name="distilled", model_kwargs={"features": (16, 32), "dense": 64},
+      "distilled": base.replace(name="distilled",
+                                model_kwargs={**dict(base.model_kwargs),
+                                              **STUDENTS.get(base.model, {})},
                                 distill={"teacher": "baseline"}),
       "combined": base.replace(name="combined", init_from="baseline", steps=ft,
                                precision={"policy": "bf16"}, quant={"mode": "ptq"},
                                prune={"method": "magnitude", "sparsity": 0.8, "begin": 0.0,
                                       "end": 0.5, "rules": rules}),
   }
+  if base.model == "nnx_cnn":   # recipe-driven QAT is linen-only (see compose.build)
+    del variants["int8_qat"]
+  return variants
 
 
 @dataclasses.dataclass
@@ -170,7 +186,7 @@ def run_variant(recipe: Recipe, ds: data_lib.Dataset, out: str, *,
       params=params, nonzeros=nnz,
       disk_bytes=checkpoint.checkpoint_bytes(serve_dir),
       flops_per_example=None if report.flops is None else report.flops / len(xb),
-      int8_dots=report.census.int8, recipe=recipe.to_dict())
+      int8_dots=report.census.integer, recipe=recipe.to_dict())
   variables = {"params": state.params, **{k: v for k, v in state.extra["collections"].items()
                                           if k != compose.QUANT_STATS}}
   return result, (built.model, variables)
@@ -186,6 +202,9 @@ def compress(base: Recipe, ds: data_lib.Dataset, out: str, *,
   unknown = [n for n in names if n not in recipes]
   if unknown:
     raise ValueError(f"unknown variant(s) {unknown}; valid: {list(recipes)}")
+  if os.path.isdir(out) and os.listdir(out):
+    raise ValueError(f"output directory {out!r} is not empty; choose a new --out (results and "
+                     "checkpoints of different runs are never mixed)")
   os.makedirs(out, exist_ok=True)
   trained: dict[str, tuple[Any, Any]] = {}
   results = []

@@ -70,7 +70,8 @@ def markdown(results: Sequence[Any], *, title: str = "jaxopt-dnn compress",
 
 NOTES = (
     "accuracy: of the serving function on the test split (int8 variants run real "
-    "s8 x s8 -> s32 dots; `int8 dots` counts them in the compiled HLO).",
+    "s8 x s8 -> s32 dots/convs; `int8 dots` counts the integer ones in the compiled HLO, "
+    "where XLA may widen a tiny s8 conv to s32).",
     "disk bytes: the orbax checkpoint of the serving variables, sparse leaves packed as "
     "bitmask + kept values; `disk x` is relative to the first row.",
     "Masks give no speedup on dense CPUs: a pruned model's latency and FLOPs equal the "

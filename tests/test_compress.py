@@ -129,3 +129,27 @@ def test_build_sharded_equals_single_device():
   k = finals[1]["Dense_0"]["kernel"]
   assert (k == 0).sum() == k.size // 2
   assert sparsity.sparsity_report(finals[0]).pruned_zeros == sparsity.sparsity_report(finals[1]).pruned_zeros
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,variants", [("cnn_bn", ["baseline", "int8_qat", "bf16"]),
+                                            ("nnx_cnn", ["baseline", "int8_ptq"])])
+def test_compress_other_models(model, variants, tmp_path):
+  """BatchNorm models through QAT (batch_stats kept), NNX models through int8 PTQ."""
+  ds = data.load_digits()
+  results = compress.compress(Recipe(model=model, steps=20), ds, str(tmp_path / model),
+                              variants=variants)
+  by_name = {r.name: r for r in results}
+  int8 = [n for n in variants if n.startswith("int8")][0]
+  assert by_name[int8].int8_dots >= 3
+  assert by_name[int8].accuracy >= by_name["baseline"].accuracy - 0.05
+  if model == "nnx_cnn":
+    assert "int8_qat" not in compress.default_variants(Recipe(model=model))
+    with pytest.raises(ValueError, match="linen"):
+      compose.build(Recipe(model=model, quant={"mode": "qat"}), ds.x_train[:2])
+
+
+def test_compress_refuses_a_used_output_directory(tmp_path):
+  (tmp_path / "old.txt").write_text("x")
+  with pytest.raises(ValueError, match="not empty"):
+    compress.compress(Recipe(steps=1), data.load_digits(), str(tmp_path), variants=["baseline"])

@@ -42,3 +42,17 @@ def test_path_strings_name_linen_nnx_and_qarray_leaves_apart():
   q = quant.quantize_params({"Dense_0": {"kernel": jnp.ones((4, 3))}})
   assert [p for p, _ in _tree.leaves_with_paths(q)] == ["Dense_0/kernel/value",
                                                         "Dense_0/kernel/scale"]
+
+
+def test_census_counts_integer_ops_including_widened_ones():
+  from jaxopt_dnn import _hlo
+  text = "\n".join([
+      "  %a = s8[4,4]{1,0} parameter(0)",
+      "  %b = s32[4,4]{1,0} parameter(1)",
+      "  %c = f32[4,4]{1,0} parameter(2)",
+      "  %d = s32[4,4]{1,0} dot(%a, %a), lhs_contracting_dims={1}, rhs_contracting_dims={0}",
+      "  %e = s32[4,4]{1,0} convolution(%b, %b), window={size=1}",
+      "  ROOT %f = f32[4,4]{1,0} dot(%c, %c), lhs_contracting_dims={1}, rhs_contracting_dims={0}",
+  ])
+  census = _hlo.census_from_hlo(text)
+  assert census.int8 == 1 and census.integer == 2 and census.float == 1 and census.total == 3
