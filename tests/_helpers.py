@@ -21,3 +21,48 @@ def np_init(model, x_shape, seed=0):
     return np.full(s.shape, fill, np.float32)
 
   return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def free_port() -> int:
+  """A free TCP port on the loopback interface."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_processes(argvs, *, timeout_s: float, what: str, cwd=None):
+  """Runs one JAX process per argv (CPU platform, no XLA_FLAGS) and waits, bounded.
+
+  Every wait shares one deadline; on timeout every process is killed and the test
+  fails (a process that never joins must not hang the suite). Returns
+  ``(logs, seconds)``; a non-zero exit fails with the tail of that process's log.
+  """
+  import os
+  import subprocess
+  import sys
+  import time
+
+  import pytest
+
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
+           for argv in argvs]
+  t0 = time.perf_counter()
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=max(1.0, timeout_s - (time.perf_counter() - t0)))[0])
+  except subprocess.TimeoutExpired:
+    pytest.fail(f"{what} did not finish within {timeout_s} s")
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  elapsed = time.perf_counter() - t0
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0, f"{what}: process {i} exited with {p.returncode}:\n{log[-4000:]}"
+  return logs, elapsed

@@ -6,61 +6,26 @@ process already has 8 devices. Every wait is bounded and the workers are killed 
 timeout, so a process that never joins fails the test instead of hanging it.
 """
 
-import os
 import pathlib
-import socket
-import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
+from _helpers import free_port, run_processes
 from jaxopt_dnn import parallel
 
 HERE = pathlib.Path(__file__).parent
 TIMEOUT_S = 240
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _run_workers(out: pathlib.Path, n: int = 2) -> tuple[list[str], float]:
-  port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-  env.pop("XLA_FLAGS", None)
-  procs = [subprocess.Popen(
-      [sys.executable, str(HERE / "_multihost_worker.py"), "--process-id", str(i),
-       "--num-processes", str(n), "--port", str(port), "--out", str(out)],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-      for i in range(n)]
-  t0 = time.perf_counter()
-  logs = []
-  try:
-    for p in procs:
-      left = max(1.0, TIMEOUT_S - (time.perf_counter() - t0))
-      out_text, _ = p.communicate(timeout=left)
-      logs.append(out_text)
-  except subprocess.TimeoutExpired:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-    for p in procs:
-      p.communicate()
-    pytest.fail(f"multi-host workers did not finish within {TIMEOUT_S} s")
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  elapsed = time.perf_counter() - t0
-  for i, (p, log) in enumerate(zip(procs, logs)):
-    assert p.returncode == 0, f"worker {i} exited with {p.returncode}:\n{log[-4000:]}"
-  return logs, elapsed
+  port = free_port()
+  return run_processes(
+      [[HERE / "_multihost_worker.py", "--process-id", i, "--num-processes", n,
+        "--port", port, "--out", out] for i in range(n)],
+      timeout_s=TIMEOUT_S, what="multi-host workers")
 
 
 @pytest.mark.slow

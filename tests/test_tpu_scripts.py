@@ -11,13 +11,12 @@ import os
 import pathlib
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
+from _helpers import free_port, run_processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tpu_scripts"
@@ -139,12 +138,6 @@ def test_delete_node_or_queued_resource():
   assert "--force" in cmd and "--quiet" in cmd
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_train_tpu_two_processes_on_loopback(tmp_path):
@@ -156,30 +149,12 @@ def test_train_tpu_two_processes_on_loopback(tmp_path):
       "prune": {"method": "magnitude", "sparsity": 0.5, "update_every": 10},
       "quant": {"mode": "ptq", "calibration_batches": 2}}))
   out = tmp_path / "ckpt"
-  port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-  env.pop("XLA_FLAGS", None)
-  procs = [subprocess.Popen(
-      [sys.executable, str(SCRIPTS / "train_tpu.py"), "--coordinator", f"127.0.0.1:{port}",
-       "--num-processes", "2", "--process-id", str(i), "--cpu-devices", "4",
-       "--recipe", str(recipe), "--out", str(out), "--save-every", "20",
-       "--init-timeout", "120"],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
-      for i in range(2)]
-  t0 = time.perf_counter()
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=max(1.0, TIMEOUT_S - (time.perf_counter() - t0)))[0])
-  except subprocess.TimeoutExpired:
-    pytest.fail(f"train_tpu.py workers did not finish within {TIMEOUT_S} s")
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for i, (p, log) in enumerate(zip(procs, logs)):
-    assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{log[-4000:]}"
+  port = free_port()
+  logs, _ = run_processes(
+      [[SCRIPTS / "train_tpu.py", "--coordinator", f"127.0.0.1:{port}", "--num-processes", 2,
+        "--process-id", i, "--cpu-devices", 4, "--recipe", recipe, "--out", out,
+        "--save-every", 20, "--init-timeout", 120] for i in range(2)],
+      timeout_s=TIMEOUT_S, what="train_tpu.py workers", cwd=tmp_path)
   results = [json.loads(next(ln for ln in log.splitlines() if ln.startswith("RESULT "))[7:])
              for log in logs]
   assert [r["process"] for r in results] == [0, 1]
