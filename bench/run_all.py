@@ -38,7 +38,7 @@ def benches(device: str, out_dir: str) -> list[tuple[str, list[str]]]:
        py + [f"{HERE}/pruning_overhead.py"]),
       ("Pruning: channel-shrunk vs masked inference latency", py + [f"{HERE}/shrink_bench.py"]),
       ("Quantization: our QAT step vs qwix QtProvider; int8 vs fp32 serving",
-       py + [f"{HERE}/quant_bench.py"] + ([] if gpu else ["--rounds", "9", "--steps", "10"])),
+       py + [f"{HERE}/quant_bench.py", "--rounds", "21"]),
       ("Precision: fp32 vs our bf16 policy vs jmp bf16 (CNN)",
        py + [f"{HERE}/precision_bench.py"] + (["--size", "large"] if gpu else [])),
       ("Precision: fp32 vs our bf16 policy vs jmp bf16 (ResNet)",
