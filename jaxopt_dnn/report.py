@@ -7,6 +7,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 COLUMNS = (
     # key, header, format
     ("name", "variant", "{}"),
@@ -89,10 +91,16 @@ def plot(results: Sequence[Any], path: str) -> str:
 
   rs = rows(results)
   fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+  placed: list[tuple[float, float]] = []
   for r in rs:
-    ax.scatter(r["disk_bytes"] / 1024, r["accuracy"] * 100, s=40)
-    ax.annotate(r["name"], (r["disk_bytes"] / 1024, r["accuracy"] * 100),
-                textcoords="offset points", xytext=(5, 4), fontsize=8)
+    xy = (r["disk_bytes"] / 1024, r["accuracy"] * 100)
+    ax.scatter(*xy, s=40)
+    # Points that (nearly) coincide get their labels stacked instead of overprinted.
+    near = sum(1 for px, py in placed
+               if abs(np.log(xy[0] / px)) < 0.15 and abs(xy[1] - py) < 0.05)
+    placed.append(xy)
+    ax.annotate(r["name"], xy, textcoords="offset points", xytext=(5, 4 - 11 * near),
+                fontsize=8)
   ax.set_xscale("log")
   ax.set_xlabel("size on disk (KiB, log scale)")
   ax.set_ylabel("test accuracy (%)")
