@@ -16,14 +16,16 @@ from typing import Any
 import numpy as np
 
 
-def _parse_mesh(text: str) -> dict[str, int]:
-  """``"data=4,fsdp=2"`` -> ``{"data": 4, "fsdp": 2}``."""
-  out = {}
+def _parse_mesh(text: str) -> dict[str, Any]:
+  """``"data=4,fsdp=2"`` -> ``{"data": 4, "fsdp": 2, "strategy": "fsdp"}`` (an fsdp axis
+  larger than 1 shards the parameters over it; otherwise they are replicated)."""
+  out: dict[str, Any] = {}
   for part in filter(None, (p.strip() for p in text.split(","))):
     key, _, val = part.partition("=")
     if key not in ("data", "fsdp") or not val.lstrip("-").isdigit():
       raise ValueError(f"--mesh: expected data=N,fsdp=M, got {text!r}")
     out[key] = int(val)
+  out["strategy"] = "fsdp" if out.get("fsdp", 1) > 1 else "data_parallel"
   return out
 
 

@@ -153,3 +153,10 @@ def test_compress_refuses_a_used_output_directory(tmp_path):
   (tmp_path / "old.txt").write_text("x")
   with pytest.raises(ValueError, match="not empty"):
     compress.compress(Recipe(steps=1), data.load_digits(), str(tmp_path), variants=["baseline"])
+
+
+def test_mesh_flag_parsing():
+  assert cli._parse_mesh("data=8") == {"data": 8, "strategy": "data_parallel"}
+  assert cli._parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4, "strategy": "fsdp"}
+  with pytest.raises(ValueError, match="data=N,fsdp=M"):
+    cli._parse_mesh("tensor=2")
