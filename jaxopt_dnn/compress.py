@@ -111,6 +111,8 @@ def _weights(storage: Any) -> tuple[int, int]:
 
 
 def _leaves(tree):
+  """``(path, leaf)`` with packed leaves whole; paths are orbax's raw key names (plain
+  ``keystr``, no NNX ``.value`` folding), as :mod:`jaxopt_dnn.artifacts` reads them back."""
   flat, _ = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=lambda a: isinstance(a, PackedArray))
   return [(jax.tree_util.keystr(p, simple=True, separator="/"), x) for p, x in flat]

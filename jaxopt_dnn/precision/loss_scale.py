@@ -82,14 +82,8 @@ class NoOpLossScale:
     return self
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class StaticLossScale:
-  """A fixed scale ``S``: ``scale(x) = S x``, ``unscale(g) = g / S``."""
-
-  loss_scale: Any
-
-  def __post_init__(self):
-    object.__setattr__(self, "loss_scale", _as_scalar(self.loss_scale, jnp.float32))
+class _ScalesByLossScale:
+  """``scale(x) = S x`` and ``unscale(g) = g / S`` for a class with a ``loss_scale`` field."""
 
   def scale(self, tree: PyTree) -> PyTree:
     return _scale_tree(tree, self.loss_scale)
@@ -97,13 +91,23 @@ class StaticLossScale:
   def unscale(self, tree: PyTree) -> PyTree:
     return _scale_tree(tree, 1.0 / self.loss_scale)
 
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StaticLossScale(_ScalesByLossScale):
+  """A fixed scale ``S``: ``scale(x) = S x``, ``unscale(g) = g / S``."""
+
+  loss_scale: Any
+
+  def __post_init__(self):
+    object.__setattr__(self, "loss_scale", _as_scalar(self.loss_scale, jnp.float32))
+
   def adjust(self, grads_finite: jax.Array) -> StaticLossScale:
     del grads_finite
     return self
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class DynamicLossScale:
+class DynamicLossScale(_ScalesByLossScale):
   """Loss scale that adapts to overflow.
 
   On a step with finite gradients ``counter += 1``; when ``counter == period`` the
@@ -137,12 +141,6 @@ class DynamicLossScale:
     object.__setattr__(self, "min_loss_scale", float(self.min_loss_scale))
     object.__setattr__(self, "loss_scale", _as_scalar(self.loss_scale, jnp.float32))
     object.__setattr__(self, "counter", _as_scalar(self.counter, jnp.int32))
-
-  def scale(self, tree: PyTree) -> PyTree:
-    return _scale_tree(tree, self.loss_scale)
-
-  def unscale(self, tree: PyTree) -> PyTree:
-    return _scale_tree(tree, 1.0 / self.loss_scale)
 
   def adjust(self, grads_finite: jax.Array) -> DynamicLossScale:
     """The next loss scale given whether this step's gradients were all finite."""
