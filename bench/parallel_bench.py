@@ -4,7 +4,7 @@ Run: ``python bench/parallel_bench.py``. On a CPU the devices are virtual
 (``jax_num_cpu_devices=8``) and share the same cores, so this is a correctness-and-
 overhead figure (what sharding and the gradient all-reduce cost), not a speedup claim;
 on a TPU/GPU host the same script measures real scaling. The steps are built by
-``jaxopt_dnn.compose.build`` (``mesh.data = n``) and alternate in one process.
+``jaxopt_dnn.app.compose.build`` (``mesh.data = n``) and alternate in one process.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ if __name__ == "__main__":   # 8 virtual CPU devices (only affects the CPU platf
 sys.path.insert(0, os.path.dirname(__file__))
 from _timing import alternate, machine  # noqa: E402
 
-from jaxopt_dnn import compose, data  # noqa: E402
-from jaxopt_dnn.recipe import Recipe  # noqa: E402
+from jaxopt_dnn.app import compose, data  # noqa: E402
+from jaxopt_dnn.app.recipe import Recipe  # noqa: E402
 
 
 def main(argv=None) -> dict:

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxopt_dnn import _hlo, models
+from jaxopt_dnn import _hlo
+from jaxopt_dnn.app import models
 from jaxopt_dnn import precision as mp
 
 SIZES = {  # model -> size -> constructor kwargs

@@ -18,7 +18,7 @@ import optax
 sys.path.insert(0, os.path.dirname(__file__))
 from _timing import alternate, machine  # noqa: E402
 
-from jaxopt_dnn import data, models  # noqa: E402
+from jaxopt_dnn.app import data, models  # noqa: E402
 from jaxopt_dnn import sparsity as sp  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """QAT train step: jaxopt_dnn.quant vs qwix's QtProvider (W8A8), and int8 vs fp32 serving.
 
-Both QAT steps train the same linen CNN (jaxopt_dnn.models.CNN) on the same digits batch
+Both QAT steps train the same linen CNN (jaxopt_dnn.app.models.CNN) on the same digits batch
 with Adam, W8A8 fake-quant in every Conv/Dense, all inside one jax.jit. The contenders
 run alternately in one process (CPU timings are noisy when the cores are shared); the
 script prints per-contender medians and the median of the per-round ratios ours/qwix.
@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxopt_dnn import data, models, quant
+from jaxopt_dnn import quant
+from jaxopt_dnn.app import data, models
 
 
 def _time(fn, n):

@@ -49,7 +49,7 @@ def benches(device: str, out_dir: str) -> list[tuple[str, list[str]]]:
       ("Matmul ceilings (fp32, bf16, int8)",
        py + [f"{HERE}/matmul_ceiling.py", "--n", "4096" if gpu else "1024"]),
       ("End to end: jaxopt-dnn compress (defaults)",
-       py + ["-m", "jaxopt_dnn.cli", "compress", "--out", os.path.join(out_dir, "compress")]),
+       py + ["-m", "jaxopt_dnn.app.cli", "compress", "--out", os.path.join(out_dir, "compress")]),
   ]
 
 

@@ -19,7 +19,7 @@ BATCH = 64
 
 def batches(num: int = STEPS):
   """The fixed global batch sequence (numpy), identical in every process."""
-  from jaxopt_dnn import data
+  from jaxopt_dnn.app import data
   ds = data.load_digits()
   it = data.infinite_batches(ds.x_train, ds.y_train, BATCH, seed=3)
   return [next(it) for _ in range(num)]
@@ -35,7 +35,7 @@ def init_params():
   import jax.numpy as jnp
   import numpy as np
 
-  from jaxopt_dnn import models
+  from jaxopt_dnn.app import models
   shapes = jax.eval_shape(models.CNN(features=(8, 16), dense=32).init,
                           jax.random.key(0), jnp.ones((1, 8, 8, 1)))["params"]
   rng = np.random.default_rng(0)
@@ -54,7 +54,8 @@ def train(mesh, feed):
   import numpy as np
   import optax
 
-  from jaxopt_dnn import models, parallel
+  from jaxopt_dnn import parallel
+  from jaxopt_dnn.app import models
 
   model = models.CNN(features=(8, 16), dense=32)
   params = init_params()

@@ -30,5 +30,5 @@ def _fixed_seeds():
 
 @pytest.fixture(scope="session")
 def digits():
-  from jaxopt_dnn import data
+  from jaxopt_dnn.app import data
   return data.load_digits()

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxopt_dnn import _hlo, models
+from jaxopt_dnn import _hlo
+from jaxopt_dnn.app import models
 from jaxopt_dnn import compile as jcompile
 
 SUBPROCESS_TIMEOUT = 120

@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxopt_dnn import artifacts, cli, compose, compress, data, sparsity
-from jaxopt_dnn.recipe import Recipe
+from jaxopt_dnn import sparsity
+from jaxopt_dnn.app import artifacts, cli, compose, compress, data
+from jaxopt_dnn.app.recipe import Recipe
 
 STEPS = 120
 
@@ -99,7 +100,7 @@ def test_cli_errors_are_one_line_and_nonzero(tmp_path, capsys):
 
 
 def test_cli_runs_as_console_script(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "jaxopt_dnn.cli", "inspect", str(tmp_path)],
+  proc = subprocess.run([sys.executable, "-m", "jaxopt_dnn.app.cli", "inspect", str(tmp_path)],
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2 and "error" in proc.stderr and "Traceback" not in proc.stderr
 

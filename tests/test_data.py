@@ -5,7 +5,7 @@ import types
 import numpy as np
 import pytest
 
-from jaxopt_dnn import data
+from jaxopt_dnn.app import data
 
 
 def test_batch_at_matches_infinite_stream_and_start():

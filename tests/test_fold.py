@@ -5,7 +5,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxopt_dnn import fold, models
+from jaxopt_dnn import fold
+from jaxopt_dnn.app import models
 
 X = jax.random.uniform(jax.random.key(1), (32, 8, 8, 1))
 

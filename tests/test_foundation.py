@@ -2,7 +2,7 @@ import jax
 import numpy as np
 
 import jaxopt_dnn
-from jaxopt_dnn import data
+from jaxopt_dnn.app import data
 
 
 def test_eight_virtual_devices():

@@ -5,7 +5,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxopt_dnn import models
+from jaxopt_dnn.app import models
 from jaxopt_dnn._tree import leaves_with_paths
 
 X = jnp.ones((4, 8, 8, 1), jnp.float32)

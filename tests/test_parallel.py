@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jax.sharding import AxisType
 
-from jaxopt_dnn import data, models, parallel
+from jaxopt_dnn import parallel
+from jaxopt_dnn.app import data, models
 from _helpers import np_init
 
 P = jax.P

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jaxopt_dnn import _hlo, data, models
+from jaxopt_dnn import _hlo
+from jaxopt_dnn.app import data, models
 from jaxopt_dnn import precision as mp
 from _helpers import np_init
 from jaxopt_dnn.quant import QArray

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from jaxopt_dnn import data, models, quant
+from jaxopt_dnn import quant
+from jaxopt_dnn.app import data, models
 from jaxopt_dnn.quant import ops, qarray
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxopt_dnn import _hlo, models, quant
+from jaxopt_dnn import _hlo, quant
+from jaxopt_dnn.app import models
 
 
 class OneDense(nn.Module):

@@ -11,7 +11,8 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxopt_dnn import models, quant
+from jaxopt_dnn import quant
+from jaxopt_dnn.app import models
 from jaxopt_dnn.quant import ops
 
 

@@ -8,8 +8,8 @@ import optax
 import pytest
 import yaml
 
-from jaxopt_dnn import compose
-from jaxopt_dnn.recipe import OptimizerConfig, Recipe
+from jaxopt_dnn.app import compose
+from jaxopt_dnn.app.recipe import OptimizerConfig, Recipe
 
 
 def _full():
@@ -84,7 +84,7 @@ def test_make_optimizer(schedule, name):
 
 
 def test_make_pruner_reaches_target():
-  from jaxopt_dnn.recipe import PruneConfig
+  from jaxopt_dnn.app.recipe import PruneConfig
   tx = compose.make_pruner(optax.sgd(0.1), PruneConfig(method="magnitude", sparsity=0.5,
                                                        end=0.5, update_every=7), 20)
   params = {"k": jax.random.normal(jax.random.key(0), (8, 8))}

@@ -3,7 +3,7 @@
 import optax
 import pytest
 
-from jaxopt_dnn import models, train
+from jaxopt_dnn.app import models, train
 from jaxopt_dnn import sparsity as sp
 
 HIDDEN = r"^(?!Conv_0/|Dense_1/).*kernel$"   # first conv and classifier stay dense

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jaxopt_dnn import models
+from jaxopt_dnn.app import models
 from jaxopt_dnn import sparsity as sp
 
 

@@ -15,7 +15,8 @@ import optax
 import pytest
 from rich.console import Console
 
-from jaxopt_dnn import checkpoint, models, train
+from jaxopt_dnn import checkpoint
+from jaxopt_dnn.app import models, train
 
 MODEL = models.MLP(features=(32,))
 TX = optax.adam(3e-3)
@@ -159,7 +160,7 @@ def test_classifier_step_updates_batch_stats(digits):
 _CHILD = textwrap.dedent('''
   import os, signal, sys
   import jax, jax.numpy as jnp, numpy as np, optax
-  from jaxopt_dnn import data, models, train
+  from jaxopt_dnn.app import data, models, train
 
   def run(ckpt, out, kill_at):
     d = data.load_digits()

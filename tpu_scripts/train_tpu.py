@@ -22,9 +22,9 @@ Every process runs this program (``tpu_scripts/launch.sh`` starts it with
    from process 0; every process prints one ``RESULT {json}`` line (the tests check
    that all processes agree).
 
-What is trained is a :class:`jaxopt_dnn.recipe.Recipe` (``--recipe FILE``, default the
+What is trained is a :class:`jaxopt_dnn.app.recipe.Recipe` (``--recipe FILE``, default the
 dense digits CNN baseline), composed into one jitted, sharded train step by
-:func:`jaxopt_dnn.compose.build`; explicit flags (``--steps``, ``--lr``...) override it.
+:func:`jaxopt_dnn.app.compose.build`; explicit flags (``--steps``, ``--lr``...) override it.
 
 Run locally as two processes of 4 CPU devices each (what the tests do)::
 
@@ -61,7 +61,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  help="seconds to wait for all processes to join")
   t = ap.add_argument_group("training (flags given explicitly override the recipe)")
   t.add_argument("--recipe", default=None,
-                 help="recipe file (.json/.yaml, see jaxopt_dnn.recipe.Recipe); default: "
+                 help="recipe file (.json/.yaml, see jaxopt_dnn.app.recipe.Recipe); default: "
                       "the dense digits CNN baseline")
   t.add_argument("--steps", type=int, default=None, help="default 600")
   t.add_argument("--batch-size", type=int, default=None, help="global batch size, default 64")
@@ -94,9 +94,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def make_recipe(a: argparse.Namespace):
-  """The run's :class:`~jaxopt_dnn.recipe.Recipe`: ``--recipe`` (or the baseline), with
+  """The run's :class:`~jaxopt_dnn.app.recipe.Recipe`: ``--recipe`` (or the baseline), with
   the explicitly given flags applied on top."""
-  from jaxopt_dnn.recipe import Recipe
+  from jaxopt_dnn.app.recipe import Recipe
 
   r = Recipe.load(a.recipe) if a.recipe else Recipe(name="tpu-baseline")
   top = {k: v for k, v in (("steps", a.steps), ("batch_size", a.batch_size),
@@ -159,7 +159,8 @@ def run(a: argparse.Namespace, *, console=None) -> dict:
   import jax
   import numpy as np
 
-  from jaxopt_dnn import compose, data, parallel, train
+  from jaxopt_dnn import parallel
+  from jaxopt_dnn.app import compose, data, train
 
   recipe = make_recipe(a)
   pid, nproc, n_dev = jax.process_index(), jax.process_count(), jax.device_count()

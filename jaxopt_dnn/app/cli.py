@@ -1,7 +1,7 @@
 """The ``jaxopt-dnn`` command line: ``compress``, ``inspect`` and ``export``.
 
 ``jaxopt-dnn compress`` with no arguments trains the digits CNN baseline and every
-compression variant, and prints the comparison table (see :mod:`jaxopt_dnn.compress`).
+compression variant, and prints the comparison table (see :mod:`jaxopt_dnn.app.compress`).
 Errors in user input (recipe keys, paths, checkpoints) print one line and exit 2.
 """
 
@@ -37,8 +37,8 @@ def _set_cpu_devices(n: int | None) -> None:
 
 def cmd_compress(args) -> int:
   _set_cpu_devices(args.cpu_devices)
-  from jaxopt_dnn import compress, data, report
-  from jaxopt_dnn.recipe import Recipe
+  from jaxopt_dnn.app import compress, data, report
+  from jaxopt_dnn.app.recipe import Recipe
 
   base = Recipe.load(args.recipe) if args.recipe else Recipe()
   changes: dict[str, Any] = {}
@@ -69,14 +69,14 @@ def cmd_compress(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-  from jaxopt_dnn import artifacts
+  from jaxopt_dnn.app import artifacts
 
   print(artifacts.describe(args.checkpoint))
   return 0
 
 
 def cmd_export(args) -> int:
-  from jaxopt_dnn import artifacts
+  from jaxopt_dnn.app import artifacts
 
   path, outputs = artifacts.export_serving(args.checkpoint, args.out, batch=args.batch)
   print(f"exported the serving function of {args.checkpoint} to {path} "

@@ -1,4 +1,4 @@
-"""From a :class:`~jaxopt_dnn.recipe.Recipe` to ONE jitted train step and ONE serving fn.
+"""From a :class:`~jaxopt_dnn.app.recipe.Recipe` to ONE jitted train step and ONE serving fn.
 
 Nothing here re-implements a transform; it only composes them::
 
@@ -26,13 +26,13 @@ import optax
 
 from jaxopt_dnn import distill as distill_lib
 from jaxopt_dnn import fold as fold_lib
-from jaxopt_dnn import models as models_lib
+from jaxopt_dnn.app import models as models_lib
 from jaxopt_dnn import parallel
 from jaxopt_dnn import precision as precision_lib
 from jaxopt_dnn import quant as quant_lib
 from jaxopt_dnn import sparsity as sparsity_lib
-from jaxopt_dnn.recipe import OptimizerConfig, PruneConfig, Recipe
-from jaxopt_dnn.train import TrainState
+from jaxopt_dnn.app.recipe import OptimizerConfig, PruneConfig, Recipe
+from jaxopt_dnn.app.train import TrainState
 
 PyTree = Any
 QUANT_STATS = "quant_stats"

@@ -1,12 +1,12 @@
 """The training loop: steps, eval, metrics, orbax checkpoints, exact resume, progress.
 
 The loop owns no model logic. It calls a user ``train_step(state, batch) -> (state,
-metrics)`` (typically one ``jax.jit``-ed function built by :mod:`jaxopt_dnn.recipe` or
+metrics)`` (typically one ``jax.jit``-ed function built by :mod:`jaxopt_dnn.app.recipe` or
 :func:`classifier_step`) and an optional ``eval_fn(state) -> {name: float}``.
 
 Exact resume: the state is a plain pytree (:class:`TrainState`: step, params,
 opt_state, rng, extra collections) and the batch of step ``s`` is a pure function of
-``(seed, batch_size, s)`` (:func:`jaxopt_dnn.data.batch_at`). A run restored from the
+``(seed, batch_size, s)`` (:func:`jaxopt_dnn.app.data.batch_at`). A run restored from the
 checkpoint of step ``k`` therefore replays steps ``k+1..`` on exactly the inputs the
 uninterrupted run saw, and on CPU ends bit-identical to it.
 
@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 from jaxopt_dnn import checkpoint
-from jaxopt_dnn import data as data_lib
+from jaxopt_dnn.app import data as data_lib
 
 PyTree = Any
 
@@ -245,7 +245,7 @@ def fit(state: TrainState, train_step: Callable, dataset: data_lib.Dataset | tup
       dtypes and shardings are where a checkpoint is restored to).
     train_step: ``(state, (x, y)) -> (state, metrics)``; must advance ``state.step``
       by one. Called as-is (jit it yourself; donation is fine).
-    dataset: a :class:`~jaxopt_dnn.data.Dataset` (its train split) or ``(x, y)``.
+    dataset: a :class:`~jaxopt_dnn.app.data.Dataset` (its train split) or ``(x, y)``.
     config: :class:`TrainConfig`.
     eval_fn: ``state -> {name: float}``, run every ``eval_every`` steps and at the end.
     place_batch: maps the host batch (this process's slice) to device arrays, e.g.

@@ -1,7 +1,7 @@
 """The main job: train a baseline, apply each compression recipe, measure, compare.
 
-Every variant is a :class:`~jaxopt_dnn.recipe.Recipe` derived from the base one; each is
-built with :func:`jaxopt_dnn.compose.build`, trained with :func:`jaxopt_dnn.train.fit`
+Every variant is a :class:`~jaxopt_dnn.app.recipe.Recipe` derived from the base one; each is
+built with :func:`jaxopt_dnn.app.compose.build`, trained with :func:`jaxopt_dnn.app.train.fit`
 (orbax checkpoints under ``out/<variant>/train``), turned into a serving function, and
 measured the same way: test accuracy of the serving function, train wall time, median
 step time, serving latency per batch, parameter count, nonzeros, bytes on disk of the
@@ -22,10 +22,10 @@ import numpy as np
 
 from jaxopt_dnn import compile as compile_lib
 from jaxopt_dnn import checkpoint
-from jaxopt_dnn import compose
-from jaxopt_dnn import data as data_lib
-from jaxopt_dnn import train as train_lib
-from jaxopt_dnn.recipe import Recipe
+from jaxopt_dnn.app import compose
+from jaxopt_dnn.app import data as data_lib
+from jaxopt_dnn.app import train as train_lib
+from jaxopt_dnn.app.recipe import Recipe
 from jaxopt_dnn.sparsity.export import PackedArray
 
 # Hidden layers of the digits CNN; the first conv (288 weights) and the classifier stay
@@ -112,7 +112,7 @@ def _weights(storage: Any) -> tuple[int, int]:
 
 def _leaves(tree):
   """``(path, leaf)`` with packed leaves whole; paths are orbax's raw key names (plain
-  ``keystr``, no NNX ``.value`` folding), as :mod:`jaxopt_dnn.artifacts` reads them back."""
+  ``keystr``, no NNX ``.value`` folding), as :mod:`jaxopt_dnn.app.artifacts` reads them back."""
   flat, _ = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=lambda a: isinstance(a, PackedArray))
   return [(jax.tree_util.keystr(p, simple=True, separator="/"), x) for p, x in flat]

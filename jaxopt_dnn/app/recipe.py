@@ -6,7 +6,7 @@ argument), loads from JSON or YAML, and dumps back to the same JSON
 (``Recipe.from_json(r.to_json()) == r``). Unknown keys are errors that list the valid
 ones and suggest the closest; values are type-checked.
 
-:func:`jaxopt_dnn.compose.build` turns a recipe into one jitted train step and one
+:func:`jaxopt_dnn.app.compose.build` turns a recipe into one jitted train step and one
 serving function.
 """
 

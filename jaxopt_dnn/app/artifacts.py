@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from jaxopt_dnn import checkpoint
-from jaxopt_dnn.recipe import Recipe
+from jaxopt_dnn.app.recipe import Recipe
 
 
 def _is_packed(node: Any) -> bool:
@@ -89,7 +89,7 @@ def _dense(node: Any, shape: tuple[int, ...], dtype) -> np.ndarray:
 
 def load_serving(directory: str):
   """Rebuilds ``(serving, sample_x, recipe)`` from a serve checkpoint directory."""
-  from jaxopt_dnn import compose  # heavy imports only when needed
+  from jaxopt_dnn.app import compose  # heavy imports only when needed
 
   tree, meta = load_raw(directory)
   if "recipe" not in meta or "input_shape" not in meta:
