@@ -513,18 +513,25 @@ class Trainer:
     return nnx.to_pure_dict(params), cols
 
   # ------------------------------------------------------------------------ init
-  def _init_fn(self, key_data, *inputs):
-    """Pure init: ``(raw key, inputs) -> (TrainState, boxed variables or None)``."""
+  def _init_fn(self, key_data, variables, *inputs):
+    """Pure init: ``(raw key, variables or None, inputs) -> (TrainState, boxed or None)``.
+
+    ``variables`` (linen ``{"params": ..., "batch_stats": ...}``) start the state from
+    given values (e.g. a trained baseline) instead of the model's initialisers.
+    """
     key = jax.random.wrap_key_data(key_data)
     k_params, k_drop, k_state = jax.random.split(key, 3)
+    boxed = None
     if self.is_nnx:
-      module = self._nnx_module
-      params, cols = self._nnx_split(module)
-      boxed = None
+      params, cols = self._nnx_split(self._nnx_module)
+      if variables is not None:
+        params = variables["params"]
     else:
-      fn = self._qat_model.init if self._qat else self.model.init
-      boxed = fn({"params": k_params, "dropout": k_drop}, *inputs, **self.init_kwargs)
-      variables = dict(nn.meta.unbox(boxed))
+      if variables is None:
+        fn = self._qat_model.init if self._qat else self.model.init
+        boxed = fn({"params": k_params, "dropout": k_drop}, *inputs, **self.init_kwargs)
+        variables = boxed
+      variables = dict(nn.meta.unbox(variables))
       params = variables.pop("params")
       cols = {k: v for k, v in variables.items() if k != QUANT_STATS}
       if self._qat:
@@ -547,17 +554,23 @@ class Trainer:
       return parallel.param_shardings(abstract_params, self.mesh, "replicated", rules=s)
     if self.is_nnx:
       specs = _logical_specs(None, s, self.mesh, nnx.state(self._nnx_module, nnx.Param))
+    elif boxed is None:
+      raise ValueError("Trainer: logical-axis sharding rules need the model's annotations "
+                       "(nn.with_logical_partitioning boxes)")
     else:
       specs = _logical_specs(boxed["params"], s, self.mesh)
     return _checked(specs, abstract_params, self.mesh)
 
-  def init(self, key: Any, *sample_inputs: Any) -> TrainState:
+  def init(self, key: Any, *sample_inputs: Any, variables: PyTree | None = None) -> TrainState:
     """The initial :class:`TrainState`, created directly with its shardings.
 
     Args:
       key: a PRNG key (``jax.random.key(0)``) or an int seed.
-      *sample_inputs: model inputs, as for ``model.init`` (only shapes matter; NNX
-        uses them for the QAT ranges). Every process passes the same values.
+      *sample_inputs: model inputs, as for ``model.init`` (only shapes matter). Every
+        process passes the same values.
+      variables: start from these variables (linen: ``{"params": ..., <collections>}``,
+        boxed or not; NNX: ``{"params": nnx pure dict}``) instead of initialising; they
+        are copied (never donated) onto the state's shardings.
     """
     if isinstance(key, int):
       key = jax.random.key(key)
@@ -566,19 +579,27 @@ class Trainer:
                       f"got {key!r}")
     key_np = np.asarray(jax.random.key_data(key))
     inputs = _as_host(sample_inputs)
-    abstract_state, boxed = jax.eval_shape(self._init_fn, key_np, *inputs)
+    if variables is not None:
+      if not isinstance(variables, Mapping) or "params" not in variables:
+        raise TypeError("Trainer.init: variables must be a mapping with a 'params' entry, got "
+                        f"{type(variables).__name__}")
+      variables = _as_host(dict(variables))
+    abstract_state, boxed = jax.eval_shape(self._init_fn, key_np, variables, *inputs)
+    if boxed is None and variables is not None and not self.is_nnx:
+      boxed = variables
     param_sh = self._param_shardings(abstract_state.params, boxed)
     self.state_sharding = parallel.like_params(abstract_state, abstract_state.params, param_sh)
-    if self.is_nnx:   # the module already holds its values: place them, don't recreate them
-      state = self._place_nnx(key_np, inputs)
+    if self.is_nnx and variables is None:   # the module holds its values: place, don't recreate
+      state = self._place_nnx(key_np)
     else:
-      init = jax.jit(lambda k, *x: self._init_fn(k, *x)[0], out_shardings=self.state_sharding)
+      init = jax.jit(lambda k, v, *x: self._init_fn(k, v, *x)[0],
+                     out_shardings=self.state_sharding)
       with jax.set_mesh(self.mesh):
-        state = init(key_np, *inputs)
+        state = init(key_np, variables, *inputs)
     self._step = None
     return state
 
-  def _place_nnx(self, key_np, inputs):
+  def _place_nnx(self, key_np):
     params, cols = self._nnx_split(self._nnx_module)
     if self.policy is not None:
       params = self.policy.cast_to_param(params)

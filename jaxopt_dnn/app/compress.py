@@ -69,8 +69,6 @@ def default_variants(base: Recipe) -> dict[str, Recipe]:
                                prune={"method": "magnitude", "sparsity": 0.8, "begin": 0.0,
                                       "end": 0.5, "rules": rules}),
   }
-  if base.model == "nnx_cnn":   # recipe-driven QAT is linen-only (see compose.build)
-    del variants["int8_qat"]
   return variants
 
 
@@ -189,7 +187,7 @@ def run_variant(recipe: Recipe, ds: data_lib.Dataset, out: str, *,
       disk_bytes=checkpoint.checkpoint_bytes(serve_dir),
       flops_per_example=None if report.flops is None else report.flops / len(xb),
       int8_dots=report.census.integer, recipe=recipe.to_dict())
-  variables = {"params": state.params, **{k: v for k, v in state.extra["collections"].items()
+  variables = {"params": state.params, **{k: v for k, v in state.collections.items()
                                           if k != compose.QUANT_STATS}}
   return result, (built.model, variables)
 
