@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -289,15 +288,6 @@ def _checked(specs: PyTree, params: PyTree, mesh: Mesh) -> PyTree:
 # ------------------------------------------------------------------- helpers
 
 
-def _takes(fn: Callable, name: str) -> bool:
-  try:
-    sig = inspect.signature(fn)
-  except (TypeError, ValueError):
-    return False
-  return name in sig.parameters or any(
-      p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
-
-
 def _as_host(tree: PyTree) -> PyTree:
   """Numpy copies of the leaves (typed keys as raw key data): identical in every process."""
   def one(x):
@@ -473,6 +463,26 @@ class Trainer:
                     f"dict or logical-axis rules ((name, mesh_axis), ...), got {sharding!r}")
 
   # ---------------------------------------------------------------- linen forward
+  @property
+  def apply_fn(self) -> Callable:
+    """linen: the transformed ``model.apply`` the loss sees (QAT fake-quant, policy).
+
+    ``trainer.apply_fn({"params": state.params, **state.collections}, *inputs,
+    **trainer.eval_kwargs)`` is the simulated (fake-quant) inference forward.
+    """
+    if self.is_nnx:
+      raise TypeError("Trainer.apply_fn is for linen models; for NNX use "
+                      "trainer.module(state)")
+    return self._linen_apply
+
+  def module(self, state: TrainState, *, train: bool = False) -> nnx.Module:
+    """NNX: the transformed module (QAT hooks, policy) holding ``state``'s values."""
+    if not self.is_nnx:
+      raise TypeError("Trainer.module is for NNX models; for linen use trainer.apply_fn")
+    m = self._nnx_merge(state.params, state.collections)
+    m.train() if train else m.eval()
+    return m
+
   def _linen_apply(self, variables, *args, **kwargs):
     """``model.apply`` with the transforms (QAT fake-quant, then the policy)."""
     fn = self._qat_model.apply if self._qat else self.model.apply
@@ -596,8 +606,18 @@ class Trainer:
                      out_shardings=self.state_sharding)
       with jax.set_mesh(self.mesh):
         state = init(key_np, variables, *inputs)
+      self._init_jit = (init, (key_np, variables, *inputs))
     self._step = None
     return state
+
+  def lower_init(self) -> Any:
+    """The lowered init of the last :meth:`init` (linen): ``.compile().as_text()`` shows
+    that every leaf is created at its per-device shape."""
+    if getattr(self, "_init_jit", None) is None:
+      raise ValueError("Trainer.lower_init: call init() first (linen models)")
+    init, args = self._init_jit
+    with jax.set_mesh(self.mesh):
+      return init.lower(*args)
 
   def _place_nnx(self, key_np):
     params, cols = self._nnx_split(self._nnx_module)
