@@ -701,22 +701,22 @@ class Trainer:
 
   def step(self, state: TrainState, batch: PyTree) -> tuple[TrainState, dict]:
     """One optimizer step: ``(state, batch) -> (state, metrics)`` (``metrics`` replicated)."""
-    batch = self.place_batch(batch)
-    with jax.set_mesh(self.mesh):
-      return self.jitted_step(state, batch)
+    return self._compiled_step()(state, self.place_batch(batch))
 
-  @property
-  def jitted_step(self) -> Callable:
-    """The jitted ``(state, placed batch) -> (state, metrics)`` (``.lower`` for reports)."""
+  def _compiled_step(self) -> Callable:
     if self.state_sharding is None:
       raise ValueError("Trainer: call trainer.init(key, *sample_inputs) first (it creates "
                        "the state and its shardings)")
-    if self._step is None:
-      self._step = jax.jit(self._step_fn,
-                           in_shardings=(self.state_sharding, parallel.batch_sharding(self.mesh)),
-                           out_shardings=(self.state_sharding, parallel.replicated(self.mesh)),
-                           donate_argnums=(0,) if self.donate else ())
+    if self._step is None:   # state in/out with its shardings (donated), batch split
+      self._step = parallel.data_parallel_step(self._step_fn, self.mesh, self.state_sharding,
+                                               donate=self.donate)
     return self._step
+
+  @property
+  def jitted_step(self) -> Callable:
+    """The jitted ``(state, placed batch) -> (state, metrics)``; ``.lower(...)`` for reports
+    (call it inside ``jax.set_mesh(trainer.mesh)``)."""
+    return self._compiled_step().jitted
 
   # ----------------------------------------------------------------------- serve
   def serve(self, state: TrainState, calibration_batches: Iterable[Any] = (), *,
