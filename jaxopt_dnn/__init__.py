@@ -20,6 +20,7 @@ imports it.
 
 __version__ = "0.1.0"
 
+from jaxopt_dnn import auto
 from jaxopt_dnn import checkpoint
 from jaxopt_dnn import compile
 from jaxopt_dnn import distill
