@@ -135,8 +135,10 @@ def consumers(jaxpr: jcore.Jaxpr, sources: dict[int, int], *, through_all: bool 
 
   Returns ``{source id: [(Consumer, eqn), ...]}``. Layout-only ops and call-like ops
   (``jit``, custom derivatives, remat) are followed; with ``through_all`` every op except
-  a contraction or a ``gather`` is followed too (used to find the contraction that
-  finally consumes a dequantized or integer weight).
+  a contraction or a ``gather`` whose variable operands all derive from the same
+  source is followed too (dequantizing ``convert``/``mul`` by its own scale, int4
+  unpacking), to find the contraction that finally consumes a quantized weight; an op
+  that mixes the source with anything else (the rescale of an int8 accumulator) is not.
   """
   out: dict[int, list] = {s: [] for s in sources.values()}
 
@@ -164,10 +166,11 @@ def consumers(jaxpr: jcore.Jaxpr, sources: dict[int, int], *, through_all: bool 
       if name in _LAYOUT and srcs[0] is not None:
         env[eqn.outvars[0]] = _layout(eqn, srcs[0])
         continue
-      if through_all:
-        s = next(s for s in srcs if s is not None)
-        for ov in eqn.outvars:
-          env[ov] = _Src(s.idx, None)
+      if through_all:   # follow ops computed from this source alone (dequantize, unpack)
+        vars_ = [s for v, s in zip(eqn.invars, srcs) if isinstance(v, jcore.Var)]
+        if all(s is not None and s.idx == vars_[0].idx for s in vars_):
+          for ov in eqn.outvars:
+            env[ov] = _Src(vars_[0].idx, None)
         continue
       others = sum(s is not None for s in srcs)
       for i, s in enumerate(srcs):
@@ -286,22 +289,6 @@ def contracting_axes(roles: dict[str, LeafRole], path: str) -> tuple[int, ...] |
   return None if r is None else r.contracting
 
 
-_NAME_ROLES = (
-    (re.compile(r"(^|/)(bias|b|beta|b_\w+|\w+_bias)$"), "bias"),
-    (re.compile(r"(?i)(^|/)(scale|gamma|\w*norm\w*/\w+|ln\w*/\w+)$"), "scale"),
-    (re.compile(r"(?i)(^|/)(embedding|embeddings|\w*embed\w*/\w+|wte|wpe|pos|pos_emb\w*)$"),
-     "embedding"),
-    (re.compile(r"(?i)(batch_stats|quant_stats|/mean$|/var$|input_amax$)"), "other"),
-)
-
-
 def path_role(path: str, leaf: Any) -> str:
-  """Name-based fallback when no program is available: ``bias`` / ``scale`` /
-  ``embedding`` by the leaf's name, ``kernel`` for other float leaves with ``ndim >= 2``.
-  """
-  if not _tree.is_float_array(leaf):
-    return "other"
-  for rx, role in _NAME_ROLES:
-    if rx.search(path):
-      return role
-  return "kernel" if np.ndim(leaf) >= 2 else "other"
+  """Name-based fallback when no program is available (see :func:`jaxopt_dnn._tree.path_role`)."""
+  return _tree.path_role(path, leaf)

@@ -4,8 +4,10 @@ from jaxopt_dnn.quant.calibrate import calibrate
 from jaxopt_dnn.quant.fake import compute_qparams
 from jaxopt_dnn.quant.fake import fake_quant
 from jaxopt_dnn.quant.fake import quantize
+from jaxopt_dnn.quant.intercept import Coverage
 from jaxopt_dnn.quant.intercept import QatModel
 from jaxopt_dnn.quant.intercept import QuantStat
+from jaxopt_dnn.quant.intercept import coverage
 from jaxopt_dnn.quant.intercept import int8_apply
 from jaxopt_dnn.quant.intercept import qat
 from jaxopt_dnn.quant.ops import int8_conv
