@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxopt_dnn._hlo import DotCensus, census_from_hlo, dot_census  # noqa: F401  (re-export)
 
@@ -90,6 +91,22 @@ class CompileReport:
   lowered_census: DotCensus
   hlo: str = dataclasses.field(repr=False)
   lowered_hlo: str = dataclasses.field(repr=False)
+
+  def off_dtype(self, compute_dtype: Any) -> dict[str, int]:
+    """Floating dots/convs of the lowered program whose operands are not
+    ``compute_dtype`` (e.g. the f32 dots left under a bf16 policy): ``{"dot f32 x f32 ->
+    f32": 2}``; empty when every floating contraction computes in ``compute_dtype``."""
+    want = {"float32": "f32", "bfloat16": "bf16", "float16": "f16",
+            "float64": "f64"}[np.dtype(compute_dtype).name]
+    floats = {"f32", "bf16", "f16", "f64"}
+    out = {}
+    for kind, table in (("dot", self.lowered_census.dots), ("conv", self.lowered_census.convs)):
+      for sig, c in table.items():
+        a, rest = sig.split(" x ")
+        b = rest.split(" -> ")[0]
+        if (a in floats or b in floats) and (a != want or b != want):
+          out[f"{kind} {sig}"] = c
+    return out
 
   def to_dict(self) -> dict[str, Any]:
     """JSON-ready summary (without the HLO texts)."""
