@@ -63,6 +63,7 @@ class Consumer:
   operand: int
   contracting: tuple[int, ...] | None = None
   other_is_param: bool = False
+  in_features: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,16 @@ class LeafRole:
   path: str
   role: str
   consumers: tuple[Consumer, ...] = ()
+  followers: tuple[str, ...] = ()
+
+  @property
+  def nm_axes(self) -> tuple[int, ...] | None:
+    """Axes along which N:M groups run: a dot's contracted axes (row-major when several,
+    as the kernel reshaped to 2-D sees them), a conv kernel's input-feature axis."""
+    for c in self.consumers:
+      if c.primitive in CONTRACTIONS and not c.other_is_param:
+        return c.in_features if c.primitive == "conv_general_dilated" else c.contracting
+    return None
 
   @property
   def contracting(self) -> tuple[int, ...] | None:
@@ -129,6 +140,12 @@ def _contracted(eqn, operand: int, src: _Src) -> tuple[int, ...] | None:
   return tuple(sorted(src.perm[a] for a in axes))
 
 
+def _in_features(eqn, operand: int, src: _Src) -> tuple[int, ...] | None:
+  if src.perm is None or eqn.primitive.name != "conv_general_dilated" or operand != 1:
+    return None
+  return (src.perm[eqn.params["dimension_numbers"].rhs_spec[1]],)
+
+
 def consumers(jaxpr: jcore.Jaxpr, sources: dict[int, int], *, through_all: bool = False
               ) -> dict[int, list[tuple[Consumer, Any]]]:
   """Follows the invars ``{invar position: source id}`` of ``jaxpr`` to their consumers.
@@ -161,7 +178,8 @@ def consumers(jaxpr: jcore.Jaxpr, sources: dict[int, int], *, through_all: bool 
         for i, s in enumerate(srcs):
           if s is None:
             continue
-          out[s.idx].append((Consumer(name, i, _contracted(eqn, i, s), n_params > 1), eqn))
+          out[s.idx].append((Consumer(name, i, _contracted(eqn, i, s), n_params > 1,
+                                      _in_features(eqn, i, s)), eqn))
         continue
       if name in _LAYOUT and srcs[0] is not None:
         env[eqn.outvars[0]] = _layout(eqn, srcs[0])
@@ -183,6 +201,61 @@ def consumers(jaxpr: jcore.Jaxpr, sources: dict[int, int], *, through_all: bool 
     v = jaxpr.invars[pos]
     env[v] = _Src(sid, tuple(range(len(getattr(v.aval, "shape", ())))))
   walk(jaxpr, env)
+  return out
+
+
+_AFFINE = {"add", "sub", "mul", "div", "add_any", "neg"} | _LAYOUT
+
+
+def followers(jaxpr: jcore.Jaxpr, n: int) -> dict[int, set[int]]:
+  """``{kernel input: {input leaves applied per channel to its output}}``.
+
+  The output of a contraction whose weight is input ``k`` is followed through affine
+  elementwise ops (add, sub, mul, div, layout ops, ``jit`` sub-programs); every input
+  leaf combined with it on the way (a following BatchNorm's scale and bias, running
+  statistics, a bias) is a follower of ``k``. A nonlinearity or another contraction ends
+  the walk.
+  """
+  out: dict[int, set[int]] = {}
+
+  def walk(jx, par, act):
+    for eqn in jx.eqns:
+      ins = [v if isinstance(v, jcore.Var) else None for v in eqn.invars]
+      p_in = [par.get(v, frozenset()) if v is not None else frozenset() for v in ins]
+      a_in = [act.get(v) if v is not None else None for v in ins]
+      name = eqn.primitive.name
+      sub = _subjaxpr(eqn)
+      if sub is not None and name in _CALLS and len(sub.invars) == len(eqn.invars):
+        ipar = {v: p for v, p in zip(sub.invars, p_in) if p}
+        iact = {v: a for v, a in zip(sub.invars, a_in) if a is not None}
+        rp, ra = walk(sub, ipar, iact)
+        for ov, p_, a_ in zip(eqn.outvars, rp, ra):
+          if p_:
+            par[ov] = p_
+          if a_ is not None:
+            act[ov] = a_
+        continue
+      if name in CONTRACTIONS:
+        w = [p for p in p_in[:2] if p and len(p) == 1]
+        if len(w) == 1 and sum(bool(p) for p in p_in[:2]) == 1:
+          act[eqn.outvars[0]] = next(iter(w[0]))
+        continue
+      tags = [a for a in a_in if a is not None]
+      if tags and name in _AFFINE:
+        k = tags[0]
+        for p in p_in:
+          out.setdefault(k, set()).update(p)
+        act[eqn.outvars[0]] = k
+        continue
+      if not tags and any(p_in):
+        merged = frozenset().union(*p_in)
+        for ov in eqn.outvars:
+          par[ov] = merged
+    return ([par.get(v, frozenset()) if isinstance(v, jcore.Var) else frozenset()
+             for v in jx.outvars],
+            [act.get(v) if isinstance(v, jcore.Var) else None for v in jx.outvars])
+
+  walk(jaxpr, {jaxpr.invars[i]: frozenset([i]) for i in range(n)}, {})
   return out
 
 
@@ -228,10 +301,12 @@ def trace_roles(fn: Callable[..., Any], tree: Any, *args: Any, **kwargs: Any) ->
 
   closed = jax.make_jaxpr(f)(leaves, [rleaves[i] for i in dyn])
   cons = consumers(closed.jaxpr, {i: i for i in range(len(leaves))})
+  fol = followers(closed.jaxpr, len(leaves))
   out = {}
   for i, (p, x) in enumerate(items):
     cs = tuple(c for c, _ in cons[i])
-    out[p] = LeafRole(p, classify(p, x, cs), cs)
+    fs = tuple(items[j][0] for j in sorted(fol.get(i, ())) if j != i)
+    out[p] = LeafRole(p, classify(p, x, cs), cs, fs)
   return out
 
 
@@ -281,11 +356,17 @@ def kernels(roles: dict[str, LeafRole], *, include: str | None = None) -> Callab
   return pred
 
 
-def contracting_axes(roles: dict[str, LeafRole], path: str) -> tuple[int, ...] | None:
-  """Contracted axes of the leaf at ``path`` (with or without the collection prefix)."""
+def lookup(roles: dict[str, LeafRole], path: str) -> LeafRole | None:
+  """The role of ``path``, given with or without the collection prefix (``params/``)."""
   r = roles.get(path)
   if r is None:
     r = next((v for k, v in roles.items() if k.split("/", 1)[-1] == path), None)
+  return r
+
+
+def contracting_axes(roles: dict[str, LeafRole], path: str) -> tuple[int, ...] | None:
+  """Contracted axes of the leaf at ``path`` (with or without the collection prefix)."""
+  r = lookup(roles, path)
   return None if r is None else r.contracting
 
 
