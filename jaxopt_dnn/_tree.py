@@ -117,11 +117,22 @@ def first_match(patterns: Sequence[str], paths: Sequence[str], *,
         break
     idx.append(hit)
   if require_all:
-    unused = [patterns[i] for i in range(len(patterns)) if i not in idx]
+    unused = [i for i in range(len(patterns)) if i not in idx]
     if unused:
-      raise ValueError(
-          f"{argname}: pattern(s) {unused} match no leaf. Candidate paths: "
-          + ", ".join(paths))
+      msgs, none = [], []
+      for i in unused:
+        hits = [j for j, p in enumerate(paths) if compiled[i].search(p)]
+        if hits:   # it matches, but an earlier rule wins every one of its leaves
+          winners = sorted({patterns[idx[j]] for j in hits})
+          msgs.append(f"pattern {patterns[i]!r} is shadowed: every leaf it matches "
+                      f"({', '.join(paths[j] for j in hits[:5])}) is won by the earlier "
+                      f"pattern(s) {winners} (first match wins; reorder the rules)")
+        else:
+          none.append(patterns[i])
+      if none:
+        msgs.insert(0, f"pattern(s) {none} match no leaf")
+      raise ValueError(f"{argname}: " + "; ".join(msgs) + ". Candidate paths: "
+                       + ", ".join(paths))
   return idx
 
 

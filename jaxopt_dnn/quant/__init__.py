@@ -8,6 +8,7 @@ from jaxopt_dnn.quant.intercept import Coverage
 from jaxopt_dnn.quant.intercept import QatModel
 from jaxopt_dnn.quant.intercept import QuantStat
 from jaxopt_dnn.quant.intercept import coverage
+from jaxopt_dnn.quant.intercept import explain
 from jaxopt_dnn.quant.intercept import int8_apply
 from jaxopt_dnn.quant.intercept import qat
 from jaxopt_dnn.quant.ops import int8_conv
@@ -19,5 +20,4 @@ from jaxopt_dnn.quant.qarray import dequantize
 from jaxopt_dnn.quant.qarray import is_qarray
 from jaxopt_dnn.quant.rules import QuantRule
 from jaxopt_dnn.quant.rules import dequantize_params
-from jaxopt_dnn.quant.rules import explain
 from jaxopt_dnn.quant.rules import quantize_params

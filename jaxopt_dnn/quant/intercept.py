@@ -629,3 +629,61 @@ def coverage(apply_fn: Any, qvariables: Any, *inputs: Any, calibration: Any = No
             f" -> {_dt(eqn.outvars[0].aval)}"
       rows.append(CoverageRow(names[qi], eqn.primitive.name, sig))
   return Coverage(tuple(rows), tuple(names))
+
+
+# --------------------------------------------------------------------------- explain
+def explain(params: Any, rules: Any = None, *, bits: int = 8, print_fn=print,
+            apply_fn: Any = None, inputs: tuple = (), variables: Any = None) -> str:
+  """One line per leaf: path, shape, winning rule, and what will run.
+
+  Without ``apply_fn`` this is :func:`jaxopt_dnn.quant.rules.explain` (the rules'
+  request, marked as such). With ``apply_fn`` (a linen module / ``model.apply`` /
+  ``f(variables, *inputs)``, or the NNX module whose pure param dict is ``params``) and
+  sample ``inputs``, the params are quantized, ranges calibrated on ``inputs``, the int8
+  serving program traced, and the action column says what each quantized leaf's
+  consumers compiled to (:func:`coverage`): ``int8 per-channel; dot_general s8 x s8 ->
+  s32`` or ``int8 storage; dot_general f32 x f32 -> f32 (float)``.
+
+  Args:
+    variables: linen only: the full variables (``{"params": ..., "batch_stats": ...}``)
+      when the model reads more than ``params``.
+  """
+  if apply_fn is None:
+    return _rules.explain(params, rules, bits=bits, print_fn=print_fn)
+  inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+  qparams = _rules.quantize_params(params, rules, bits=bits)
+  if isinstance(apply_fn, nnx.Module):
+    stats = __import__("jaxopt_dnn.quant.calibrate", fromlist=["calibrate"]).calibrate(
+        lambda m, *a: m(*a), apply_fn, [inputs], rules=rules)
+    cov = coverage(apply_fn, qparams, *inputs, calibration=stats, rules=rules, bits=bits)
+    prefix = ""
+  else:
+    from jaxopt_dnn.quant.calibrate import calibrate  # noqa: PLC0415 - driver layer above
+    v = dict(variables) if variables is not None else {"params": params}
+    fn = apply_fn.apply if isinstance(apply_fn, nn.Module) else apply_fn
+    stats = calibrate(fn, v, [inputs], rules=rules)
+    cov = coverage(fn, {**v, "params": qparams}, *inputs, calibration=stats, rules=rules,
+                   bits=bits)
+    prefix = "params/"
+  used = cov.by_path()
+  rows = []
+  for p, x, r in _rules.resolve(params, rules, bits=bits):
+    pat = "-" if r is None else repr(r.pattern)
+    if r is None or r.skip:
+      action = "float"
+    else:
+      cons = used.get(prefix + p, [])
+      g = r.granularity if isinstance(r.granularity, str) else f"axes {r.granularity}"
+      what = ", ".join(f"{c.primitive} {c.signature}" for c in cons) or "unused"
+      kind = ("int8" if any(c.int8 for c in cons) else "float") if any(
+          c.primitive in _roles.CONTRACTIONS for c in cons) else "no contraction"
+      action = f"int{r.bits} per-{g} storage; {what} ({kind})"
+    rows.append((p, str(tuple(np.shape(x))), pat, action))
+  w = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in
+       enumerate(("path", "shape", "rule"))]
+  lines = [f"{'path':<{w[0]}}  {'shape':<{w[1]}}  {'rule':<{w[2]}}  compiled"]
+  lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:<{w[2]}}  {d}" for a, b, c, d in rows]
+  text = "\n".join(lines)
+  if print_fn is not None:
+    print_fn(text)
+  return text

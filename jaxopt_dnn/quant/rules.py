@@ -135,6 +135,8 @@ def explain(params: Any, rules: Any = None, *, bits: int = 8, print_fn=print) ->
        enumerate(("path", "shape", "rule"))]
   lines = [f"{'path':<{w[0]}}  {'shape':<{w[1]}}  {'rule':<{w[2]}}  action"]
   lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:<{w[2]}}  {d}" for a, b, c, d in rows]
+  lines.append("(what the rules ask for; 'aN' needs a contraction to consume the weight: "
+               "quant.explain(..., apply_fn=, inputs=) or quant.coverage shows what runs)")
   text = "\n".join(lines)
   if print_fn is not None:
     print_fn(text)
