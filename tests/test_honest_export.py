@@ -60,10 +60,10 @@ def test_export_qarray_and_boxed_weights_as_arguments(tmp_path):
 
 def test_export_nnx_state_as_argument(tmp_path):
   model, inputs = zoo.nnx_mha()
-  graphdef, state = nnx.split(model)
+  graphdef, state, rest = nnx.split(model, nnx.Param, ...)   # Param variables as arguments
 
   def serve(state, x):
-    return nnx.merge(graphdef, state)(x)
+    return nnx.merge(graphdef, state, rest)(x)
 
   path = tmp_path / "nnx.stablehlo"
   jcompile.export(serve, state, *inputs, path=path)
