@@ -39,3 +39,35 @@ def test_explain_says_what_compiles_not_what_the_rule_hoped():
   assert rows["layer_0/query/bias"].endswith("float")
   plain = quant.explain(v["params"], rules, print_fn=None)
   assert "what the rules ask for" in plain
+
+
+def test_quant_package_has_no_import_cycle():
+  """numerics (qarray, ranges, fake, ops) <- rules <- hooks <- intercept <- calibrate."""
+  import ast
+  import pathlib
+
+  root = pathlib.Path(quant.__file__).parent
+  graph = {}
+  for f in root.glob("*.py"):
+    deps = set()
+    for node in ast.walk(ast.parse(f.read_text())):
+      if isinstance(node, ast.ImportFrom) and node.module:
+        if node.module.startswith("jaxopt_dnn.quant."):
+          deps.add(node.module.rsplit(".", 1)[1])
+        elif node.module == "jaxopt_dnn.quant":
+          deps.update(a.name for a in node.names)
+    graph[f.stem] = deps - {f.stem}
+  graph.pop("__init__")
+  seen, done = set(), set()
+
+  def visit(n, stack):
+    assert n not in stack, f"import cycle: {stack + [n]}"
+    if n in done:
+      return
+    for d in graph.get(n, ()):
+      visit(d, stack + [n])
+    done.add(n)
+
+  for n in graph:
+    visit(n, [])
+  assert "intercept" not in graph["hooks"] and "calibrate" not in graph["intercept"]

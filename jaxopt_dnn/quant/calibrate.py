@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_dnn.quant import intercept
 from jaxopt_dnn.quant.ranges import batch_statistic  # noqa: F401  (re-exported)
 from jaxopt_dnn.quant.ranges import estimate_absmax  # noqa: F401
 from jaxopt_dnn.quant.ranges import estimate_minmax  # noqa: F401
@@ -56,8 +57,6 @@ def calibrate(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[An
   Returns:
     ``quant_stats`` tree: ``{op path...: {"input_amax": float32 scalar}}``.
   """
-  from jaxopt_dnn.quant import intercept  # the hook module depends on this one
-
   if method not in ("absmax", "percentile", "mse"):
     raise ValueError(f"calibrate: method must be absmax|percentile|mse, got {method!r}")
   run = intercept.calibration_runner(apply_fn, variables, method=method, rules=rules,

@@ -653,15 +653,15 @@ def explain(params: Any, rules: Any = None, *, bits: int = 8, print_fn=print,
   inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
   qparams = _rules.quantize_params(params, rules, bits=bits)
   if isinstance(apply_fn, nnx.Module):
-    stats = __import__("jaxopt_dnn.quant.calibrate", fromlist=["calibrate"]).calibrate(
-        lambda m, *a: m(*a), apply_fn, [inputs], rules=rules)
+    stats = stats_tree(calibration_runner(lambda m, *a: m(*a), apply_fn, method="absmax",
+                                          rules=rules, percentile=100.0, bits=bits)(inputs))
     cov = coverage(apply_fn, qparams, *inputs, calibration=stats, rules=rules, bits=bits)
     prefix = ""
   else:
-    from jaxopt_dnn.quant.calibrate import calibrate  # noqa: PLC0415 - driver layer above
     v = dict(variables) if variables is not None else {"params": params}
     fn = apply_fn.apply if isinstance(apply_fn, nn.Module) else apply_fn
-    stats = calibrate(fn, v, [inputs], rules=rules)
+    stats = stats_tree(calibration_runner(fn, v, method="absmax", rules=rules,
+                                          percentile=100.0, bits=bits)(inputs))
     cov = coverage(fn, {**v, "params": qparams}, *inputs, calibration=stats, rules=rules,
                    bits=bits)
     prefix = "params/"
