@@ -6,7 +6,8 @@ intercepted op (``Dense``, ``Conv``, ``Einsum``, ``nnx.Linear``...) is identifie
 kernel's path. A rule that matches no leaf is an error (rules silently stop matching
 after a model refactor), and :func:`explain` prints which rule won each leaf.
 
-Default (``rules=None``): every floating leaf with ``ndim >= 2`` is quantized to
+Default (``rules=None``): every leaf named like a contraction weight (floating, ``ndim >= 2``,
+not a bias, norm parameter or embedding table; :func:`jaxopt_dnn._tree.path_role`) is quantized to
 ``bits`` per output channel, with 8-bit activations.
 """
 
