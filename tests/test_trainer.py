@@ -303,3 +303,21 @@ def test_trainer_rejects_bad_arguments_by_name():
     trainer.step(state, zoo.lm_batch(0))
   with pytest.raises(ValueError, match="not divisible"):
     trainer.step(state, {k: v[:3] for k, v in zoo.lm_batch(0).items()})
+
+
+@pytest.mark.parametrize("case", ["linen_lm", "nnx_gemma"])
+def test_bf16_policy_puts_every_dot_of_the_train_step_in_bf16(case):
+  """Forward and backward, including layers written with an explicit dtype=float32."""
+  from jaxopt_dnn import precision
+  if case == "linen_lm":
+    (model, sample, make), loss, kw = zoo.lm_case(), zoo.next_token_loss, {
+        "eval_kwargs": {"train": False}}
+  else:
+    (model, sample, make), loss, kw = zoo.nnx_gemma_case(), zoo.nnx_next_token_loss, {}
+  trainer = jd.Trainer(model, loss, optax.adam(1e-3), precision="bf16", mesh=_mesh1(), **kw)
+  state = trainer.init(jax.random.key(0), *sample)
+  with jax.set_mesh(trainer.mesh):
+    census = precision.compute_census(trainer.jitted_step, state,
+                                      trainer.place_batch(make(0)), policy="bf16")
+  assert census.ok and sum(census.ops.values()) > 20, census.summary()
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
