@@ -53,9 +53,7 @@ def evaluate(model, variables, batches, x_test, y_test, *, budgets: Sequence[flo
   out: dict[str, Any] = {"float_accuracy": _accuracy(model, variables, base, x_test, y_test),
                          "uniform": [], "auto": [], "plans": {}}
   for name in sens.candidates:
-    plan = auto.Plan({layer: name for layer in sens.layers}, sens.candidates, sens.values,
-                     sens.bits, sens.sizes, method,
-                     sum(sens.values[layer][name] for layer in sens.layers))
+    plan = sens.uniform(name)
     out["uniform"].append(_point(name, plan, apply_fn, model, variables, batches, x_test,
                                  y_test))
   for b in budgets:
