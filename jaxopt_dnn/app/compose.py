@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import linen as nn
 
 from jaxopt_dnn import distill as distill_lib
 from jaxopt_dnn import fold as fold_lib
@@ -110,7 +111,8 @@ class Built:
 
 def build(recipe: Recipe, sample_x: Any, *, num_classes: int = 10,
           init_variables: PyTree | None = None, teacher: tuple[Any, PyTree] | None = None,
-          mesh: jax.sharding.Mesh | None = None, donate: bool = False) -> Built:
+          mesh: jax.sharding.Mesh | None = None, donate: bool = False,
+          loss_fn: Callable | None = None) -> Built:
   """Composes the recipe's transforms into one train step.
 
   Args:
@@ -120,13 +122,16 @@ def build(recipe: Recipe, sample_x: Any, *, num_classes: int = 10,
       fresh init; they are copied onto the mesh, never donated.
     teacher: ``(teacher_model, teacher_variables)`` when ``recipe.distill.teacher`` is set.
     mesh: defaults to ``parallel.make_mesh(recipe.mesh.data, recipe.mesh.fsdp)``.
+    loss_fn: ``(logits, labels) -> scalar``; default softmax cross-entropy with integer
+      labels (distillation recipes keep the distillation loss).
   """
   model = models_lib.get_model(recipe.model, num_classes, **dict(recipe.model_kwargs))
   if recipe.distill.teacher is not None and teacher is None:
     raise ValueError(f"recipe {recipe.name!r} distills from {recipe.distill.teacher!r}: pass "
                      "teacher=(model, variables)")
   if init_variables is None:
-    variables = model.init(jax.random.key(recipe.seed), sample_x)
+    init = jax.jit(model.init) if isinstance(model, nn.Module) else model.init  # one compile
+    variables = init(jax.random.key(recipe.seed), sample_x)
   else:   # never donated: place() below copies everything through host memory
     variables = init_variables
   variables = dict(variables)
@@ -158,6 +163,7 @@ def build(recipe: Recipe, sample_x: Any, *, num_classes: int = 10,
   state_sharding = parallel.state_shardings(state, state.params, mesh, recipe.mesh.strategy)
   state = place(state, state_sharding)
   dcfg = recipe.distill
+  user_loss = loss_fn   # (the step's own loss_fn below is the closure over params)
   teacher_vars = None if teacher is None else teacher[1]
 
   def step(state: TrainState, batch, teacher_vars):
@@ -175,6 +181,8 @@ def build(recipe: Recipe, sample_x: Any, *, num_classes: int = 10,
       if teacher is not None:
         t_logits = jax.lax.stop_gradient(teacher[0].apply(teacher_vars, x, train=False))
         loss = distill_lib.loss(logits, t_logits, y, dcfg.temperature, dcfg.alpha)
+      elif user_loss is not None:
+        loss = jnp.asarray(user_loss(logits, y), jnp.float32)
       else:
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
       return loss, (logits, upd)
