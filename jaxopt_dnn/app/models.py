@@ -64,7 +64,8 @@ class CNN1D(nn.Module):
 
   A sequential model without normalisation, so :func:`jaxopt_dnn.sparsity.shrink_channels`
   can remove channel-pruned outputs (layers ``Conv_0.. , Dense_0, Dense_1``). A
-  ``(N, length)`` input gets a channel axis.
+  ``(N, length)`` input gets a channel axis; an ``(N, H, W, C)`` image is read as a
+  sequence of ``H * W`` pixels.
   """
 
   features: Sequence[int] = (32, 64, 64)
@@ -79,6 +80,8 @@ class CNN1D(nn.Module):
     del train
     if x.ndim == 2:
       x = x[..., None]
+    elif x.ndim == 4:   # an image, read as a sequence of its pixels (row-major)
+      x = x.reshape((x.shape[0], x.shape[1] * x.shape[2], x.shape[3]))
     if x.ndim != 3:
       raise ValueError(f"CNN1D: expected (N, length, channels) input, got shape {x.shape}")
     for i, f in enumerate(self.features):
