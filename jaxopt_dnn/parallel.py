@@ -94,7 +94,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def _check_spec(spec: Any, mesh: Mesh, path: str, shape: tuple[int, ...]) -> PartitionSpec:
+def check_spec(spec: Any, mesh: Mesh, path: str, shape: tuple[int, ...]) -> PartitionSpec:
   if not isinstance(spec, PartitionSpec):
     raise TypeError(f"{path}: sharding rule value must be a PartitionSpec, got {spec!r}")
   if len(spec) > len(shape):
@@ -147,7 +147,7 @@ def param_shardings(params: PyTree, mesh: Mesh, strategy: str = "data_parallel",
   for (path, _, rule), leaf in zip(chosen, leaves):
     shape = tuple(np.shape(leaf))
     if rule is not None:
-      spec = _check_spec(rule, mesh, path, shape)
+      spec = check_spec(rule, mesh, path, shape)
     elif strategy == "fsdp":
       spec = fsdp_spec(shape, fsdp_size)
     else:

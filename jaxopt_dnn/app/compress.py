@@ -119,8 +119,6 @@ def default_variants(base: Recipe) -> dict[str, Recipe]:
     del variants["channel50"]
   if not zoo or base.model not in STUDENTS:   # no known smaller student
     del variants["distilled"]
-  if base.model == "nnx_cnn":   # recipe-driven QAT is linen-only (see compose.build)
-    del variants["int8_qat"]
   return variants
 
 
@@ -291,9 +289,9 @@ def shrink_layers(model_name: str, params: dict) -> list[str] | None:
   return convs + ["Dense_0", "Dense_1"]
 
 
-def shrink(recipe: Recipe, state: train_lib.TrainState) -> tuple[Recipe, Any, dict]:
-  """The shrunk model of a channel-pruned state: ``(recipe with the smaller widths, model,
-  params)``. The masks come from the pruning optimizer's state."""
+def shrink(recipe: Recipe, state: Any) -> tuple[Recipe, Any, dict]:
+  """The shrunk model of a channel-pruned state: ``(recipe with the smaller widths,
+  params, model kwargs)``. The masks come from the pruning optimizer's state."""
   params = jax.device_get(state.params)
   layers = shrink_layers(recipe.model, params)
   if layers is None:
@@ -375,17 +373,21 @@ def run_variant(recipe: Recipe, ds: data_lib.Dataset, out: str, *,
   else:
     state = built.state
   calib = _calibration(recipe, ds)
-  serve_recipe, serve_model, served_as = recipe, built.model, "dense"
-  serve_state = state
+  serve_recipe, served_as = recipe, "dense"
   if recipe.prune.method == "channel" and recipe.model in SHRINKABLE:
+    # Served shrunk: the smaller model, built (and served) like any recipe's model.
     serve_recipe, small, _ = shrink(recipe, state)
-    serve_model = models_lib.get_model(serve_recipe.model, ds.num_classes,
-                                       **dict(serve_recipe.model_kwargs))
-    serve_state = state.replace(params=small)
+    cols = {k: v for k, v in state.collections.items() if k != compose.QUANT_STATS}
+    small_built = compose.build(
+        serve_recipe.replace(init_from=None, distill={"teacher": None},
+                             prune={"method": "none"}),
+        sample, num_classes=ds.num_classes, init_variables={"params": small, **cols})
+    served = small_built.serving(small_built.state, calib)
     served_as = "shrunk"
-  elif recipe.prune.method != "none":
-    served_as = "masked"
-  served = compose.serving(serve_recipe, serve_model, serve_state, calib)
+  else:
+    if recipe.prune.method != "none":
+      served_as = "masked"
+    served = built.serving(state, calib)
   if served.int8:
     served_as = "int8" if served_as == "dense" else served_as + "+int8"
   serve_dir = os.path.join(vdir, "serve")
@@ -416,7 +418,7 @@ def run_variant(recipe: Recipe, ds: data_lib.Dataset, out: str, *,
       served=served_as, metric=getattr(metric, "__name__", "metric"))
   if result.metric == "accuracy_metric":
     result.metric = "accuracy"
-  variables = {"params": state.params, **{k: v for k, v in state.extra["collections"].items()
+  variables = {"params": state.params, **{k: v for k, v in state.collections.items()
                                           if k != compose.QUANT_STATS}}
   # The completion marker goes last: scores first, then result.json (atomically).
   np.save(os.path.join(vdir, "test_scores.npy"), scores)
@@ -436,7 +438,7 @@ def _restore_trained(recipe: Recipe, ds: data_lib.Dataset, out: str,
   template = compose.build(recipe.replace(init_from=None, distill={"teacher": None}),
                            ds.x_train[:recipe.batch_size], num_classes=ds.num_classes, **kw)
   state, _, _ = checkpoint.restore(os.path.join(out, recipe.name, "train"), template.state)
-  variables = {"params": state.params, **{k: v for k, v in state.extra["collections"].items()
+  variables = {"params": state.params, **{k: v for k, v in state.collections.items()
                                           if k != compose.QUANT_STATS}}
   return template.model, variables
 
