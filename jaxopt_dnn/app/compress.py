@@ -78,11 +78,11 @@ def default_recipe(dataset: str = DEFAULT_DATASET) -> Recipe:
   """The base recipe of ``jaxopt-dnn compress`` for an embedded dataset.
 
   ``mnist1d``: the zoo's :class:`~jaxopt_dnn.app.models.CNN1D` (32-64-64 channels,
-  kernel 5), Adam 5e-3 with cosine decay, 2000 steps of 64 (32 epochs of the 4000
+  kernel 5), Adam 5e-3 with cosine decay, 1000 steps of 64 (16 epochs of the 4000
   training signals). Anything else: ``Recipe()`` (the digits CNN).
   """
   if dataset == "mnist1d":
-    return Recipe(model="cnn1d", steps=2000, batch_size=64,
+    return Recipe(model="cnn1d", steps=1000, batch_size=64,
                   optimizer={"learning_rate": 5e-3, "schedule": "cosine"})
   return Recipe()
 
@@ -250,13 +250,13 @@ def bootstrap(scores: dict[str, np.ndarray], reference: str, *, resamples: int =
   return out
 
 
-def alternating_latency(fns: dict[str, Callable[[], Any]], *, rounds: int = 7, reps: int = 10,
+def alternating_latency(fns: dict[str, Callable[[], Any]], *, rounds: int = 9, reps: int = 10,
                         warmup: int = 1, round_budget_s: float = 0.08
                         ) -> dict[str, tuple[float, float, float]]:
   """``{name: (median, min, max)}`` milliseconds per call over alternating rounds.
 
   Every round runs each contender back to back, ``reps`` calls or as many as fit in
-  ``round_budget_s`` (at least 2), and keeps the median of those calls; rounds alternate
+  ``round_budget_s`` (at least one), and keeps the median of those calls; rounds alternate
   forward and reverse order so that machine noise hits all contenders alike. The result
   is the median of the round medians and their min-max.
   """
@@ -269,8 +269,7 @@ def alternating_latency(fns: dict[str, Callable[[], Any]], *, rounds: int = 7, r
     for name in order:
       times: list[float] = []
       start = time.perf_counter()
-      while len(times) < reps and (len(times) < 2 or
-                                   time.perf_counter() - start < round_budget_s):
+      while len(times) < reps and (not times or time.perf_counter() - start < round_budget_s):
         t = time.perf_counter()
         jax.block_until_ready(fns[name]())
         times.append(time.perf_counter() - t)
@@ -472,7 +471,7 @@ def compress(base: Recipe, ds: data_lib.Dataset, out: str, *,
              recipes: dict[str, Recipe] | None = None, progress: bool | None = False,
              log=print, resume: bool = False, metric: Callable = accuracy_metric,
              loss_fn: Callable | None = None, run_info: dict | None = None,
-             latency_rounds: int = 7, latency_reps: int = 10,
+             latency_rounds: int = 9, latency_reps: int = 10,
              latency_batch: int = 256) -> list[VariantResult]:
   """Runs the variants in order, then the intervals and alternating latency rounds.
 
