@@ -410,3 +410,23 @@ def test_python_api_with_a_model_object_and_batch_iterables(tmp_path):
   with pytest.raises(TypeError, match="linen Module"):
     compress.compress_model(object(), (ds.x_train, ds.y_train), (ds.x_test, ds.y_test),
                             str(tmp_path / "x"))
+
+
+def test_python_api_with_an_nnx_module_instance(tmp_path):
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(64, 32, rngs=rngs)
+      self.out = nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(nnx.relu(self.hidden(x.reshape((x.shape[0], -1)))))
+  ds = data.load_digits()
+  results = compress.compress_model(Net(nnx.Rngs(0)), (ds.x_train, ds.y_train),
+                                    (ds.x_test, ds.y_test), str(tmp_path),
+                                    recipe=Recipe(steps=40, optimizer={"learning_rate": 0.01}),
+                                    variants=["baseline", "int8_ptq"], log=lambda s: None,
+                                    latency_rounds=1)
+  assert results[0].accuracy > 0.8 and results[0].params == 64 * 32 + 32 + 32 * 10 + 10
+  assert results[1].int8_dots == 2 and results[1].accuracy > results[0].accuracy - 0.05
