@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -289,15 +288,6 @@ def _checked(specs: PyTree, params: PyTree, mesh: Mesh) -> PyTree:
 # ------------------------------------------------------------------- helpers
 
 
-def _takes(fn: Callable, name: str) -> bool:
-  try:
-    sig = inspect.signature(fn)
-  except (TypeError, ValueError):
-    return False
-  return name in sig.parameters or any(
-      p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
-
-
 def _as_host(tree: PyTree) -> PyTree:
   """Numpy copies of the leaves (typed keys as raw key data): identical in every process."""
   def one(x):
@@ -473,6 +463,26 @@ class Trainer:
                     f"dict or logical-axis rules ((name, mesh_axis), ...), got {sharding!r}")
 
   # ---------------------------------------------------------------- linen forward
+  @property
+  def apply_fn(self) -> Callable:
+    """linen: the transformed ``model.apply`` the loss sees (QAT fake-quant, policy).
+
+    ``trainer.apply_fn({"params": state.params, **state.collections}, *inputs,
+    **trainer.eval_kwargs)`` is the simulated (fake-quant) inference forward.
+    """
+    if self.is_nnx:
+      raise TypeError("Trainer.apply_fn is for linen models; for NNX use "
+                      "trainer.module(state)")
+    return self._linen_apply
+
+  def module(self, state: TrainState, *, train: bool = False) -> nnx.Module:
+    """NNX: the transformed module (QAT hooks, policy) holding ``state``'s values."""
+    if not self.is_nnx:
+      raise TypeError("Trainer.module is for NNX models; for linen use trainer.apply_fn")
+    m = self._nnx_merge(state.params, state.collections)
+    m.train() if train else m.eval()
+    return m
+
   def _linen_apply(self, variables, *args, **kwargs):
     """``model.apply`` with the transforms (QAT fake-quant, then the policy)."""
     fn = self._qat_model.apply if self._qat else self.model.apply
@@ -513,11 +523,12 @@ class Trainer:
     return nnx.to_pure_dict(params), cols
 
   # ------------------------------------------------------------------------ init
-  def _init_fn(self, key_data, variables, *inputs):
-    """Pure init: ``(raw key, variables or None, inputs) -> (TrainState, boxed or None)``.
+  def _init_model(self, key_data, variables, *inputs):
+    """Pure model init: ``(raw key, variables or None, inputs) -> ((params, collections,
+    rng), boxed variables or None)``.
 
-    ``variables`` (linen ``{"params": ..., "batch_stats": ...}``) start the state from
-    given values (e.g. a trained baseline) instead of the model's initialisers.
+    ``variables`` (linen ``{"params": ..., "batch_stats": ...}``; NNX ``{"params": ...}``)
+    start from given values (e.g. a trained baseline) instead of the initialisers.
     """
     key = jax.random.wrap_key_data(key_data)
     k_params, k_drop, k_state = jax.random.split(key, 3)
@@ -540,9 +551,12 @@ class Trainer:
         cols[QUANT_STATS] = jax.tree.map(lambda x: x.astype(jnp.float32), upd[QUANT_STATS])
     if self.policy is not None:
       params = self.policy.cast_to_param(params)
-    state = TrainState.create(params, self.tx, rng=jax.random.key_data(k_state),
-                              collections=cols, loss_scale=self.loss_scale)
-    return state, boxed
+    return (params, cols, jax.random.key_data(k_state)), boxed
+
+  def _init_state(self, params, cols, rng) -> TrainState:
+    """The train state around initial params: ``opt_state = tx.init(params)``."""
+    return TrainState.create(params, self.tx, rng=rng, collections=cols,
+                             loss_scale=self.loss_scale)
 
   def _param_shardings(self, abstract_params, boxed) -> PyTree:
     s = self.sharding
@@ -584,30 +598,38 @@ class Trainer:
         raise TypeError("Trainer.init: variables must be a mapping with a 'params' entry, got "
                         f"{type(variables).__name__}")
       variables = _as_host(dict(variables))
-    abstract_state, boxed = jax.eval_shape(self._init_fn, key_np, variables, *inputs)
+    abstract_model, boxed = jax.eval_shape(self._init_model, key_np, variables, *inputs)
+    abstract_state = jax.eval_shape(self._init_state, *abstract_model)
     if boxed is None and variables is not None and not self.is_nnx:
       boxed = variables
     param_sh = self._param_shardings(abstract_state.params, boxed)
     self.state_sharding = parallel.like_params(abstract_state, abstract_state.params, param_sh)
-    if self.is_nnx and variables is None:   # the module holds its values: place, don't recreate
-      state = self._place_nnx(key_np)
-    else:
-      init = jax.jit(lambda k, v, *x: self._init_fn(k, v, *x)[0],
-                     out_shardings=self.state_sharding)
-      with jax.set_mesh(self.mesh):
-        state = init(key_np, variables, *inputs)
+    sh = self.state_sharding
+    # Two programs: the model's init (params, with its RNG temporaries), then the optimizer
+    # state around the donated params, so the RNG temporaries and the moments never
+    # coexist: the peak stays near params + moments.
+    with jax.set_mesh(self.mesh):
+      if self.is_nnx and variables is None:   # the module holds its values: place them
+        model_vars = _as_host(self._init_model(key_np, None)[0])
+        self._init_jit = None
+      else:
+        init = jax.jit(lambda k, v, *x: self._init_model(k, v, *x)[0],
+                       out_shardings=(sh.params, sh.collections, sh.rng))
+        model_vars = init(key_np, variables, *inputs)
+        self._init_jit = (init, (key_np, variables, *inputs))
+      donate = () if self._init_jit is None else (0, 1)   # host values cannot be donated
+      state = jax.jit(self._init_state, out_shardings=sh, donate_argnums=donate)(*model_vars)
     self._step = None
     return state
 
-  def _place_nnx(self, key_np):
-    params, cols = self._nnx_split(self._nnx_module)
-    if self.policy is not None:
-      params = self.policy.cast_to_param(params)
-    build = jax.jit(lambda p, c, k: TrainState.create(
-        p, self.tx, rng=jax.random.split(jax.random.wrap_key_data(k), 3)[2],
-        collections=c, loss_scale=self.loss_scale), out_shardings=self.state_sharding)
+  def lower_init(self) -> Any:
+    """The lowered model init of the last :meth:`init` (linen): its
+    ``.compile().as_text()`` shows that every leaf is created at its per-device shape."""
+    if getattr(self, "_init_jit", None) is None:
+      raise ValueError("Trainer.lower_init: call init() first (linen models)")
+    init, args = self._init_jit
     with jax.set_mesh(self.mesh):
-      return build(_as_host(params), _as_host(cols), key_np)
+      return init.lower(*args)
 
   # ------------------------------------------------------------------------ step
   def _loss_and_updates(self, params, state: TrainState, batch, rng):
@@ -679,22 +701,22 @@ class Trainer:
 
   def step(self, state: TrainState, batch: PyTree) -> tuple[TrainState, dict]:
     """One optimizer step: ``(state, batch) -> (state, metrics)`` (``metrics`` replicated)."""
-    batch = self.place_batch(batch)
-    with jax.set_mesh(self.mesh):
-      return self.jitted_step(state, batch)
+    return self._compiled_step()(state, self.place_batch(batch))
 
-  @property
-  def jitted_step(self) -> Callable:
-    """The jitted ``(state, placed batch) -> (state, metrics)`` (``.lower`` for reports)."""
+  def _compiled_step(self) -> Callable:
     if self.state_sharding is None:
       raise ValueError("Trainer: call trainer.init(key, *sample_inputs) first (it creates "
                        "the state and its shardings)")
-    if self._step is None:
-      self._step = jax.jit(self._step_fn,
-                           in_shardings=(self.state_sharding, parallel.batch_sharding(self.mesh)),
-                           out_shardings=(self.state_sharding, parallel.replicated(self.mesh)),
-                           donate_argnums=(0,) if self.donate else ())
+    if self._step is None:   # state in/out with its shardings (donated), batch split
+      self._step = parallel.data_parallel_step(self._step_fn, self.mesh, self.state_sharding,
+                                               donate=self.donate)
     return self._step
+
+  @property
+  def jitted_step(self) -> Callable:
+    """The jitted ``(state, placed batch) -> (state, metrics)``; ``.lower(...)`` for reports
+    (call it inside ``jax.set_mesh(trainer.mesh)``)."""
+    return self._compiled_step().jitted
 
   # ----------------------------------------------------------------------- serve
   def serve(self, state: TrainState, calibration_batches: Iterable[Any] = (), *,

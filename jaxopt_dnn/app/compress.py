@@ -160,11 +160,19 @@ class VariantResult:
 
 
 def _weights(storage: Any) -> tuple[int, int]:
-  """Parameter count and nonzeros of the ``params`` collection (scales excluded)."""
+  """Parameter count and nonzeros of the ``params`` collection.
+
+  A quantized leaf counts once, by its integer values: its ``scale`` / ``zero_point``
+  children (siblings of a ``value`` leaf) are metadata, not parameters. A LayerNorm /
+  BatchNorm ``scale`` is a parameter and is counted.
+  """
   params = storage["params"]
+  leaves = _leaves(params)
+  values = {path[: -len("value")] for path, _ in leaves if path.endswith("/value")}
   total = nnz = 0
-  for path, x in _leaves(params):
-    if path.endswith("/scale") or path.endswith("/zero_point"):
+  for path, x in leaves:
+    head, _, name = path.rpartition("/")
+    if name in ("scale", "zero_point") and head + "/" in values:
       continue
     if isinstance(x, PackedArray):
       total += int(np.prod(x.shape))
