@@ -430,3 +430,30 @@ def test_python_api_with_an_nnx_module_instance(tmp_path):
                                     latency_rounds=1)
   assert results[0].accuracy > 0.8 and results[0].params == 64 * 32 + 32 + 32 * 10 + 10
   assert results[1].int8_dots == 2 and results[1].accuracy > results[0].accuracy - 0.05
+
+
+def test_resolve_model_factory_forms(tmp_path, monkeypatch):
+  """``(model, sample_inputs)`` factories and ``**kw`` factories (no ``num_classes`` named)
+  resolve to the model alone; bad specs are clear errors."""
+  from jaxopt_dnn.app import models
+  model, loss, metric = models.resolve_model("zoo_thirdparty:linen_resnet", 7)
+  assert type(model).__name__ == "LinenResNet" and model.classes == 10
+  assert loss is None and metric is None
+  model, _, _ = models.resolve_model("zoo_thirdparty:linen_user_einsum", 3, hidden=8)
+  assert model.inner.hidden == 8                # no `train` argument: wrapped
+  (tmp_path / "forms_mod.py").write_text(
+      "import flax.linen as nn\n"
+      "def fixed():\n  return nn.Dense(3)\n"
+      "def bad_loss():\n  return nn.Dense(3), 'cross-entropy'\n"
+      "NOT_A_FUNCTION = 3\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  with pytest.raises(TypeError, match="does not accept model_kwargs"):
+    models.resolve_model("forms_mod:fixed", 10, width=3)
+  with pytest.raises(TypeError, match="loss_fn is a str"):
+    models.resolve_model("forms_mod:bad_loss")
+  with pytest.raises(TypeError, match="not callable"):
+    models.resolve_model("forms_mod:NOT_A_FUNCTION")
+  with pytest.raises(ValueError, match="expected 'package.module:function'"):
+    models.resolve_model("no_colon")
+  file_model, _, _ = models.resolve_model(f"{tmp_path / 'forms_mod.py'}:fixed")
+  assert file_model.inner.features == 3

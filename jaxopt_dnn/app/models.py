@@ -362,6 +362,13 @@ def as_model(obj: Any, where: str = "model"):
                   f"init(rng, x) and apply(variables, x); got {type(obj).__name__}: {obj!r}")
 
 
+def _names(fn: Callable, name: str) -> bool:
+  try:
+    return name in inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+
+
 def load_factory(spec: str) -> Callable:
   """``"package.module:factory"`` (or ``"path/to/file.py:factory"``) -> the factory.
 
@@ -401,9 +408,10 @@ def load_factory(spec: str) -> Callable:
 def resolve_model(spec: str, num_classes: int = 10, **kwargs) -> tuple[Any, Any, Any]:
   """Calls a ``"package.module:factory"`` factory: ``(model, loss_fn or None, metric or None)``.
 
-  The factory is called with ``num_classes=`` (and the recipe's ``model_kwargs``) when
-  its signature accepts them, and returns a model, or a tuple ``(model, loss_fn)`` /
-  ``(model, loss_fn, metric)``, or a dict with those keys. ``loss_fn(logits, labels)``
+  The factory is called with ``num_classes=`` when it names that parameter (and with the
+  recipe's ``model_kwargs``), and returns a model, or a tuple ``(model, loss_fn)`` /
+  ``(model, loss_fn, metric)``, or a dict with those keys (a ``(model, sample_inputs)``
+  pair is taken as the model alone). ``loss_fn(logits, labels)``
   returns a scalar; ``metric(logits, labels)`` one score per example.
   """
   fn = load_factory(spec)
@@ -411,7 +419,7 @@ def resolve_model(spec: str, num_classes: int = 10, **kwargs) -> tuple[Any, Any,
   dropped = sorted(set(kwargs) - set(call_kw))
   if dropped:
     raise TypeError(f"model factory {spec!r} does not accept model_kwargs {dropped}")
-  if _takes(fn, "num_classes"):
+  if _names(fn, "num_classes"):   # named, not swallowed by **kwargs into a constructor
     call_kw["num_classes"] = num_classes
   out = fn(**call_kw)
   if isinstance(out, dict):
@@ -425,6 +433,9 @@ def resolve_model(spec: str, num_classes: int = 10, **kwargs) -> tuple[Any, Any,
   if not 1 <= len(out) <= 3:
     raise ValueError(f"model factory {spec!r} returned {len(out)} values; expected model, "
                      "(model, loss_fn) or (model, loss_fn, metric)")
+  if len(out) == 2 and isinstance(out[1], (tuple, list)) and all(
+      hasattr(a, "shape") for a in out[1]):
+    out = (out[0],)   # (model, sample_inputs): the dataset gives the inputs
   model, loss_fn, metric = (tuple(out) + (None, None))[:3]
   for what, f in (("loss_fn", loss_fn), ("metric", metric)):
     if f is not None and not callable(f):
