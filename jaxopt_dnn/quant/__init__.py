@@ -19,3 +19,6 @@ from jaxopt_dnn.quant.rules import QuantRule
 from jaxopt_dnn.quant.rules import dequantize_params
 from jaxopt_dnn.quant.rules import explain
 from jaxopt_dnn.quant.rules import quantize_params
+from jaxopt_dnn.quant.capture import Capture
+from jaxopt_dnn.quant.gptq import gptq
+from jaxopt_dnn.quant.gptq import gptq_solve

@@ -95,8 +95,13 @@ class Stats:
 # --------------------------------------------------------------------------- statistics
 def _data_axes(x: jax.Array):
   """Mesh and axis name(s) sharding ``x``'s leading axis, or ``(None, None)``."""
-  sh = getattr(x, "sharding", None)
+  if isinstance(x, jax.core.Tracer):
+    sh = getattr(jax.typeof(x), "sharding", None)
+  else:
+    sh = getattr(x, "sharding", None)
   if not isinstance(sh, jax.sharding.NamedSharding) or not sh.spec or sh.spec[0] is None:
+    return None, None
+  if getattr(sh.mesh, "empty", False):
     return None, None
   return sh.mesh, sh.spec[0]
 
@@ -110,7 +115,7 @@ def _gram(x2: jax.Array, _: Any = None) -> jax.Array:
 @functools.lru_cache(maxsize=None)
 def _sharded_gram(mesh, axes):
   def local(xs):
-    xs = xs.astype(jnp.float32)
+    xs = xs.reshape((-1, xs.shape[-1])).astype(jnp.float32)
     return jax.lax.psum(xs.T @ xs, axes)
 
   return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=jax.P(axes), out_specs=jax.P()))
@@ -125,15 +130,15 @@ def gram(x: jax.Array) -> jax.Array:
   mesh, axes = _data_axes(x)
   if mesh is not None and x.shape[0] % math.prod(
       mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))) == 0:
-    x2 = x.reshape((x.shape[0], -1, x.shape[-1])).reshape((-1, x.shape[-1]))
-    return _sharded_gram(mesh, axes)(x2)
+    return _sharded_gram(mesh, axes)(x)
   return _gram(x.reshape((-1, x.shape[-1])))
 
 
 @jax.jit
-def _vec_stats(x2):
-  a = jnp.abs(x2.astype(jnp.float32))
-  return jnp.sum(a * a, 0), jnp.max(a, 0), jnp.sum(a, 0)
+def _vec_stats(x):
+  a = jnp.abs(x.astype(jnp.float32))
+  red = tuple(range(x.ndim - 1))
+  return jnp.sum(a * a, red), jnp.max(a, red), jnp.sum(a, red)
 
 
 class _Acc:
@@ -153,11 +158,13 @@ class _Acc:
       self.sq, self.amax, self.abs_sum = sq, amax, s
     else:
       self.sq, self.amax, self.abs_sum = self.sq + sq, jnp.maximum(self.amax, amax), self.abs_sum + s
-    self.rows += x2.shape[0]
+    rows = math.prod(x2.shape[:-1])
+    self.rows += rows
     if self.max_sample:
-      take = min(x2.shape[0], self.max_sample)
-      idx = np.sort(self.rng.choice(x2.shape[0], take, replace=False))
-      self.samples.append(np.asarray(jax.device_get(x2[idx]), np.float32))
+      take = min(rows, self.max_sample)
+      idx = np.sort(self.rng.choice(rows, take, replace=False))
+      flat = np.asarray(jax.device_get(x2), np.float32).reshape((rows, x2.shape[-1]))
+      self.samples.append(flat[idx])
 
   def result(self) -> Stats:
     sample = None
@@ -166,15 +173,18 @@ class _Acc:
       if allr.shape[0] > self.max_sample:
         allr = allr[np.sort(self.rng.choice(allr.shape[0], self.max_sample, replace=False))]
       sample = jnp.asarray(allr)
-    return Stats(None if self.h is None else 2.0 * self.h, self.sq, self.amax, self.abs_sum,
-                 self.rows, sample)
+    # the solvers run on one device: bring the (all-reduced, replicated) sums there
+    dev = jax.devices()[0]
+    put = lambda a: None if a is None else jax.device_put(a, dev)  # noqa: E731
+    return Stats(put(None if self.h is None else 2.0 * self.h), put(self.sq), put(self.amax),
+                 put(self.abs_sum), self.rows, sample)
 
 
 # --------------------------------------------------------------------------- model runners
 def _flat_input(x: jax.Array, n_in: int) -> jax.Array:
-  """``(..., k1..kn) -> (T, K)``; keeps the leading (batch) axis first for sharding."""
+  """``(..., k1..kn) -> (..., K)``: leading (batch, sharded) axes are kept."""
   k = math.prod(x.shape[x.ndim - n_in:])
-  return x.reshape((-1, k))
+  return x.reshape(x.shape[:x.ndim - n_in] + (k,)) if n_in != 1 else x
 
 
 def _linen_ops(mod, ndim: int) -> int | None:
@@ -315,7 +325,8 @@ class Capture:
 
     def hook(o, _n, x):
       if o == op.op:
-        got.append(_flat_input(x, op.n_in))
+        x = _flat_input(x, op.n_in)
+        got.append(x.reshape((-1, x.shape[-1])))
         raise _Stop
 
     fparams = self.float_params(params)
