@@ -356,3 +356,35 @@ def kernel_2d(w: jax.Array, n_in: int) -> jax.Array:
   """Kernel ``(k1..kn, out...) -> (K, N)`` float32."""
   k = math.prod(w.shape[:n_in])
   return jnp.asarray(w, jnp.float32).reshape((k, -1))
+
+
+def run_sequential(where: str, apply_fn, variables, batches, select, layer, *,
+                   sequential: bool = True, max_batches: int | None = None,
+                   as_float: Callable[[Any], Any] = lambda r: r, hessian: bool = True,
+                   max_sample: int = 0):
+  """Shared driver of the one-shot solvers.
+
+  For each round of ops (in execution order): capture the statistics of the round's
+  input (with the already-solved earlier rounds installed when ``sequential``), call
+  ``layer(op, float kernel, stats)`` for each op of the round, and install
+  ``as_float(result)`` (a float kernel or a ``QArray``) into the params used by later
+  rounds. Only one round's statistics are alive at a time.
+
+  Returns:
+    ``(capture, {kernel path: result})``.
+  """
+  cap = Capture(apply_fn, variables, batches, select, max_batches=max_batches, where=where)
+  if not cap.ops:
+    raise ValueError(f"{where}: no Dense/DenseGeneral (nnx.Linear/LinearGeneral) kernel "
+                     "was chosen by the rules and ran on the calibration batches")
+  out: dict[str, Any] = {}
+  cur = cap.params
+  for ops in cap.rounds():
+    st = cap.stats(cur if sequential else cap.params, ops, hessian=hessian,
+                   max_sample=max_sample)
+    for o in ops:
+      out[o.kernel] = layer(o, cap.leaves[o.kernel], st)
+    del st
+    if sequential:
+      cur = set_leaves(cur, {o.kernel: as_float(out[o.kernel]) for o in ops})
+  return cap, out

@@ -40,7 +40,7 @@ import numpy as np
 from jaxopt_dnn import _tree
 from jaxopt_dnn.quant import fake
 from jaxopt_dnn.quant import rules as _rules
-from jaxopt_dnn.quant.capture import Capture, OpInfo, kernel_2d, set_leaves
+from jaxopt_dnn.quant.capture import OpInfo, kernel_2d, run_sequential, set_leaves
 from jaxopt_dnn.quant.qarray import QArray, is_qarray, pack_int4
 
 
@@ -286,8 +286,8 @@ def _gptq_layer(o: OpInfo, w: jax.Array, st, rule, *, act_order, damp, block_siz
 
 
 def _drive(where, apply_fn, variables, batches, params0, *, bits, group_size, rules,
-           sequential, scale_dtype, max_batches, log, solve, hessian=True, max_sample=0):
-  """Shared sequential driver: capture a round, solve its kernels, install them."""
+           sequential, scale_dtype, max_batches, log, solve):
+  """GPTQ/AWQ driver: rules -> sequential capture/solve -> params with QArray kernels."""
   from flax import nnx
 
   params = nnx.to_pure_dict(nnx.state(variables, nnx.Param)) \
@@ -296,27 +296,18 @@ def _drive(where, apply_fn, variables, batches, params0, *, bits, group_size, ru
                              scale_dtype=scale_dtype, where=where)
   select = (lambda p, x: not is_qarray(x)) if chosen is None else \
       (lambda p, x: p in chosen and not is_qarray(x))
-  cap = Capture(apply_fn, variables, batches, select, max_batches=max_batches, where=where)
-  if not cap.ops:
-    raise ValueError(f"{where}: no Dense/DenseGeneral (nnx.Linear/LinearGeneral) kernel "
-                     "was chosen by the rules and ran on the calibration batches")
-  leaves = cap.leaves
-  out: dict[str, Any] = {}
-  cur = cap.params
-  for ops in cap.rounds():
-    st = cap.stats(cur if sequential else cap.params, ops, hessian=hessian,
-                   max_sample=max_sample)
-    for o in ops:
-      rule = default if chosen is None else chosen[o.kernel]
-      out[o.kernel] = solve(o, leaves[o.kernel], st, rule)
-      if log is not None:
-        log(f"{where}: {o.kernel} {o.shape} int{rule.bits} g{rule.group_size}")
-    del st
-    if sequential:
-      cur = set_leaves(cur, {o.kernel: out[o.kernel] for o in ops})
+
+  def layer(o, w, st):
+    rule = default if chosen is None else chosen[o.kernel]
+    if log is not None:
+      log(f"{where}: {o.kernel} {o.shape} int{rule.bits} g{rule.group_size}")
+    return solve(o, w, st, rule)
+
+  cap, out = run_sequential(where, apply_fn, variables, batches, select, layer,
+                            sequential=sequential, max_batches=max_batches,
+                            as_float=lambda q: q)
   if chosen is not None:   # chosen leaves that no captured op consumes: round to nearest
-    captured = {o.kernel for o in cap.ops}
     for p, r in chosen.items():
-      if p not in captured and not is_qarray(leaves[p]):
-        out[p] = _rules.quantize_leaf(p, leaves[p], r)
+      if p not in out and not is_qarray(cap.leaves[p]):
+        out[p] = _rules.quantize_leaf(p, cap.leaves[p], r)
   return set_leaves(cap.params, out)
