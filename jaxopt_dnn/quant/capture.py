@@ -240,8 +240,9 @@ class Capture:
     self.ops = self._discover(select)
 
   # ------------------------------------------------------------------ forward with a hook
-  def _run(self, params, args, hook) -> None:
-    """Runs the model on float ``params`` with ``hook(op, n_in, x)`` before each op."""
+  def _run(self, params, args, hook, out_hook=None) -> None:
+    """Runs the model on float ``params`` with ``hook(op, n_in, x)`` before each op (and
+    ``out_hook(path, kind, y)`` after each linen LayerNorm / Dense, for discovery)."""
     if self.nnx:
       m = nnx.clone(self.module)
       nnx.update(m, params)
@@ -260,19 +261,33 @@ class Capture:
         info = _linen_ops(mod, jnp.ndim(a[0]))
         if info is not None:
           hook("/".join(mod.path), info, a[0])
-      return next_fun(*a, **kw)
+      y = next_fun(*a, **kw)
+      if out_hook is not None and ctx.method_name == "__call__":
+        if isinstance(mod, nn.LayerNorm) and mod.use_scale and mod.use_bias:
+          out_hook("/".join(mod.path), "layernorm", y)
+        elif isinstance(mod, nn.Dense):
+          out_hook("/".join(mod.path), "dense", y)
+      return y
 
     with nn.intercept_methods(icpt):
       self.apply_fn({**self.variables, "params": params}, *args)
 
   def _discover(self, select) -> list[OpInfo]:
     seen: list[tuple[str, int, Any]] = []
+    outs: list[tuple[str, str, Any]] = []
 
     def hook(op, n_in, x):
       if all(op != s[0] for s in seen):
         seen.append((op, n_in, x))
 
-    self._run(self.float_params(self.params), self.batches[0], hook)
+    self._run(self.float_params(self.params), self.batches[0], hook,
+              out_hook=lambda p, k, y: outs.append((p, k, y)))
+    # producer of each op's input: a LayerNorm / Dense whose output object it received
+    self.producers = {}
+    for op, _, x in seen:
+      for p, kind, y in outs:
+        if y is x:
+          self.producers[op] = (kind, p)
     ops, rnd, last_x = [], -1, None
     for op, n_in, x in seen:
       kp = f"{op}/kernel" if op else "kernel"
