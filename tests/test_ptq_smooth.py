@@ -87,3 +87,37 @@ def test_smooth_refuses_folds_that_change_the_model():
                                 np.asarray(v["params"]["ln"]["scale"]))
   with pytest.raises(ValueError, match="alpha"):
     quant.smooth(model.apply, v, batches, alpha=2.0)
+
+
+def test_awq_search_and_fold_beat_rtn():
+  from jaxopt_dnn.quant.awq import awq_search
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((256, 32)).astype(np.float32)
+  x[:, :3] *= 20.0
+  w = rng.standard_normal((32, 16)).astype(np.float32)
+  s, errs = awq_search(jnp.asarray(x), [jnp.asarray(w)], bits=4, group_size=16)
+  assert float(errs.min()) < 0.9 * float(errs[0])         # alpha = 0 is plain RTN
+  model = PreLN()
+  batches = _batches(2)
+  v = model.init(jax.random.key(0), batches[0][0])
+  v = jax.tree_util.tree_map_with_path(
+      lambda p, a: a.at[3].set(25.0) if "ln" in jax.tree_util.keystr(p)
+      and "scale" in jax.tree_util.keystr(p) else a, v)
+  log = []
+  qp = quant.awq(model.apply, v, batches, bits=4, group_size=8, log=log.append)
+  assert any("q: scaled, 1/s folded into layernorm 'ln'" in line for line in log)
+  assert all(quant.is_qarray(qp[n]["kernel"]) for n in ("q", "k", "v", "o", "fc1", "fc2"))
+  assert not quant.is_qarray(qp["ln"]["scale"])
+  # the objective AWQ minimizes: each scaled op's output error on its own input
+  rtn = quant.quantize_params(v["params"], r"kernel$", bits=4, group_size=8)
+  x = batches[0][0]
+  ln = lambda p: nn.LayerNorm().apply({"params": p["ln"]}, x).reshape(-1, 16)  # noqa: E731
+  h0, h1 = ln(v["params"]), ln(quant.dequantize_params(qp))
+  for n in ("q", "k", "v"):
+    y = h0 @ v["params"][n]["kernel"]
+    e_awq = float(jnp.sum((h1 @ quant.dequantize(qp[n]["kernel"]) - y) ** 2))
+    e_rtn = float(jnp.sum((h0 @ quant.dequantize(rtn[n]["kernel"]) - y) ** 2))
+    assert e_awq < 0.5 * e_rtn, (n, e_awq, e_rtn)
+  # ops without a producer to fold into are plain RTN
+  np.testing.assert_array_equal(np.asarray(qp["fc2"]["kernel"].value),
+                                np.asarray(rtn["fc2"]["kernel"].value))

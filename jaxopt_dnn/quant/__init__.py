@@ -23,3 +23,4 @@ from jaxopt_dnn.quant.capture import Capture
 from jaxopt_dnn.quant.gptq import gptq
 from jaxopt_dnn.quant.gptq import gptq_solve
 from jaxopt_dnn.quant.smooth import smooth
+from jaxopt_dnn.quant.awq import awq
