@@ -92,6 +92,10 @@ def main() -> None:
     qp = quant.gptq(model.apply, v, cal, bits=4, group_size=g, rules=R)
     row(f"int4 {name}", "GPTQ (act_order, damp 0.1)", qual(qp),
         f"{time.perf_counter() - t0:.1f} s incl. compile")
+    if g in (128, 64):
+      qa = quant.awq(model.apply, v, cal, bits=4, group_size=g, rules=R,
+                     folds={r"(.*)/dense$": r"\1/self/value"})
+      row(f"int4 {name}", "AWQ (+ RTN)", qual(qa), "scales fold only into attn output (post-LN)")
 
   # W8A8 through int8_apply
   def w8a8(sv):
@@ -110,7 +114,7 @@ def main() -> None:
 
   for kw, name in ((dict(sparsity=0.5), "50% unstructured"), (dict(n=2, m=4), "2:4")):
     for meth in ("magnitude", "wanda", "sparsegpt"):
-      p, mk = sparsity.oneshot(model.apply, v, cal, method=meth, rules=R, **kw)
+      p, mk = sparsity.oneshot(model.apply, v, cal, method=meth, rules=R, **kw)   # damp 0.1
       zeros = sum(int((~np.asarray(m)).sum()) for m in jax.tree.leaves(mk) if np.ndim(m))
       row(f"one-shot {name}", meth, qual(p), f"{zeros:,} zeros")
 

@@ -162,7 +162,7 @@ def _check(sparsity, n, m, method):
 
 def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any], *,
             method: str = "wanda", sparsity: float = 0.5, n: int | None = None,
-            m: int | None = None, rules: Any = None, damp: float = 0.01,
+            m: int | None = None, rules: Any = None, damp: float = 0.1,
             sequential: bool = True, block_size: int = 128,
             max_batches: int | None = None, log: Callable[[str], Any] | None = None):
   """One-shot pruning of a linen or NNX model's kernels from calibration batches.
@@ -179,7 +179,9 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
       ``(path, leaf) -> bool`` over params paths); default every ``Dense`` /
       ``DenseGeneral`` (``nnx.Linear`` / ``LinearGeneral``) kernel, never biases, norm
       scales or embeddings.
-    damp: SparseGPT's relative Hessian damping.
+    damp: SparseGPT's relative Hessian damping (0.1: measured on all-MiniLM-L6-v2 with
+      32 calibration sentences, 50% min-cosine 0.835 at 0.01 vs 0.865 at 0.1; 2:4 0.723
+      vs 0.787).
     sequential: calibrate each round on the outputs of the already-pruned layers.
     block_size: SparseGPT's block (also the adaptive mask-selection block).
     max_batches: use at most this many batches.
