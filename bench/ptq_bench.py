@@ -47,8 +47,9 @@ def _timing(layers: int) -> dict:
   qp = quant.gptq(model.apply, v, cal, bits=4, group_size=128, rules=P.KERNELS)
   jax.block_until_ready(qp)
   dt = time.perf_counter() - t0
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  return {"layers": layers, "params": int(n), "seconds": dt, "peak_mib": peak}
+  ru = resource.getrusage(resource.RUSAGE_SELF)
+  return {"layers": layers, "params": int(n), "seconds": dt, "peak_mib": ru.ru_maxrss / 1024,
+          "cpu_s": ru.ru_utime + ru.ru_stime, "load": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -139,7 +140,9 @@ def main() -> None:
     t = json.loads(out.stdout.strip().splitlines()[-1])
     timings.append(t)
     row("GPTQ int4 g128 cost", f"{t['layers']} layers, {t['params'] / 1e6:.1f}M params",
-        f"{t['seconds']:.1f} s", f"peak RSS {t['peak_mib']:.0f} MiB")
+        f"{t['seconds']:.1f} s", f"peak RSS {t['peak_mib']:.0f} MiB (whole process, incl. "
+        f"loading); process CPU {t['cpu_s']:.0f} s (load, loading and compile included); "
+        f"load avg {t['load']:.1f}")
 
   load = os.getloadavg()[0]
   lines = [START, "## Post-training compression of a pretrained encoder (`bench/ptq_bench.py`)", "",
