@@ -35,9 +35,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxopt_dnn import _tree
 from jaxopt_dnn.quant import fake
 from jaxopt_dnn.quant import rules as _rules
 from jaxopt_dnn.quant.capture import OpInfo, kernel_2d, run_sequential, set_leaves

@@ -31,7 +31,6 @@ them), :func:`~jaxopt_dnn.sparsity.apply_masks` and :func:`~jaxopt_dnn.sparsity.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
