@@ -160,6 +160,7 @@ def _out_err(model, variables, params, batches):
   return float(jnp.mean((f - g) ** 2))
 
 
+@pytest.mark.slow
 def test_gptq_linen_per_layer_beats_rtn(net):
   model, variables, batches = net
   qp = quant.gptq(model.apply, variables, batches, bits=4, group_size=16, sequential=False)
@@ -224,6 +225,7 @@ def test_hessian_sharded_equals_single_device():
   assert "all-reduce" in hlo or "all_reduce" in hlo or "psum" in hlo
 
 
+@pytest.mark.slow
 def test_gptq_sharded_batches_same_result(net):
   model, variables, batches = net
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))

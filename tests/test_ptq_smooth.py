@@ -47,6 +47,7 @@ def test_smooth_scale_formula():
   np.testing.assert_allclose(np.asarray(smooth_scale(a, w, 0.5)), [2.0, 0.5, 1.0, 1.0])
 
 
+@pytest.mark.slow
 def test_smooth_folds_verified_and_helps_w8a8():
   model = PreLN()
   batches = _batches()
@@ -89,6 +90,7 @@ def test_smooth_refuses_folds_that_change_the_model():
     quant.smooth(model.apply, v, batches, alpha=2.0)
 
 
+@pytest.mark.slow
 def test_awq_search_and_fold_beat_rtn():
   from jaxopt_dnn.quant.awq import awq_search
   rng = np.random.default_rng(0)
