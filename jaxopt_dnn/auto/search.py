@@ -196,24 +196,44 @@ class Plan:
     return math.ceil(sum(self.layer_bits[p][c] for p, c in self.choices.items()) / 8)
 
   def apply(self, apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
-            reuse: bool = True) -> PyTree:
+            reuse: bool | None = None) -> PyTree:
     """The params tree with the plan realised: QArray leaves (bf16 for 16-bit layers).
 
-    With ``reuse`` (default) and a plan from :func:`search`, each layer's leaf is the one
-    its candidate produced during the sensitivity pass (for GPTQ/AWQ: calibrated
-    sequentially under that candidate everywhere); ``reuse=False`` runs the method again
-    on each candidate's layers only.
+    RTN is leafwise, so the leaves of the sensitivity pass are reused. GPTQ / AWQ run
+    once more, **sequentially over the mixed plan** (one rule per layer with its own bits
+    and group size): each layer is calibrated on the inputs the plan's own compressed
+    layers before it produce. ``reuse=True`` takes the sensitivity pass's leaves
+    instead (each calibrated under its candidate everywhere: faster, less exact).
     """
     fwd = _Forward(apply_fn, variables)
+    reuse = (self.method == "rtn") if reuse is None else reuse
     if reuse and self.stored is not None:
       stored = {p: self.stored[c][p] for p, c in self.choices.items()}
-    else:
+    elif self.method == "rtn":
       batches = [_as_inputs(b) for b in batches]
       stored = {}
       for name, cand in self.candidates.items():
         paths = [p for p, c in self.choices.items() if c == name]
         stored.update(realize(self.method, cand, fwd, apply_fn, batches, paths))
+    else:
+      stored = self._realize_mixed(fwd, apply_fn, [_as_inputs(b) for b in batches])
     return _tree.map_with_path_str(lambda p, x: stored.get(p, x), fwd.params)
+
+  def _realize_mixed(self, fwd, apply_fn, batches) -> dict[str, Any]:
+    """One sequential GPTQ/AWQ pass with a rule per quantized layer."""
+    leaves = dict(_tree.leaves_with_paths(fwd.params))
+    stored = {p: jnp.asarray(leaves[p]).astype(jnp.bfloat16)
+              for p, c in self.choices.items() if self.candidates[c].bits == 16}
+    rules = [(f"^{re.escape(p)}$", {"bits": self.candidates[c].bits,
+                                    "group_size": self.candidates[c].group_size})
+             for p, c in self.choices.items() if self.candidates[c].bits != 16]
+    if rules:
+      fn = getattr(quant_lib, self.method)
+      tree = fn(apply_fn, fwd.variables, batches, bits=4, group_size=None, rules=rules)
+      out = dict(_tree.leaves_with_paths(tree, is_leaf=quant_lib.is_qarray))
+      stored.update({p: out[p] for p, c in self.choices.items()
+                     if self.candidates[c].bits != 16})
+    return stored
 
   def verify(self, apply_fn: Any, variables: PyTree, batches: Iterable[Any],
              metric: Callable | None = None) -> float:
