@@ -1,0 +1,263 @@
+"""Bad inputs, as a careless or hostile user would give them: each is a clear error that
+names the argument, leaf or file (or is handled correctly), never a silent wrong result.
+
+The CLI cases run ``cli.main`` in-process: every user error is one line on stderr, exit
+2, and nothing is written to ``--out``.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxopt_dnn.app import cli
+from jaxopt_dnn.app import data as data_lib
+from jaxopt_dnn.app.recipe import Recipe
+
+jax.devices()  # the backend (8 CPU devices, conftest) exists before any --cpu-devices case
+
+# ------------------------------------------------------------------------- recipes
+
+RECIPE_CASES = [
+    (dict(steps="100"), TypeError, "steps"),
+    (dict(steps=True), TypeError, "steps"),
+    (dict(batch_size=2.5), TypeError, "batch_size"),
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(optimizer={"learning_rate": -1e-3}), ValueError, "learning_rate"),
+    (dict(optimizer={"learning_rate": float("nan")}), ValueError, "learning_rate"),
+    (dict(optimizer={"learning_rate": 0}), ValueError, "learning_rate"),
+    (dict(optimizer={"learning_rate": float("inf")}), ValueError, "learning_rate"),
+    (dict(optimizer={"warmup_steps": -3}), ValueError, "warmup_steps"),
+    (dict(precision={"initial_scale": -1.0}), ValueError, "initial_scale"),
+    (dict(precision={"initial_scale": 0.0}), ValueError, "initial_scale"),
+    (dict(prune={"method": "magnitude", "update_every": 0}), ValueError, "update_every"),
+    (dict(prune={"update_every": 2.5}), TypeError, "update_every"),
+    (dict(prune={"sparsity": float("nan")}), ValueError, "sparsity"),
+    (dict(quant={"calibration_batches": 0}), ValueError, "calibration_batches"),
+    (dict(mesh={"data": 0}), ValueError, "mesh.data"),
+    (dict(mesh={"fsdp": -2}), ValueError, "mesh.fsdp"),
+    (dict(model_kwargs="features"), TypeError, "model_kwargs"),
+    (dict(model_kwargs=5), TypeError, "model_kwargs"),
+    (dict(model_kwargs={"features": {"a": 1}}), TypeError, "model_kwargs['features']"),
+    (dict(model_kwargs={"dense": float("nan")}), TypeError, "model_kwargs['dense']"),
+    (dict(optimizer="adam"), TypeError, "optimizer"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,needle", RECIPE_CASES,
+                         ids=[str(c[0])[:40] for c in RECIPE_CASES])
+def test_recipe_constructor_and_from_dict_reject(kwargs, exc, needle):
+  with pytest.raises(exc, match=needle.replace("[", r"\[").replace("]", r"\]")):
+    Recipe(**kwargs)
+  if not isinstance(kwargs.get("model_kwargs"), (str, int)) and "optimizer" not in kwargs \
+      or isinstance(kwargs.get("optimizer"), dict):
+    d = json.loads(json.dumps(kwargs, allow_nan=True))
+    with pytest.raises((TypeError, ValueError), match=needle.split("[")[0].split(".")[-1]):
+      Recipe.from_dict(d)
+
+
+# ------------------------------------------------------------------------- datasets
+
+
+def _npz(path, **arrays):
+  np.savez(path, **arrays)
+  return str(path)
+
+
+def test_npz_with_a_stray_label_names_the_file_and_the_label(tmp_path):
+  y = np.arange(200) % 10
+  y[7] = 1000
+  path = _npz(tmp_path / "d.npz", x=np.random.rand(200, 8).astype(np.float32), y=y)
+  with pytest.raises(ValueError, match=r"d\.npz.*label 1000"):
+    data_lib.load_npz(path)
+  assert data_lib.load_npz(path, num_classes=1001).num_classes == 1001  # explicit: allowed
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_npz_with_nonfinite_features_is_an_error(tmp_path, bad):
+  x = np.random.rand(100, 8).astype(np.float32)
+  x[3, 5] = bad
+  path = _npz(tmp_path / "f.npz", x=x, y=np.arange(100) % 4)
+  with pytest.raises(ValueError, match=r"f\.npz.*NaN or infinite.*\(3, 5\)"):
+    data_lib.load_npz(path)
+
+
+@pytest.mark.parametrize("content", [b"hello, this is text\n", b"", b"\x00\xff" * 40])
+def test_a_non_npz_file_named_npz_is_a_clear_error(tmp_path, content):
+  path = tmp_path / "t.npz"
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match=r"t\.npz' is not an \.npz archive") as e:
+    data_lib.load_npz(path)
+  assert "allow_pickle" not in str(e.value)
+
+
+def test_npz_of_object_arrays_and_single_npy_are_refused(tmp_path):
+  path = tmp_path / "o.npz"
+  np.savez(path, x=np.array([{"a": 1}] * 4, dtype=object), y=np.arange(4))
+  with pytest.raises(ValueError, match="pickled") as e:
+    data_lib.load_npz(path)
+  assert "allow_pickle" not in str(e.value)
+  npy = tmp_path / "s.npz"
+  with open(npy, "wb") as f:
+    np.save(f, np.zeros(3))
+  with pytest.raises(ValueError, match="single .npy array"):
+    data_lib.load_npz(npy)
+
+
+# ------------------------------------------------------------------------- the CLI
+
+
+def _cli(capsys, *argv):
+  rc = cli.main([str(a) for a in argv])
+  err = capsys.readouterr().err
+  return rc, err
+
+
+def _assert_one_line(rc, err, needle):
+  assert rc == 2, err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1, err
+  assert "Traceback" not in err and needle in lines[0], err
+
+
+def _recipe_file(tmp_path, name, content):
+  p = tmp_path / name
+  p.write_bytes(content if isinstance(content, bytes) else content.encode())
+  return p
+
+
+CLI_RECIPES = [
+    ("r.yaml", "name: !!python/object/apply:os.system ['touch PWNED']\n", "!!python"),
+    ("r.yaml", "name: [unclosed\n", "not valid YAML"),
+    ("r.json", '{"name": "x",,}', "not valid JSON"),
+    ("r.json", b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", "not UTF-8"),
+    ("r.yaml", b"\xff\xfe\x00garbage", "not UTF-8"),
+    ("r.json", "[1, 2]", "must hold a mapping"),
+    ("r.json", '{"steps": "100"}', "steps"),
+    ("r.json", '{"optimizer": {"learning_rate": -0.001}}', "learning_rate"),
+    ("r.txt", "{}", "expected a .json"),
+]
+
+
+@pytest.mark.parametrize("name,content,needle", CLI_RECIPES,
+                         ids=[f"{c[0]}:{c[2]}" for c in CLI_RECIPES])
+def test_cli_bad_recipe_files_are_one_line(tmp_path, capsys, name, content, needle):
+  out = tmp_path / "out"
+  rc, err = _cli(capsys, "compress", "--recipe", _recipe_file(tmp_path, name, content),
+                 "--out", out, "--steps", 1)
+  _assert_one_line(rc, err, needle)
+  assert not out.exists() and not (tmp_path / "PWNED").exists()
+
+
+def test_cli_directory_as_recipe(tmp_path, capsys):
+  d = tmp_path / "dir.yaml"
+  d.mkdir()
+  rc, err = _cli(capsys, "compress", "--recipe", d, "--out", tmp_path / "o")
+  _assert_one_line(rc, err, "not a regular file")
+
+
+CLI_ARGS = [
+    (["--mesh", "data=8,data=2"], "given twice"),
+    (["--mesh", "data=0"], "--mesh"),
+    (["--mesh", "fsdp=-1"], "--mesh"),
+    (["--mesh", ","], "--mesh"),
+    (["--cpu-devices", "-1"], "--cpu-devices"),
+    (["--cpu-devices", "0"], "--cpu-devices"),
+    (["--cpu-devices", "3"], "--cpu-devices"),   # tests run with 8 devices
+    (["--seed", "-1"], "seed"),
+    (["--steps", "-5"], "steps"),
+    (["--mesh", "data=3"], "data=3"),
+    (["--mesh", "data=3", "--cpu-devices", "8"], "data=3"),
+    (["--mesh", "data=8,fsdp=2"], "needs 16"),
+    (["--model", "nope"], "unknown model"),
+    (["--variants", "baseline,nope"], "nope"),
+    (["--dataset", "tfds:mnist"], "tensorflow"),
+    (["--dataset", "nope"], "unknown dataset"),
+    (["--steps", "abc"], "invalid int value"),
+]
+
+
+@pytest.mark.parametrize("args,needle", CLI_ARGS, ids=[" ".join(c[0]) for c in CLI_ARGS])
+def test_cli_bad_arguments_fail_before_writing(tmp_path, capsys, args, needle):
+  out = tmp_path / "out"
+  if "tfds" in " ".join(args):
+    pytest.importorskip("jaxopt_dnn")  # always there; tfds is the optional extra
+    try:
+      import tensorflow_datasets  # noqa: F401
+      pytest.skip("tensorflow_datasets is installed")
+    except ImportError:
+      pass
+  try:
+    rc, err = _cli(capsys, "compress", *args, "--out", out)
+  except SystemExit as e:   # argparse's own usage errors
+    rc, err = e.code, capsys.readouterr().err
+  _assert_one_line(rc, err, needle)
+  assert not out.exists()
+
+
+def test_cli_out_must_be_a_new_or_empty_directory(tmp_path, capsys):
+  f = tmp_path / "file"
+  f.write_text("x")
+  rc, err = _cli(capsys, "compress", "--out", f, "--steps", 1)
+  _assert_one_line(rc, err, "not a directory")
+  rc, err = _cli(capsys, "compress", "--out", f / "sub", "--steps", 1)
+  _assert_one_line(rc, err, "is a file")
+  full = tmp_path / "full"
+  full.mkdir()
+  (full / "x").write_text("x")
+  rc, err = _cli(capsys, "compress", "--out", full, "--steps", 1)
+  _assert_one_line(rc, err, "not empty")
+  assert f.read_text() == "x" and os.listdir(full) == ["x"]
+
+
+def test_cli_bad_npz_datasets(tmp_path, capsys):
+  y = np.arange(200) % 10
+  y[0] = 1000
+  p = _npz(tmp_path / "stray.npz", x=np.random.rand(200, 8, 8, 1), y=y)
+  rc, err = _cli(capsys, "compress", "--dataset", p, "--out", tmp_path / "o1", "--steps", 1)
+  _assert_one_line(rc, err, "label 1000")
+  x = np.random.rand(200, 8, 8, 1)
+  x[0, 0, 0, 0] = np.nan
+  p = _npz(tmp_path / "nan.npz", x=x, y=np.arange(200) % 10)
+  rc, err = _cli(capsys, "compress", "--dataset", p, "--out", tmp_path / "o2", "--steps", 1)
+  _assert_one_line(rc, err, "NaN")
+  t = tmp_path / "text.npz"
+  t.write_text("not an archive")
+  rc, err = _cli(capsys, "compress", "--dataset", t, "--out", tmp_path / "o3")
+  _assert_one_line(rc, err, "not an .npz archive")
+  assert "pickle" not in err
+  assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+
+
+@pytest.mark.parametrize("batch", ["0", "-1"])
+def test_cli_export_bad_batch(tmp_path, capsys, batch):
+  rc, err = _cli(capsys, "export", tmp_path, "--out", tmp_path / "f.bin", "--batch", batch)
+  _assert_one_line(rc, err, "--batch")
+
+
+def test_cli_export_bad_out(tmp_path, capsys):
+  rc, err = _cli(capsys, "export", tmp_path, "--out", tmp_path)
+  _assert_one_line(rc, err, "is a directory")
+  f = tmp_path / "file"
+  f.write_text("x")
+  rc, err = _cli(capsys, "export", tmp_path, "--out", f / "x.bin")
+  _assert_one_line(rc, err, "is a file")
+
+
+def test_cli_inspect_of_garbage(tmp_path, capsys):
+  rc, err = _cli(capsys, "inspect", tmp_path / "missing")
+  _assert_one_line(rc, err, "does not exist")
+  f = tmp_path / "file"
+  f.write_bytes(os.urandom(64))
+  rc, err = _cli(capsys, "inspect", f)
+  _assert_one_line(rc, err, "file")
+
+
+def test_cli_debug_shows_the_traceback(tmp_path, capsys):
+  with pytest.raises(ValueError, match="given twice"):
+    cli.main(["--debug", "compress", "--mesh", "data=8,data=2", "--out", str(tmp_path / "o")])
+  with pytest.raises(ValueError, match="given twice"):
+    cli.main(["compress", "--debug", "--mesh", "data=8,data=2", "--out", str(tmp_path / "o")])
