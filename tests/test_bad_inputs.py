@@ -261,3 +261,118 @@ def test_cli_debug_shows_the_traceback(tmp_path, capsys):
     cli.main(["--debug", "compress", "--mesh", "data=8,data=2", "--out", str(tmp_path / "o")])
   with pytest.raises(ValueError, match="given twice"):
     cli.main(["compress", "--debug", "--mesh", "data=8,data=2", "--out", str(tmp_path / "o")])
+
+
+# ------------------------------------------------------------------------- the core
+
+def _core_cases():
+  import optax
+
+  from jaxopt_dnn import compile as compile_lib
+  from jaxopt_dnn import distill, precision, quant, sparsity
+
+  w = jnp.arange(1.0, 17.0).reshape(4, 4)
+  nan_w = w.at[1, 2].set(jnp.nan)
+  inf_w = w.at[0, 0].set(jnp.inf)
+  sched = sparsity.constant_schedule(0.5, 0)
+  q = quant.quantize(w)
+  packed = sparsity.pack({"k": w * (w > 8)})
+  bad_packed = sparsity.PackedArray(packed["k"].bits, packed["k"].values[:3], (4, 4),
+                                    np.float32)
+  short_bits = sparsity.PackedArray(packed["k"].bits[:1], packed["k"].values, (4, 4),
+                                    np.float32)
+  logits = jnp.zeros((3, 10))
+  return [
+      ("magnitude_masks NaN", lambda: sparsity.magnitude_masks({"k": nan_w}, 0.5),
+       ValueError, r"'k'.*NaN"),
+      ("magnitude_masks inf", lambda: sparsity.magnitude_masks({"k": inf_w}, 0.5),
+       ValueError, r"'k'.*NaN/inf"),
+      ("prune update_every=2.5",
+       lambda: sparsity.prune_optimizer(optax.sgd(0.1), sched, update_every=2.5),
+       TypeError, "update_every"),
+      ("prune update_every='10'",
+       lambda: sparsity.prune_optimizer(optax.sgd(0.1), sched, update_every="10"),
+       TypeError, "update_every"),
+      ("prune update_every=0",
+       lambda: sparsity.prune_optimizer(optax.sgd(0.1), sched, update_every=0),
+       ValueError, "update_every"),
+      ("StaticLossScale(0.0)", lambda: precision.StaticLossScale(0.0), ValueError,
+       "loss_scale"),
+      ("StaticLossScale(nan)", lambda: precision.StaticLossScale(float("nan")), ValueError,
+       "loss_scale"),
+      ("DynamicLossScale(-8)", lambda: precision.DynamicLossScale(-8), ValueError,
+       "loss_scale"),
+      ("DynamicLossScale(jnp 0)", lambda: precision.DynamicLossScale(jnp.float32(0)),
+       ValueError, "loss_scale"),
+      ("quantize percentile=-5", lambda: quant.quantize(w, method="percentile", percentile=-5),
+       ValueError, "percentile"),
+      ("quantize percentile=101",
+       lambda: quant.quantize(w, method="percentile", percentile=101), ValueError, "percentile"),
+      ("quantize percentile='x'",
+       lambda: quant.quantize(w, method="percentile", percentile="x"), TypeError, "percentile"),
+      ("fake_quant percentile=0",
+       lambda: quant.fake_quant(w, method="percentile", percentile=0), ValueError,
+       "percentile"),
+      ("quantize 0-size", lambda: quant.quantize(jnp.zeros((0, 4))), ValueError, "empty"),
+      ("fake_quant 0-size", lambda: quant.fake_quant(jnp.zeros((3, 0))), ValueError, "empty"),
+      ("dequantize int8", lambda: quant.dequantize(q, jnp.int8), TypeError, "floating"),
+      ("dequantize bool", lambda: quant.dequantize(q, bool), TypeError, "floating"),
+      ("unpack short values", lambda: sparsity.unpack({"k": bad_packed}), ValueError,
+       r"'k'.*keeps 8 entries"),
+      ("unpack short bits", lambda: sparsity.unpack({"k": short_bits}), ValueError,
+       r"'k'.*bits"),
+      ("distill label >= K",
+       lambda: distill.loss(logits, logits, jnp.array([1, 2, 10])), ValueError, "label 10"),
+      ("distill label < 0",
+       lambda: distill.loss(logits, logits, jnp.array([1, -1, 3])), ValueError, "label -1"),
+      ("load_exported garbage", lambda: compile_lib.load_exported(_garbage_file()), ValueError,
+       "not a serialized"),
+  ]
+
+
+def _garbage_file():
+  import tempfile
+  f = tempfile.NamedTemporaryFile(suffix=".bin", delete=False)
+  f.write(np.random.default_rng(0).bytes(700))
+  f.close()
+  return f.name
+
+
+CORE = _core_cases()
+
+
+@pytest.mark.parametrize("name,fn,exc,needle", CORE, ids=[c[0] for c in CORE])
+def test_core_bad_inputs(name, fn, exc, needle):
+  with pytest.raises(exc, match=needle):
+    fn()
+
+
+def test_core_good_inputs_still_work():
+  from jaxopt_dnn import distill, precision, quant, sparsity
+
+  w = jnp.arange(1.0, 17.0).reshape(4, 4)
+  assert float(precision.StaticLossScale(2.0).loss_scale) == 2.0
+  assert float(precision.DynamicLossScale(2.0 ** 15).loss_scale) == 2.0 ** 15
+  jax.tree.map(lambda x: x, precision.DynamicLossScale(8.0))   # unflatten round trip
+  jax.jit(lambda s: s.adjust(jnp.array(True)))(precision.DynamicLossScale(8.0))
+  q = quant.quantize(w, method="percentile", percentile=99.0)
+  assert quant.dequantize(q, jnp.bfloat16).dtype == jnp.bfloat16
+  packed = sparsity.pack({"k": w * (w > 8)})
+  np.testing.assert_array_equal(sparsity.unpack(packed)["k"], w * (w > 8))
+  loss = distill.loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.array([0, 2]))
+  assert np.isfinite(float(loss))
+  jax.jit(distill.loss)(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.array([0, 2]))
+
+
+def test_calibrate_with_batches_that_do_not_fit_the_model():
+  import flax.linen as nn
+
+  from jaxopt_dnn import quant
+
+  model = nn.Dense(4)
+  variables = model.init(jax.random.key(0), jnp.ones((1, 8)))
+  with pytest.raises(ValueError, match=r"batch 0 \(shapes \[\(2, 5\)\]\) does not fit"):
+    quant.calibrate(model.apply, variables, [jnp.ones((2, 5))])
+  with pytest.raises(ValueError, match="percentile"):
+    quant.calibrate(model.apply, variables, [jnp.ones((2, 8))], method="percentile",
+                    percentile=-5)

@@ -46,6 +46,22 @@ def check_bits(bits: Any, where: str = "bits") -> int:
   return int(bits)
 
 
+def check_percentile(percentile: Any, where: str = "percentile") -> float:
+  """A percentile of ``|x|`` (or of ``x``, for asymmetric ranges) in ``(50, 100]``."""
+  if isinstance(percentile, bool) or not isinstance(percentile, (int, float, np.number)):
+    raise TypeError(f"{where}: percentile must be a number in (50, 100], got "
+                    f"{type(percentile).__name__}: {percentile!r}")
+  p = float(percentile)
+  if not 50.0 < p <= 100.0:
+    raise ValueError(f"{where}: percentile must be in (50, 100] (e.g. 99.99), got {percentile!r}")
+  return p
+
+
+def _check_not_empty(x: Any, name: str) -> None:
+  if 0 in tuple(jnp.shape(x)):
+    raise ValueError(f"{name}: cannot quantize an empty array (shape {tuple(jnp.shape(x))})")
+
+
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
   """Integer range: ``(-(2^(b-1)-1), 2^(b-1)-1)`` symmetric, ``(-2^(b-1), 2^(b-1)-1)`` not."""
   hi = 2 ** (bits - 1) - 1
@@ -89,6 +105,7 @@ def compute_qparams(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool =
   bits = check_bits(bits, name)
   if method not in METHODS:
     raise ValueError(f"{name}: method must be one of {METHODS}, got {method!r}")
+  percentile = check_percentile(percentile, f"{name}: percentile")
   chan = channel_axes(axis, jnp.ndim(x), name)
   red = tuple(a for a in range(jnp.ndim(x)) if a not in chan)
   qmin, qmax = qrange(bits, symmetric)
@@ -181,6 +198,7 @@ def fake_quant(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True
     Array of ``x``'s shape and dtype on the quantization grid; gradient is the STE.
   """
   check_array(x, name)
+  _check_not_empty(x, name)
   bits = check_bits(bits, name)
   if scale is None:
     scale, zero_point = compute_qparams(x, bits=bits, axis=axis, symmetric=symmetric,
@@ -200,10 +218,12 @@ def quantize(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True,
   ``fake_quant(x)`` bit for bit.
   """
   check_array(x, name)
+  _check_not_empty(x, name)
   bits = check_bits(bits, name)
   chan = channel_axes(axis, jnp.ndim(x), name)
   if method not in METHODS:
     raise ValueError(f"{name}: method must be one of {METHODS}, got {method!r}")
+  percentile = check_percentile(percentile, f"{name}: percentile")
   if scale is None:   # one compiled program per leaf instead of ~10 eager primitives
     value, scale, zero_point = _quantize_own_range(x, bits, chan, symmetric, method,
                                                    float(percentile))

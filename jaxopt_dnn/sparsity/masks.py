@@ -58,6 +58,17 @@ def _check_sparsity(value: Any, where: str) -> None:
     raise ValueError(f"sparsity for {where} must be a number in [0, 1), got {value!r}")
 
 
+def _check_finite(chosen, where: str) -> None:
+  """NaN ranks above every magnitude (it would be kept): concrete leaves must be finite."""
+  for path, x, c in chosen:
+    if c and not isinstance(x, jax.core.Tracer):
+      bad = ~np.isfinite(np.asarray(x, np.float32))
+      if bad.any():
+        raise ValueError(f"{where}: leaf {path!r} has {int(bad.sum())} NaN/inf entries (first at "
+                         f"{tuple(int(i) for i in np.argwhere(bad)[0])}); magnitudes cannot "
+                         "rank them")
+
+
 def _chosen(params: PyTree, rules: Rules, argname: str = "rules") -> list[tuple[str, Any, bool]]:
   """``[(path, leaf, chosen)]``; integer/bool leaves chosen by a rule are a TypeError."""
   out = []
@@ -278,6 +289,7 @@ def magnitude_masks(params: PyTree, sparsity: SparsityArg, *, scope: str = "laye
     A mask tree (see module docstring).
   """
   chosen = _chosen(params, rules)
+  _check_finite(chosen, "magnitude_masks")
   return _masks_from_scores(params, chosen, sparsity, scope, distribution,
                             lambda i, p, x: jnp.abs(x))
 
