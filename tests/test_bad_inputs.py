@@ -376,3 +376,95 @@ def test_calibrate_with_batches_that_do_not_fit_the_model():
   with pytest.raises(ValueError, match="percentile"):
     quant.calibrate(model.apply, variables, [jnp.ones((2, 8))], method="percentile",
                     percentile=-5)
+
+
+# ------------------------------------------------------------------ serve checkpoints
+
+
+@pytest.fixture(scope="module")
+def serve_dir(tmp_path_factory):
+  out = tmp_path_factory.mktemp("run")
+  recipe = out / "r.json"
+  recipe.write_text(json.dumps({"model": "cnn", "model_kwargs": {"features": [4], "dense": 8},
+                                "batch_size": 32}))
+  assert cli.main(["compress", "--recipe", str(recipe), "--steps", "2", "--variants",
+                   "baseline", "--out", str(out / "o")]) == 0
+  return out / "o" / "baseline" / "serve"
+
+
+def _copy(src, dst):
+  import shutil
+  shutil.copytree(src, dst, symlinks=True)
+  return dst
+
+
+def _rewrite_meta(ckpt, change):
+  from jaxopt_dnn import checkpoint
+  state, meta, step = checkpoint.restore(ckpt)
+  import shutil
+  shutil.rmtree(ckpt)
+  change(meta)
+  checkpoint.save(ckpt, step, state, meta)
+
+
+def test_inspect_and_export_of_a_good_checkpoint(serve_dir, tmp_path, capsys):
+  assert cli.main(["inspect", str(serve_dir)]) == 0
+  assert cli.main(["export", str(serve_dir), "--out", str(tmp_path / "m.bin")]) == 0
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("model_kwargs", "asks for a model of"),
+    ("bad_kwargs", "cannot be built"),
+    ("invalid_recipe", "stored recipe is invalid"),
+    ("other_model", "does not fit"),
+    ("input_shape", "input_shape"),
+    ("num_classes", "num_classes"),
+])
+def test_export_of_a_tampered_checkpoint(serve_dir, tmp_path, capsys, damage, needle):
+  ck = _copy(serve_dir, tmp_path / "ck")
+
+  def change(meta):
+    r = json.loads(meta["recipe"])
+    if damage == "model_kwargs":
+      r["model_kwargs"] = {"features": [4096, 4096], "dense": 100000}
+    elif damage == "bad_kwargs":
+      r["model_kwargs"] = {"nonsense": 1}
+    elif damage == "invalid_recipe":
+      r["steps"] = "many"
+    elif damage == "other_model":
+      r["model_kwargs"] = {"features": [5], "dense": 8}
+    elif damage == "input_shape":
+      meta["input_shape"] = [100000, 100000, 1000]
+    elif damage == "num_classes":
+      meta["num_classes"] = -3
+    meta["recipe"] = json.dumps(r)
+
+  _rewrite_meta(str(ck), change)
+  rc, err = _cli(capsys, "export", ck, "--out", tmp_path / "m.bin")
+  _assert_one_line(rc, err, needle)
+  assert not (tmp_path / "m.bin").exists()
+
+
+@pytest.mark.parametrize("damage", ["overwrite", "garbage_meta", "no_state", "truncate"])
+def test_inspect_of_a_damaged_checkpoint_says_corrupted(serve_dir, tmp_path, capsys, damage):
+  ck = _copy(serve_dir, tmp_path / "ck")
+  step = ck / "0"
+  if damage == "garbage_meta":
+    (step / "meta" / "metadata").write_text("{garbage")
+  elif damage == "no_state":
+    import shutil
+    shutil.rmtree(step / "state")
+  else:
+    files = [p for p in (step / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert files
+    for f in files:
+      data = bytearray(f.read_bytes())
+      if damage == "truncate":
+        data = data[:len(data) // 3]
+      else:
+        for i in range(len(data) // 2, min(len(data), len(data) // 2 + 8)):
+          data[i] ^= 0x5A
+      f.write_bytes(bytes(data))
+  rc, err = _cli(capsys, "inspect", ck)
+  _assert_one_line(rc, err, "corrupted")
+  assert "step 0" in err and "tensorstore_spec" not in err
