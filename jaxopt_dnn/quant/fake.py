@@ -57,6 +57,17 @@ def check_percentile(percentile: Any, where: str = "percentile") -> float:
   return p
 
 
+def _check_given_scale(scale: Any, name: str) -> None:
+  """A scale passed in (concrete) must be finite and > 0 everywhere."""
+  if scale is None or isinstance(scale, jax.core.Tracer):
+    return
+  s = np.asarray(scale, np.float64)
+  bad = ~(np.isfinite(s) & (s > 0))
+  if bad.any():
+    raise ValueError(f"{name}: scale must be finite and > 0, got "
+                     f"{s.ravel()[np.argmax(bad.ravel())]!r} ({int(bad.sum())} bad of {s.size})")
+
+
 def _check_not_empty(x: Any, name: str) -> None:
   if 0 in tuple(jnp.shape(x)):
     raise ValueError(f"{name}: cannot quantize an empty array (shape {tuple(jnp.shape(x))})")
@@ -175,6 +186,7 @@ _fq_in_range.defvjp(lambda x, s, qmin, qmax: (_fq(x, s, None, qmin, qmax), s),
 def fake_quant_with(x: jax.Array, scale: jax.Array, zero_point: jax.Array | None = None, *,
                     bits: int = 8) -> jax.Array:
   """Quantize-dequantize ``x`` with a given scale (and zero point); STE gradient."""
+  _check_given_scale(scale, "fake_quant_with")
   qmin, qmax = qrange(bits, zero_point is None)
   return _fq(x, jax.lax.stop_gradient(jnp.asarray(scale, jnp.float32)),
              None if zero_point is None else jax.lax.stop_gradient(zero_point), qmin, qmax)
@@ -199,6 +211,7 @@ def fake_quant(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True
   """
   check_array(x, name)
   _check_not_empty(x, name)
+  _check_given_scale(scale, name)
   bits = check_bits(bits, name)
   if scale is None:
     scale, zero_point = compute_qparams(x, bits=bits, axis=axis, symmetric=symmetric,
@@ -219,6 +232,7 @@ def quantize(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True,
   """
   check_array(x, name)
   _check_not_empty(x, name)
+  _check_given_scale(scale, name)
   bits = check_bits(bits, name)
   chan = channel_axes(axis, jnp.ndim(x), name)
   if method not in METHODS:

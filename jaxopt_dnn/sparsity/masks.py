@@ -312,6 +312,7 @@ def nm_masks(params: PyTree, n: int, m: int, *, axis: int = -2, rules: Rules = N
   if not (isinstance(n, int) and isinstance(m, int)) or not 0 < n <= m:
     raise ValueError(f"N:M needs integers 0 < n <= m, got n={n!r}, m={m!r}")
   chosen = _chosen(params, rules)
+  _check_finite(chosen, "nm_masks")
   out = []
   for path, x, c in chosen:
     if not c:
@@ -351,6 +352,7 @@ def channel_masks(params: PyTree, sparsity: SparsityArg, *, rules: Rules = None,
   ``rules`` (removing a class is rarely what you want).
   """
   chosen = _chosen(params, rules)
+  _check_finite(chosen, "channel_masks")
   per_leaf = leaf_sparsities(chosen, sparsity, distribution)
   out: list[Any] = [dense_marker() for _ in chosen]
   index = {p: i for i, (p, _, _) in enumerate(chosen)}
