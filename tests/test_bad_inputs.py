@@ -139,6 +139,10 @@ CLI_RECIPES = [
     ("r.json", '{"steps": "100"}', "steps"),
     ("r.json", '{"optimizer": {"learning_rate": -0.001}}', "learning_rate"),
     ("r.txt", "{}", "expected a .json"),
+    ("r.json", '{"model_kwargs": {"features": [99999999]}}', "parameters, more than"),
+    ("r.json", '{"model_kwargs": {"nonsense": 3}}', "cannot be built"),
+    ("r.json", '{"model": "transformer", "model_kwargs": {"patch": 3}}', "cannot be built"),
+    ("r.yaml", "", "must hold a mapping"),
 ]
 
 
@@ -177,6 +181,8 @@ CLI_ARGS = [
     (["--dataset", "tfds:mnist"], "tensorflow"),
     (["--dataset", "nope"], "unknown dataset"),
     (["--steps", "abc"], "invalid int value"),
+    (["--steps", str(10 ** 23)], "steps"),
+    (["--out", ""], "--out"),
 ]
 
 
@@ -191,7 +197,7 @@ def test_cli_bad_arguments_fail_before_writing(tmp_path, capsys, args, needle):
     except ImportError:
       pass
   try:
-    rc, err = _cli(capsys, "compress", *args, "--out", out)
+    rc, err = _cli(capsys, "compress", *args, *([] if "--out" in args else ["--out", out]))
   except SystemExit as e:   # argparse's own usage errors
     rc, err = e.code, capsys.readouterr().err
   _assert_one_line(rc, err, needle)

@@ -56,6 +56,8 @@ def _set_cpu_devices(n: int | None) -> None:
 
 def _check_out_dir(out: str) -> None:
   """``--out`` must be a new or empty directory that can be created and written."""
+  if not out.strip():
+    raise ValueError(f"--out must be a directory path, got {out!r}")
   if os.path.exists(out) and not os.path.isdir(out):
     raise ValueError(f"--out {out!r} exists and is not a directory")
   if os.path.isdir(out) and os.listdir(out):
@@ -89,6 +91,24 @@ def _check_run(base, ds) -> None:
   if len(ds.x_train) < base.batch_size:
     raise ValueError(f"dataset {ds.name!r} has {len(ds.x_train)} training examples, fewer than "
                      f"batch_size={base.batch_size}")
+  import jax
+
+  from jaxopt_dnn.app import models
+  try:   # shapes only: a model that does not fit the data fails here, allocating nothing
+    model = models.get_model(base.model, ds.num_classes, **dict(base.model_kwargs))
+    params = jax.eval_shape(model.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, *ds.x_train.shape[1:]), np.float32))
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"model {base.model!r} with model_kwargs {dict(base.model_kwargs)} cannot "
+                     f"be built for {ds.name!r} inputs {ds.x_train.shape[1:]}: "
+                     f"{' '.join(str(e).split())[:240]}") from None
+  n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+  if n > _MAX_PARAMS:
+    raise ValueError(f"model {base.model!r} with model_kwargs {dict(base.model_kwargs)} has "
+                     f"{n:,} parameters, more than compress handles ({_MAX_PARAMS:,})")
+
+
+_MAX_PARAMS = 500_000_000   # ~2 GB of float32 weights, ~8 GB with Adam state and gradients
 
 
 def cmd_compress(args) -> int:
@@ -107,7 +127,8 @@ def cmd_compress(args) -> int:
   if args.mesh:
     changes["mesh"] = _parse_mesh(args.mesh)
   base = base.replace(**changes) if changes else base
-  out = args.out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+  out = args.out if args.out is not None else os.path.join(
+      "runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
   _check_out_dir(out)
   variants = [v for v in args.variants.split(",") if v] if args.variants else None
   recipes = compress.default_variants(base)
@@ -144,6 +165,10 @@ def cmd_export(args) -> int:
 
   if args.batch < 1:
     raise ValueError(f"--batch must be >= 1, got {args.batch}")
+  if args.batch > 1 << 20:
+    raise ValueError(f"--batch must be <= {1 << 20}, got {args.batch}")
+  if not args.out.strip():
+    raise ValueError(f"--out must be a file path, got {args.out!r}")
   if os.path.isdir(args.out):
     raise ValueError(f"--out {args.out!r} is a directory; give a file name")
   _check_writable_parent(args.out, "--out")

@@ -229,8 +229,11 @@ def _validate(r: Recipe) -> None:
     if not _json_like(v):
       raise TypeError(f"recipe.model_kwargs[{k!r}] must be a number, string, bool, None or a "
                       f"list of them, got {type(v).__name__}: {v!r}")
-  if r.seed < 0:
-    raise ValueError(f"recipe.seed must be >= 0, got {r.seed}")
+  if r.seed < 0 or r.seed >= 2 ** 32:
+    raise ValueError(f"recipe.seed must be in [0, 2**32), got {r.seed}")
+  for name in ("steps", "batch_size"):   # the step counter is int32
+    if getattr(r, name) >= 2 ** 31:
+      raise ValueError(f"recipe.{name} must be < 2**31, got {getattr(r, name)}")
   o = r.optimizer
   if not o.learning_rate > 0:
     raise ValueError(f"optimizer.learning_rate must be > 0, got {o.learning_rate}")
