@@ -227,23 +227,23 @@ def _compat_errors(saved_meta, target) -> list[str]:
   return errs
 
 
-def _is_closed_loop_report(exc) -> bool:
-  return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+def _is_failed_read_report(exc) -> bool:
+  text = str(exc)
+  return (isinstance(exc, RuntimeError) and "Event loop is closed" in text) or \
+      text.startswith("Encountered error while reading array index")
 
 
-def _collect_failed_reads() -> None:
-  """A failed orbax read leaves tensorstore futures whose asyncio loop is gone; their
-  callbacks report a harmless "Event loop is closed" RuntimeError (a stray traceback
-  after the one-line error). From the first failed read on, that one report is filtered
-  out of ``sys.unraisablehook`` and ``sys.excepthook``; anything else still goes to the
-  previous hooks."""
-  import gc
-
+def _filter_failed_read_reports() -> None:
+  """A failed orbax read leaves tensorstore futures and coroutines behind whose later
+  reports ("Event loop is closed", "Encountered error while reading array index" with a
+  kilobyte of tensorstore spec) would follow the one-line error as stray tracebacks. They
+  are filtered out of ``sys.unraisablehook`` and ``sys.excepthook`` (installed once);
+  anything else still goes to the previous hooks."""
   if not getattr(sys.unraisablehook, "_jaxopt_dnn_filter", False):
     prev_unraisable = sys.unraisablehook
 
     def unraisable(u):
-      if not _is_closed_loop_report(u.exc_value):
+      if not _is_failed_read_report(u.exc_value):
         prev_unraisable(u)
 
     unraisable._jaxopt_dnn_filter = True
@@ -252,11 +252,17 @@ def _collect_failed_reads() -> None:
     prev_except = sys.excepthook
 
     def excepthook(typ, value, tb):
-      if not _is_closed_loop_report(value):
+      if not _is_failed_read_report(value):
         prev_except(typ, value, tb)
 
     excepthook._jaxopt_dnn_filter = True
     sys.excepthook = excepthook
+
+
+def _collect_failed_reads() -> None:
+  import gc
+
+  _filter_failed_read_reports()
   gc.collect()
 
 
@@ -277,6 +283,7 @@ def restore(directory, target: PyTree | None = None, *, step: int | None = None,
     ValueError: ``target`` does not match the checkpoint (lists differing paths).
   """
   directory = os.fspath(directory)
+  _filter_failed_read_reports()
   mngr = _mngr or manager(directory)
   try:
     step = mngr.latest_step() if step is None else step
