@@ -197,11 +197,11 @@ def from_arrays(x_train, y_train, x_test=None, y_test=None, *, name: str = "arra
     missing = k - len(present)
     if missing > max(1, k // 10):   # 0..9 plus a stray 1000 would make 1001 classes
       others = present[:-1]
+      span = f"{int(others.min())}..{int(others.max())}" if len(others) else "none"
       raise ValueError(
           f"{name}: labels must be the class indices 0..K-1, but label {int(present[-1])} "
-          f"implies {k} classes of which {missing} never occur (other labels: "
-          f"{int(others.min()) if len(others) else '-'}..{int(others.max()) if len(others) else '-'}"
-          f"); fix the labels or pass num_classes explicitly")
+          f"implies {k} classes of which {missing} never occur (other labels: {span}); "
+          "fix the labels or pass num_classes explicitly")
   if k < 2:
     raise ValueError(f"{name}: need at least 2 classes, found {k}")
   if x_test is None:
