@@ -7,8 +7,12 @@ Public modules (everything not listed here is private):
 * :mod:`jaxopt_dnn.precision` - dtype policies and loss scaling.
 * :mod:`jaxopt_dnn.parallel`  - meshes, sharding rules, data-parallel / FSDP steps, multi-host.
 * :mod:`jaxopt_dnn.compile`   - XLA cost/memory reports, HLO dot census, StableHLO export.
+* :mod:`jaxopt_dnn.roles`     - leaf roles (kernel / bias / scale / embedding) traced from a model.
 * :mod:`jaxopt_dnn.distill`, :mod:`jaxopt_dnn.fold` - distillation loss, BatchNorm folding.
 * :mod:`jaxopt_dnn.checkpoint` - orbax checkpoints.
+* :class:`Trainer` (:mod:`jaxopt_dnn.trainer`) - any Flax model, the user's loss and
+  optimizer, with pruning, QAT, a precision policy and sharding in ONE jitted step;
+  :func:`fit` (:mod:`jaxopt_dnn.loop`) - the loop: checkpoints, exact resume, metrics.
 
 The application built on this core (reference models, embedded datasets, recipes, the
 ``compress`` job, its report and the CLI) lives in :mod:`jaxopt_dnn.app`; the core never
@@ -17,11 +21,20 @@ imports it.
 
 __version__ = "0.1.0"
 
+from jaxopt_dnn import auto
 from jaxopt_dnn import checkpoint
 from jaxopt_dnn import compile
 from jaxopt_dnn import distill
 from jaxopt_dnn import fold
+from jaxopt_dnn import loop
 from jaxopt_dnn import parallel
 from jaxopt_dnn import precision
 from jaxopt_dnn import quant
+from jaxopt_dnn import roles
 from jaxopt_dnn import sparsity
+from jaxopt_dnn import trainer
+from jaxopt_dnn.loop import fit
+from jaxopt_dnn.trainer import PruneConfig
+from jaxopt_dnn.trainer import QuantConfig
+from jaxopt_dnn.trainer import Trainer
+from jaxopt_dnn.trainer import TrainState

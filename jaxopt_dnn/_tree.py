@@ -49,10 +49,38 @@ def is_float_array(x: Any) -> bool:
   return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
 
 
+_NAME_ROLES = (
+    (re.compile(r"(?i)(batch_stats|quant_stats|(^|/)(mean|var)$|input_amax$)"), "other"),
+    (re.compile(r"(?i)(^|/)(bias|b|beta|b_\w+|\w+_bias)$"), "bias"),
+    (re.compile(r"(?i)(^|/)(scale|gamma)$|(^|/)(\w*norm\w*|ln\w*)/\w+$"), "scale"),
+    (re.compile(r"(?i)(^|/)(embedding|embeddings|wte|wpe|pos|pos_emb\w*|\w*_embedding)$"),
+     "embedding"),
+)
+
+
+def path_role(path: str, x: Any) -> str:
+  """A leaf's role guessed from its name (no program at hand; see :mod:`jaxopt_dnn.roles`).
+
+  ``bias`` (``bias``, ``b``, ``beta``, ``b_*``, ``*_bias``), ``scale`` (``scale``,
+  ``gamma``, any leaf of a ``*norm*`` / ``ln*`` module), ``embedding`` (``embedding``,
+  ``wte``, ``wpe``, ``pos``...), ``other`` (statistics, non-float, ``ndim < 2``), and
+  ``kernel`` for the remaining floating leaves with ``ndim >= 2``.
+  """
+  if not is_float_array(x):
+    return "other"
+  for rx, role in _NAME_ROLES:
+    if rx.search(path):
+      return role
+  return "kernel" if np.ndim(x) >= 2 else "other"
+
+
 def default_prunable(path: str, x: Any) -> bool:
-  """Default leaf choice: floating arrays with ``ndim >= 2`` (kernels, embeddings)."""
-  del path
-  return is_float_array(x) and np.ndim(x) >= 2
+  """Default leaf choice, by role: contraction weights only (:func:`path_role` ==
+  ``"kernel"``), so 2-D ``DenseGeneral`` biases, norm scales and embedding tables stay
+  dense / float unless a rule names them. For the exact, traced choice use
+  ``rules=jaxopt_dnn.roles.kernels(jaxopt_dnn.roles.trace(apply_fn, variables, *x))``.
+  """
+  return path_role(path, x) == "kernel"
 
 
 def _compile(patterns: Iterable[str], argname: str) -> list[re.Pattern]:
@@ -89,11 +117,22 @@ def first_match(patterns: Sequence[str], paths: Sequence[str], *,
         break
     idx.append(hit)
   if require_all:
-    unused = [patterns[i] for i in range(len(patterns)) if i not in idx]
+    unused = [i for i in range(len(patterns)) if i not in idx]
     if unused:
-      raise ValueError(
-          f"{argname}: pattern(s) {unused} match no leaf. Candidate paths: "
-          + ", ".join(paths))
+      msgs, none = [], []
+      for i in unused:
+        hits = [j for j, p in enumerate(paths) if compiled[i].search(p)]
+        if hits:   # it matches, but an earlier rule wins every one of its leaves
+          winners = sorted({patterns[idx[j]] for j in hits})
+          msgs.append(f"pattern {patterns[i]!r} is shadowed: every leaf it matches "
+                      f"({', '.join(paths[j] for j in hits[:5])}) is won by the earlier "
+                      f"pattern(s) {winners} (first match wins; reorder the rules)")
+        else:
+          none.append(patterns[i])
+      if none:
+        msgs.insert(0, f"pattern(s) {none} match no leaf")
+      raise ValueError(f"{argname}: " + "; ".join(msgs) + ". Candidate paths: "
+                       + ", ".join(paths))
   return idx
 
 

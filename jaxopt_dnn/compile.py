@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxopt_dnn._hlo import DotCensus, census_from_hlo, dot_census  # noqa: F401  (re-export)
 
@@ -90,6 +91,22 @@ class CompileReport:
   lowered_census: DotCensus
   hlo: str = dataclasses.field(repr=False)
   lowered_hlo: str = dataclasses.field(repr=False)
+
+  def off_dtype(self, compute_dtype: Any) -> dict[str, int]:
+    """Floating dots/convs of the lowered program whose operands are not
+    ``compute_dtype`` (e.g. the f32 dots left under a bf16 policy): ``{"dot f32 x f32 ->
+    f32": 2}``; empty when every floating contraction computes in ``compute_dtype``."""
+    want = {"float32": "f32", "bfloat16": "bf16", "float16": "f16",
+            "float64": "f64"}[np.dtype(compute_dtype).name]
+    floats = {"f32", "bf16", "f16", "f64"}
+    out = {}
+    for kind, table in (("dot", self.lowered_census.dots), ("conv", self.lowered_census.convs)):
+      for sig, c in table.items():
+        a, rest = sig.split(" x ")
+        b = rest.split(" -> ")[0]
+        if (a in floats or b in floats) and (a != want or b != want):
+          out[f"{kind} {sig}"] = c
+    return out
 
   def to_dict(self) -> dict[str, Any]:
     """JSON-ready summary (without the HLO texts)."""
@@ -161,12 +178,34 @@ def analyze(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> CompileReport:
 # ---------------------------------------------------------------------------- export
 
 
+_FLAT = "jaxopt_dnn_flat_args__"
+_PLAIN_NODES = (tuple, list, dict, type(None))
+
+
+def _plain_tree(tree: Any) -> bool:
+  """Whether every container node of ``tree`` is one ``jax.export`` serializes as is."""
+  def ok(td) -> bool:
+    if jax.tree_util.treedef_is_leaf(td):
+      return True
+    data = td.node_data()
+    if data is None or data[0] not in _PLAIN_NODES:
+      return False
+    return all(ok(c) for c in td.children())
+  return ok(jax.tree.structure(tree))
+
+
 class Served:
-  """A deserialized ``jax.export.Exported``, callable like the original function."""
+  """A deserialized ``jax.export.Exported``, callable like the original function.
+
+  A function exported with its arguments flattened (weights as ``QArray``,
+  ``LogicallyPartitioned`` or NNX variable trees) is called with the same trees, or with
+  their array leaves: the arguments are flattened in ``jax.tree.leaves`` order.
+  """
 
   def __init__(self, exported: jax.export.Exported):
     self.exported = exported
     self._call = jax.jit(exported.call)
+    self.flat_args = exported.fun_name.startswith(_FLAT)
 
   @property
   def in_avals(self):
@@ -181,6 +220,12 @@ class Served:
     return tuple(self.exported.platforms)
 
   def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    if self.flat_args:
+      leaves = jax.tree.leaves((args, kwargs))
+      if len(leaves) != len(self.exported.in_avals):
+        raise ValueError(f"{self!r}: expected {len(self.exported.in_avals)} array leaves "
+                         f"in the arguments, got {len(leaves)}")
+      return self._call(*leaves)
     return self._call(*args, **kwargs)
 
   def __repr__(self) -> str:
@@ -188,15 +233,37 @@ class Served:
 
 
 def export(fn: Callable[..., Any], *args: Any, path: str | os.PathLike,
-           platforms: Sequence[str] | None = None) -> jax.export.Exported:
+           platforms: Sequence[str] | None = None,
+           flatten_args: bool | None = None) -> jax.export.Exported:
   """Serializes ``jax.jit(fn)`` for these argument shapes as StableHLO to ``path``.
 
   ``args`` are example arrays or ``jax.ShapeDtypeStruct`` (pytrees of dicts, lists and
   tuples are fine); ``platforms`` (e.g. ``("cpu", "cuda", "tpu")``) defaults to the
   current backend. The file is self-contained: :func:`load_exported` needs neither
   ``fn`` nor the model code.
+
+  Weights passed as arguments may be any pytree: ``QArray`` leaves, boxed
+  (``nn.LogicallyPartitioned``) params, NNX ``State`` / ``Variable`` trees. Their
+  containers cannot be serialized by ``jax.export`` without a registration per class
+  (and the reloading process would need the classes), so with ``flatten_args`` (default:
+  exactly when ``args`` hold such a container) the function is exported over the array
+  leaves of ``args`` in ``jax.tree.leaves`` order and rebuilt inside; the
+  :class:`Served` from :func:`load_exported` flattens its arguments the same way.
   """
-  exp = jax.export.export(_jitted(fn), platforms=platforms)(*args)
+  if flatten_args is None:
+    flatten_args = not _plain_tree(args)
+  target = _jitted(fn)
+  call_args = args
+  if flatten_args:
+    treedef = jax.tree.structure(args)
+    call_args = tuple(jax.tree.leaves(args))
+
+    def flat(*leaves):
+      return fn(*jax.tree.unflatten(treedef, list(leaves)))
+
+    flat.__name__ = _FLAT + getattr(fn, "__name__", "fn")
+    target = jax.jit(flat)
+  exp = jax.export.export(target, platforms=platforms)(*call_args)
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_bytes(exp.serialize())

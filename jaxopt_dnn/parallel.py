@@ -94,7 +94,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def _check_spec(spec: Any, mesh: Mesh, path: str, shape: tuple[int, ...]) -> PartitionSpec:
+def check_spec(spec: Any, mesh: Mesh, path: str, shape: tuple[int, ...]) -> PartitionSpec:
   if not isinstance(spec, PartitionSpec):
     raise TypeError(f"{path}: sharding rule value must be a PartitionSpec, got {spec!r}")
   if len(spec) > len(shape):
@@ -147,7 +147,7 @@ def param_shardings(params: PyTree, mesh: Mesh, strategy: str = "data_parallel",
   for (path, _, rule), leaf in zip(chosen, leaves):
     shape = tuple(np.shape(leaf))
     if rule is not None:
-      spec = _check_spec(rule, mesh, path, shape)
+      spec = check_spec(rule, mesh, path, shape)
     elif strategy == "fsdp":
       spec = fsdp_spec(shape, fsdp_size)
     else:
@@ -293,15 +293,23 @@ def data_parallel_step(step_fn: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]
   return step
 
 
-def shard_map_train_step(loss_fn: Callable[[PyTree, PyTree], jax.Array],
+def shard_map_train_step(loss_fn: Callable[[PyTree, PyTree], Any],
                          optimizer: optax.GradientTransformation, mesh: Mesh, *,
                          donate: bool = True) -> Callable[..., Any]:
   """Per-device data parallelism: ``step(params, opt_state, batch) -> (params, opt_state, loss)``.
 
-  Inside ``jax.shard_map`` each device computes ``g_d = grad loss_fn(params, batch_d)`` on
-  its ``B / n`` examples; ``g = pmean_d(g_d)`` over the batch axes (equal to the global
-  gradient when ``loss_fn`` is a mean), then every device applies the same update to its
-  replica. Params and optimizer state are replicated.
+  Inside ``jax.shard_map`` each device sees ``B / n`` examples. ``loss_fn(params,
+  batch_d)`` returns either
+
+  * a mean over its examples: the global loss is ``pmean_d(loss_d)`` and the gradient
+    ``pmean_d(g_d)`` (exact when every device holds equally many examples), or
+  * a weighted pair ``(sum_d, weight_d)``, e.g. ``(sum(w * l), sum(w))`` for a
+    token-weighted LM loss on padded batches: the global loss is
+    ``psum(sum_d) / psum(weight_d)`` and the gradient ``psum(grad sum_d) /
+    psum(weight_d)``, exactly the single-device ratio whatever the padding per device.
+
+  Then every device applies the same update to its replica. Params and optimizer state
+  are replicated.
   """
   axes = batch_axes(mesh)
 
@@ -310,15 +318,29 @@ def shard_map_train_step(loss_fn: Callable[[PyTree, PyTree], jax.Array],
     # gradient is then this device's own g_d (differentiating the invariant params
     # directly would make shard_map insert an implicit psum).
     local = jax.lax.pcast(params, axes, to="varying")
-    loss, grads = jax.value_and_grad(loss_fn)(local, batch)
-    grads = jax.lax.pmean(grads, axes)
-    loss = jax.lax.pmean(loss, axes)
+    (num, den), grads = jax.value_and_grad(lambda p: _as_pair(loss_fn(p, batch)),
+                                           has_aux=True)(local)
+    if den is None:
+      grads, loss = jax.lax.pmean(grads, axes), jax.lax.pmean(num, axes)
+    else:
+      total = jax.lax.psum(den, axes)
+      grads = jax.tree.map(lambda g: g / total, jax.lax.psum(grads, axes))
+      loss = jax.lax.psum(num, axes) / total
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(axes)),
                          out_specs=(P(), P(), P()))
   return jax.jit(mapped, donate_argnums=(0, 1) if donate else ())
+
+
+def _as_pair(out: Any) -> tuple[jax.Array, jax.Array | None]:
+  if isinstance(out, tuple):
+    if len(out) != 2:
+      raise ValueError(f"shard_map_train_step: loss_fn must return a mean or a (sum, weight) "
+                       f"pair, got a tuple of {len(out)}")
+    return out
+  return out, None
 
 
 def initialize_distributed(coordinator_address: str | None = None,

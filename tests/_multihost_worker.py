@@ -3,8 +3,9 @@
 Run as ``python _multihost_worker.py --process-id I --num-processes 2 --port P --out F``:
 each process owns 4 CPU devices, joins the coordinator on 127.0.0.1, builds an 8-device
 ``data`` mesh spanning both processes, and trains the digits CNN on a fixed batch
-sequence, feeding only its process-local half of every batch through
-``parallel.process_local_batch_to_global``. Process 0 writes the final params to ``F``.
+sequence with ``jd.Trainer`` (FSDP parameters sharded across both processes, state
+initialised by ``jax.jit(init, out_shardings=...)``), feeding only its process-local half
+of every batch through ``parallel.process_local_batch_to_global``. Process 0 writes the final params to ``F``.
 """
 
 from __future__ import annotations
@@ -48,38 +49,27 @@ def init_params():
   return jax.tree.map(draw, shapes)
 
 
-def train(mesh, feed):
-  """Trains from fixed init; ``feed(global_batch) -> sharded batch``. Returns params."""
+def train(mesh, feed, sharding="fsdp"):
+  """Trains from fixed init through ``jd.Trainer`` (FSDP over the whole mesh);
+  ``feed(global_batch) -> placed batch``. Returns the params, gathered to every host."""
   import jax
   import numpy as np
   import optax
+  from jax.experimental import multihost_utils
 
-  from jaxopt_dnn import parallel
-  from jaxopt_dnn.app import models
+  import jaxopt_dnn as jd
+  from jaxopt_dnn.app import models, train as app_train
 
   model = models.CNN(features=(8, 16), dense=32)
-  params = init_params()
-  opt = optax.sgd(0.1, momentum=0.9)
-
-  def step(state, batch):
-    p, o = state
-    x, y = batch
-
-    def loss_fn(p):
-      logits = model.apply({"params": p}, x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    loss, g = jax.value_and_grad(loss_fn)(p)
-    u, o = opt.update(g, o, p)
-    return (optax.apply_updates(p, u), o), loss
-
-  state = jax.tree.map(np.asarray, (params, opt.init(params)))
-  sharding = parallel.state_shardings(state, params, mesh, "data_parallel")
-  state = jax.device_put(state, sharding)
-  fn = parallel.data_parallel_step(step, mesh, sharding)
+  trainer = jd.Trainer(model, app_train.classification_loss, optax.sgd(0.1, momentum=0.9),
+                       mesh=mesh, sharding=sharding, eval_kwargs={"train": False})
+  state = trainer.init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32),
+                       variables={"params": init_params()})
   for b in batches():
-    state, _ = fn(state, feed(b))
-  return state[0]
+    state, _ = trainer.step(state, feed(b))
+  if jax.process_count() > 1:
+    return multihost_utils.process_allgather(state.params, tiled=True)
+  return jax.device_get(state.params)
 
 
 def main(argv=None) -> int:

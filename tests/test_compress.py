@@ -134,20 +134,16 @@ def test_build_sharded_equals_single_device():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model,variants", [("cnn_bn", ["baseline", "int8_qat", "bf16"]),
-                                            ("nnx_cnn", ["baseline", "int8_ptq"])])
+                                            ("nnx_cnn", ["baseline", "int8_ptq", "int8_qat"])])
 def test_compress_other_models(model, variants, tmp_path):
-  """BatchNorm models through QAT (batch_stats kept), NNX models through int8 PTQ."""
+  """BatchNorm models through QAT (batch_stats kept), NNX models through PTQ and QAT."""
   ds = data.load_digits()
   results = compress.compress(Recipe(model=model, steps=20), ds, str(tmp_path / model),
                               variants=variants)
   by_name = {r.name: r for r in results}
-  int8 = [n for n in variants if n.startswith("int8")][0]
-  assert by_name[int8].int8_dots >= 3
-  assert by_name[int8].accuracy >= by_name["baseline"].accuracy - 0.05
-  if model == "nnx_cnn":
-    assert "int8_qat" not in compress.default_variants(Recipe(model=model))
-    with pytest.raises(ValueError, match="linen"):
-      compose.build(Recipe(model=model, quant={"mode": "qat"}), ds.x_train[:2])
+  for int8 in [n for n in variants if n.startswith("int8")]:
+    assert by_name[int8].int8_dots >= 3, int8
+    assert by_name[int8].accuracy >= by_name["baseline"].accuracy - 0.05, int8
 
 
 def test_compress_refuses_a_used_output_directory(tmp_path):

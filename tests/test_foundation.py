@@ -56,3 +56,22 @@ def test_census_counts_integer_ops_including_widened_ones():
   ])
   census = _hlo.census_from_hlo(text)
   assert census.int8 == 1 and census.integer == 2 and census.float == 1 and census.total == 3
+
+
+def test_library_core_never_imports_the_app():
+  """The arrows point one way: nothing outside jaxopt_dnn/app imports it."""
+  import pathlib
+  import re
+  import subprocess
+  import sys
+  root = pathlib.Path(jaxopt_dnn.__file__).parent
+  offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+               if "app" not in p.relative_to(root).parts
+               and re.search(r"^\s*(from|import)\s+jaxopt_dnn\.app|^\s*from jaxopt_dnn import .*\bapp\b",
+                            p.read_text(), re.M)]
+  assert offenders == []
+  code = ("import sys, jaxopt_dnn, jaxopt_dnn.trainer, jaxopt_dnn.loop, jaxopt_dnn.compile, "
+          "jaxopt_dnn.checkpoint; print(sorted(m for m in sys.modules if m.startswith('jaxopt_dnn.app')))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+  assert out.stdout.strip() == "[]"

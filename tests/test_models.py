@@ -65,21 +65,25 @@ def test_transformer_attention_layers_are_named_and_mask_free():
     models.Transformer(patch=3).init(jax.random.key(0), X)
 
 
-def test_nnx_model_end_to_end_split_train_merge(digits):
-  # NNX-native: split once, train with a jitted pure step, merge back.
+def test_nnx_model_end_to_end_train_then_merge(digits):
+  # NNX through the library's one step builder, then the trained module back.
+  import jaxopt_dnn as jd
   module = models.NnxCNN(10, rngs=nnx.Rngs(0))
-  graphdef, params = nnx.split(module, nnx.Param)
-  tx = optax.adam(3e-3)
-  opt_state = tx.init(params)
-  step = models.nnx_train_step(tx)
+
+  def loss_fn(model, batch, rng):
+    logits = model(batch[0])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+
+  trainer = jd.Trainer(module, loss_fn, optax.adam(3e-3))
   x, y = digits.x_train[:256], digits.y_train[:256]
+  state = trainer.init(jax.random.key(0), x[:1])
   losses = []
   for i in range(20):
-    params, opt_state, loss = step(graphdef, params, opt_state, x[i % 4 * 64:(i % 4 + 1) * 64],
-                                   y[i % 4 * 64:(i % 4 + 1) * 64])
-    losses.append(float(loss))
+    state, m = trainer.step(state, (x[i % 4 * 64:(i % 4 + 1) * 64], y[i % 4 * 64:(i % 4 + 1) * 64]))
+    losses.append(float(m["loss"]))
   assert losses[-1] < 0.6 * losses[0]
-  trained = nnx.merge(graphdef, params)
+  trained = trainer.module(state)
+  params = nnx.state(trained, nnx.Param)
   # The linen-style face gives the same function from the pure dict.
   face = models.NnxModel(lambda rngs: models.NnxCNN(10, rngs=rngs))
   pure = {"params": nnx.to_pure_dict(params)}

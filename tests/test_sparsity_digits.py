@@ -5,6 +5,7 @@ import pytest
 
 from jaxopt_dnn.app import models, train
 from jaxopt_dnn import sparsity as sp
+from jaxopt_dnn.trainer import Trainer
 
 HIDDEN = r"^(?!Conv_0/|Dense_1/).*kernel$"   # first conv and classifier stay dense
 STEPS = 600
@@ -13,10 +14,9 @@ STEPS = 600
 def _fit(tx, digits):
   import jax
   model = models.CNN()
-  params = model.init(jax.random.key(0), digits.x_train[:1])["params"]
-  state = train.TrainState.create(params, tx, rng=0)
-  step = train.classifier_step(model.apply, tx)
-  result = train.fit(state, step, digits, train.TrainConfig(steps=STEPS, progress=False),
+  trainer = Trainer(model, train.classification_loss, tx)
+  state = trainer.init(jax.random.key(0), digits.x_train[:1])
+  result = train.fit(state, trainer.step, digits, train.TrainConfig(steps=STEPS, progress=False),
                      eval_fn=train.classifier_eval(model.apply, digits.x_test, digits.y_test))
   return result.state, result.history[-1]["accuracy"]
 

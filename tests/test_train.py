@@ -16,6 +16,7 @@ import pytest
 from rich.console import Console
 
 from jaxopt_dnn import checkpoint
+from jaxopt_dnn.trainer import Trainer
 from jaxopt_dnn.app import models, train
 
 MODEL = models.MLP(features=(32,))
@@ -24,10 +25,9 @@ TX = optax.adam(3e-3)
 
 @pytest.fixture(scope="module")
 def setup(digits):
-  params = MODEL.init(jax.random.key(0), digits.x_train[:1])["params"]
-  state = train.TrainState.create(params, TX, rng=0)
-  step = train.classifier_step(MODEL.apply, TX)
-  return state, step
+  trainer = Trainer(MODEL, train.classification_loss, TX, donate=False)
+  state = trainer.init(jax.random.key(0), digits.x_train[:1])
+  return state, trainer.step
 
 
 def _equal(a, b):
@@ -146,11 +146,12 @@ class _DenseBN(nn.Module):
 def test_classifier_step_updates_batch_stats(digits):
   m = _DenseBN()
   v = m.init(jax.random.key(0), digits.x_train[:1])
-  st = train.TrainState.create(v["params"], TX, extra={"batch_stats": v["batch_stats"]})
-  st2, metrics = train.classifier_step(m.apply, TX)(st, (digits.x_train[:64], digits.y_train[:64]))
+  trainer = Trainer(m, train.classification_loss, TX, donate=False)
+  st = trainer.init(jax.random.key(0), digits.x_train[:1])
+  st2, metrics = trainer.step(st, (digits.x_train[:64], digits.y_train[:64]))
   assert int(st2.step) == 1 and set(metrics) == {"loss", "accuracy"}
   before = v["batch_stats"]["BatchNorm_0"]["mean"]
-  assert not np.allclose(st2.extra["batch_stats"]["BatchNorm_0"]["mean"], before)
+  assert not np.allclose(st2.collections["batch_stats"]["BatchNorm_0"]["mean"], before)
   assert not np.array_equal(st2.rng, st.rng)
   typed = train.TrainState.create(v["params"], TX, rng=jax.random.key(5))
   np.testing.assert_array_equal(typed.rng, jax.random.key_data(jax.random.key(5)))
@@ -169,7 +170,7 @@ _CHILD = textwrap.dedent('''
     params = m.init(jax.random.key(0), d.x_train[:1])["params"]
     # ballast: 32 MB in the state so an async save takes long enough to be killed inside
     state = train.TrainState.create(params, tx, rng=7,
-                                    extra={"ballast": jnp.zeros((2048, 4096), jnp.float32)})
+                                    collections={"ballast": jnp.zeros((2048, 4096), jnp.float32)})
 
     @jax.jit
     def step(state, batch):

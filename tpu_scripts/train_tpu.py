@@ -185,7 +185,7 @@ def run(a: argparse.Namespace, *, console=None) -> dict:
   # Serving runs on each host on full (all-gathered) weights: int8 / pruned / bf16 as the
   # recipe says.
   state = res.state.replace(params=gather_to_host(res.state.params),
-                            extra=gather_to_host(res.state.extra))
+                            collections=gather_to_host(res.state.collections))
   calib = [ds.x_train[i:i + recipe.batch_size]
            for i in range(0, recipe.quant.calibration_batches * recipe.batch_size,
                           recipe.batch_size)]

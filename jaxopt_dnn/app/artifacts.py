@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxopt_dnn import checkpoint
+from jaxopt_dnn import _table, checkpoint
 from jaxopt_dnn.app.recipe import Recipe
 
 
@@ -120,7 +120,7 @@ def describe(directory: str) -> str:
     lines.append(f"recipe: {r.name} (model={r.model}, prune={r.prune.method}"
                  f"{'@' + str(r.prune.sparsity) if r.prune.method != 'none' else ''}, "
                  f"quant={r.quant.mode}, precision={r.precision.policy})")
-  rows = [("path", "storage", "shape", "dtype", "bytes", "density")]
+  rows = []
   total_bytes = entries = nonzero = 0
   for path, node in _flat_stored(tree):
     storage, shape, dtype, size, nnz = _describe_leaf(node, shapes.get(path))
@@ -131,8 +131,8 @@ def describe(directory: str) -> str:
     entries += size
     nonzero += nnz
     rows.append((path, storage, shape, dtype, f"{nbytes:,}", f"{nnz / max(size, 1):.3f}"))
-  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-  lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+  lines.append(_table.render(("path", "storage", "shape", "dtype", "bytes", "density"), rows,
+                             right=(4, 5)))
   lines.append(f"entries: {entries:,}; nonzero: {nonzero:,}; array bytes: {total_bytes:,}; "
                f"bytes on disk: {checkpoint.checkpoint_bytes(directory):,}")
   return "\n".join(lines)

@@ -1,16 +1,9 @@
-"""From a :class:`~jaxopt_dnn.app.recipe.Recipe` to ONE jitted train step and ONE serving fn.
+"""From a :class:`~jaxopt_dnn.app.recipe.Recipe` to a :class:`~jaxopt_dnn.trainer.Trainer`.
 
-Nothing here re-implements a transform; it only composes them::
-
-  params ─► [QAT fake-quant: quant.qat] ─► [Policy casts: precision.with_policy] ─► model
-  loss = CE  or  distill.loss(student, stop_gradient(teacher))      [loss scale for fp16]
-  update = prune_optimizer(optax optimizer)  (masks live in the optimizer state)
-  jit with in/out shardings from parallel.make_mesh / state_shardings
-
-Serving: masks are already baked into the params (``prune_optimizer``), BatchNorm is
-optionally folded (:mod:`jaxopt_dnn.fold`), weights are quantized to QArrays
-(:mod:`jaxopt_dnn.quant`) and run through s8 x s8 -> s32 dots with calibrated
-activation scales, or cast to the policy's compute dtype.
+The app's recipes are one client of the library's Trainer: the recipe names a zoo
+model, the loss is the classification cross-entropy (or ``distill.loss`` against a
+frozen teacher), the optimizer and its pruning wrapper come from the recipe's sections,
+and the Trainer does the rest (QAT, precision policy, loss scaling, sharding, serving).
 """
 
 from __future__ import annotations
@@ -21,18 +14,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxopt_dnn import distill as distill_lib
-from jaxopt_dnn import fold as fold_lib
 from jaxopt_dnn.app import models as models_lib
 from jaxopt_dnn import parallel
 from jaxopt_dnn import precision as precision_lib
-from jaxopt_dnn import quant as quant_lib
 from jaxopt_dnn import sparsity as sparsity_lib
 from jaxopt_dnn.app.recipe import OptimizerConfig, PruneConfig, Recipe
-from jaxopt_dnn.app.train import TrainState
+from jaxopt_dnn.app import train as train_lib
+from jaxopt_dnn.trainer import Trainer, TrainState
+from flax import nnx
 
 PyTree = Any
 QUANT_STATS = "quant_stats"
@@ -87,31 +79,68 @@ class Built:
   """What :func:`build` returns.
 
   Attributes:
+    trainer: the :class:`~jaxopt_dnn.trainer.Trainer` of the recipe.
     state: the initial :class:`TrainState`, placed with ``state_sharding``.
     train_step: ``(state, (x, y)) -> (state, {"loss", "accuracy"})``, jitted once.
     place_batch: host batch -> sharded device batch.
-    model: the model (serving runs it unmodified).
-    apply_fn: the training-time forward ``apply_fn(variables, x, train=...)``.
+    model: the zoo model (linen, or the :class:`~jaxopt_dnn.app.models.NnxModel` face).
   """
   recipe: Recipe
   model: Any
-  apply_fn: Callable
-  tx: optax.GradientTransformation
+  trainer: Trainer
   state: TrainState
-  state_sharding: PyTree
-  mesh: jax.sharding.Mesh
-  train_step: Callable
-  place_batch: Callable
   teacher: tuple | None = None
 
+  @property
+  def tx(self) -> optax.GradientTransformation:
+    return self.trainer.tx
+
+  @property
+  def mesh(self) -> jax.sharding.Mesh:
+    return self.trainer.mesh
+
+  @property
+  def state_sharding(self) -> PyTree:
+    return self.trainer.state_sharding
+
+  @property
+  def train_step(self) -> Callable:
+    return self.trainer.step
+
+  @property
+  def place_batch(self) -> Callable:
+    return self.trainer.place_batch
+
   def serving(self, state: TrainState, calibration_batches: Iterable[Any] = ()) -> Serving:
-    return serving(self.recipe, self.model, state, calibration_batches)
+    """The serving function of a trained state (see :meth:`Trainer.serve`)."""
+    batches = [b if isinstance(b, tuple) else (b,) for b in calibration_batches]
+    fn, variables = self.trainer.serve(state, batches,
+                                       fold_batchnorm=self.recipe.fold_batchnorm)
+    return Serving(fn, variables, sparsity_lib.pack_sparse(variables),
+                   self.recipe.quant.mode != "none" and not self.recipe.quant.weight_only)
+
+
+def classification_or_distill_loss(recipe: Recipe, teacher: tuple[Any, PyTree] | None):
+  """The recipe's Trainer loss: cross-entropy, or Hinton distillation from ``teacher``."""
+  if teacher is None:
+    return train_lib.classification_loss
+  t_model, t_vars = teacher
+  dcfg = recipe.distill
+
+  def loss(apply_fn, variables, batch, rng):
+    del rng
+    x, y = batch
+    logits = apply_fn(variables, x, train=True).astype(jnp.float32)
+    t_logits = jax.lax.stop_gradient(t_model.apply(t_vars, x, train=False))
+    acc = jnp.mean((jnp.argmax(logits, -1) == y).astype(jnp.float32))
+    return distill_lib.loss(logits, t_logits, y, dcfg.temperature, dcfg.alpha), {"accuracy": acc}
+  return loss
 
 
 def build(recipe: Recipe, sample_x: Any, *, num_classes: int = 10,
           init_variables: PyTree | None = None, teacher: tuple[Any, PyTree] | None = None,
           mesh: jax.sharding.Mesh | None = None, donate: bool = False) -> Built:
-  """Composes the recipe's transforms into one train step.
+  """The recipe's :class:`~jaxopt_dnn.trainer.Trainer` and initial state.
 
   Args:
     recipe: the :class:`Recipe`.
@@ -125,115 +154,31 @@ def build(recipe: Recipe, sample_x: Any, *, num_classes: int = 10,
   if recipe.distill.teacher is not None and teacher is None:
     raise ValueError(f"recipe {recipe.name!r} distills from {recipe.distill.teacher!r}: pass "
                      "teacher=(model, variables)")
-  if init_variables is None:
-    variables = model.init(jax.random.key(recipe.seed), sample_x)
-  else:   # never donated: place() below copies everything through host memory
-    variables = init_variables
-  variables = dict(variables)
-  params = variables.pop("params")
-  collections = {k: v for k, v in variables.items() if k != QUANT_STATS}
+  if isinstance(model, models_lib.NnxModel):
+    module = (model.module(init_variables) if init_variables is not None
+              else model.factory(nnx.Rngs(recipe.seed)))
+  else:
+    module = model
+  q = recipe.quant
+  quant = None if q.mode == "none" else dict(
+      mode=q.mode, bits=q.bits, weight_only=q.weight_only, calibration=q.calibration,
+      calibration_batches=q.calibration_batches, estimator=q.estimator)
+  loss = classification_or_distill_loss(recipe, teacher)
+  if module is not model:   # NNX: the same loss, with the module as the forward
+    linen_style = loss
 
-  apply_fn = model.apply
-  if recipe.quant.mode == "qat":
-    if isinstance(model, models_lib.NnxModel):
-      raise ValueError(f"recipe {recipe.name!r}: quant.mode='qat' through a recipe needs a linen "
-                       "model; for NNX use jaxopt_dnn.quant.qat(nnx_module) directly")
-    qm = quant_lib.qat(model, bits=recipe.quant.bits, estimator=recipe.quant.estimator)
-    apply_fn = qm.apply
-    _, stats = qm.apply({"params": params, **collections}, sample_x, mutable=[QUANT_STATS],
-                        **({"train": False} if _takes_train(model) else {}))
-    collections[QUANT_STATS] = stats[QUANT_STATS]
-  policy = precision_lib.Policy.from_string(recipe.precision.policy)
-  if not _is_fp32(policy):
-    apply_fn = precision_lib.with_policy(apply_fn, policy)
-
-  tx = make_pruner(make_optimizer(recipe.optimizer, recipe.steps), recipe.prune, recipe.steps)
-  loss_scale = make_loss_scale(recipe)
-  extra = {"collections": collections}
-  if loss_scale is not None:
-    extra["loss_scale"] = loss_scale
-  state = TrainState.create(policy.cast_to_param(params), tx, rng=recipe.seed, extra=extra)
-
-  mesh = mesh or parallel.make_mesh(recipe.mesh.data, recipe.mesh.fsdp)
-  state_sharding = parallel.state_shardings(state, state.params, mesh, recipe.mesh.strategy)
-  state = place(state, state_sharding)
-  dcfg = recipe.distill
-  teacher_vars = None if teacher is None else teacher[1]
-
-  def step(state: TrainState, batch, teacher_vars):
-    x, y = batch
-    cols = state.extra["collections"]
-    mutable = list(cols)
-
-    def loss_fn(params):
-      variables = {"params": params, **cols}
-      if mutable:
-        logits, upd = apply_fn(variables, x, train=True, mutable=mutable)
-      else:
-        logits, upd = apply_fn(variables, x, train=True), {}
-      logits = logits.astype(jnp.float32)
-      if teacher is not None:
-        t_logits = jax.lax.stop_gradient(teacher[0].apply(teacher_vars, x, train=False))
-        loss = distill_lib.loss(logits, t_logits, y, dcfg.temperature, dcfg.alpha)
-      else:
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-      return loss, (logits, upd)
-
-    ls = state.extra.get("loss_scale")
-    if ls is None:
-      (loss, (logits, upd)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      new_params, new_ls = optax.apply_updates(state.params, updates), None
-    else:
-      (loss, (logits, upd)), grads = precision_lib.value_and_grad(loss_fn, has_aux=True)(
-          ls, state.params)
-      g = precision_lib.guarded_update(tx, grads, state.opt_state, state.params, ls)
-      new_params, opt_state, new_ls = g.params, g.opt_state, g.loss_scale
-    new_extra = {"collections": {**cols, **upd}}
-    if new_ls is not None:
-      new_extra["loss_scale"] = new_ls
-    acc = jnp.mean((jnp.argmax(logits, -1) == y).astype(jnp.float32))
-    rng, _ = jax.random.split(state.rng)
-    new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state,
-                              rng=rng, extra=new_extra)
-    return new_state, {"loss": loss, "accuracy": acc}
-
-  jitted = jax.jit(step, in_shardings=(state_sharding, parallel.batch_sharding(mesh), None),
-                   out_shardings=(state_sharding, parallel.replicated(mesh)),
-                   donate_argnums=(0,) if donate else ())
-
-  def train_step(state, batch):
-    with jax.set_mesh(mesh):
-      return jitted(state, batch, teacher_vars)
-
-  def place_batch(batch):
-    if jax.process_count() > 1:
-      return parallel.process_local_batch_to_global(batch, mesh)
-    return parallel.shard_batch(batch, mesh)
-
-  return Built(recipe, model, apply_fn, tx, state, state_sharding, mesh, train_step,
-               place_batch, teacher)
-
-
-def place(tree: PyTree, shardings: PyTree) -> PyTree:
-  """Puts a host-identical pytree onto (possibly multi-process) shardings.
-
-  Leaves go through host memory (``np.asarray``): ``device_put`` of an array committed
-  to one local device onto a sharding spanning other processes' devices is an error,
-  while the same host values, identical in every process, are accepted. Typed PRNG keys
-  are placed as raw key data and re-wrapped.
-  """
-  def put(x, sharding):
-    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
-      raw = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
-      return jax.random.wrap_key_data(raw, impl=jax.random.key_impl(x))
-    return jax.device_put(np.asarray(x), sharding)
-  return jax.tree.map(put, tree, shardings)
-
-
-def _is_fp32(policy: precision_lib.Policy) -> bool:
-  return all(d == jnp.float32 for d in (policy.param_dtype, policy.compute_dtype,
-                                        policy.output_dtype))
+    def loss(module, batch, rng):
+      return linen_style(lambda _, x, train=True: module(x), None, batch, rng)
+  trainer = Trainer(
+      module, loss,
+      make_pruner(make_optimizer(recipe.optimizer, recipe.steps), recipe.prune, recipe.steps),
+      quant=quant, precision=recipe.precision.policy, loss_scale=make_loss_scale(recipe),
+      mesh=mesh or parallel.make_mesh(recipe.mesh.data, recipe.mesh.fsdp),
+      sharding=recipe.mesh.strategy, eval_kwargs=None if module is not model else
+      ({"train": False} if _takes_train(model) else {}), donate=donate)
+  linen_init = None if module is not model else init_variables
+  state = trainer.init(jax.random.key(recipe.seed), sample_x, variables=linen_init)
+  return Built(recipe, model, trainer, state, teacher)
 
 
 def _takes_train(model) -> bool:
@@ -251,60 +196,11 @@ class Serving:
   """A serving function and the variables it runs on.
 
   ``fn(variables, x) -> logits`` (float32), jitted; ``variables`` hold QArray leaves
-  and the calibrated ``quant_stats`` for int8 recipes. ``storage`` is what is saved to disk: ``variables`` with sparse
-  leaves packed (bitmask + kept values, :func:`sparsity.pack_sparse`).
+  and the calibrated ``quant_stats`` for int8 recipes. ``storage`` is what is saved to
+  disk: ``variables`` with sparse leaves packed (bitmask + kept values,
+  :func:`sparsity.pack_sparse`).
   """
   fn: Callable
   variables: PyTree
   storage: PyTree
   int8: bool
-
-
-def serving(recipe: Recipe, model: Any, state: TrainState,
-            calibration_batches: Iterable[Any] = ()) -> Serving:
-  """Builds the serving function of a trained state (see module docstring)."""
-  cols = {k: v for k, v in state.extra["collections"].items() if k != QUANT_STATS}
-  variables = jax.device_get({"params": state.params, **cols})
-  kwargs = {"train": False} if _takes_train(model) else {}
-  if recipe.fold_batchnorm and cols.get("batch_stats"):
-    sample = next(iter(calibration_batches), None)
-    folded = fold_lib.batchnorm(variables, model=model, sample=sample, apply_kwargs=kwargs)
-    variables, model = folded.variables, folded.model
-  policy = precision_lib.Policy.from_string(recipe.precision.policy)
-  q = recipe.quant
-  if q.mode == "none":
-    if _is_fp32(policy):
-      fwd = model.apply
-    else:   # serve (and store) the weights in the compute dtype; norms stay float32
-      fwd = precision_lib.with_policy(model.apply, policy)
-      variables = policy.cast_to_compute(variables)
-    fn = jax.jit(lambda v, x: fwd(v, x, **kwargs).astype(jnp.float32))
-    return Serving(fn, variables, sparsity_lib.pack_sparse(variables), False)
-  # NNX models (behind models.NnxModel) are quantized as NNX modules: the hooks see
-  # nnx.Linear / nnx.Conv, and their kernel paths are relative to the params.
-  nnx_module = model.module(variables) if isinstance(model, models_lib.NnxModel) else None
-  if q.mode == "qat":
-    stats = state.extra["collections"][QUANT_STATS]
-  elif q.weight_only:
-    stats = None
-  elif nnx_module is not None:
-    stats = quant_lib.calibrate(lambda m, x: m(x), nnx_module, calibration_batches,
-                                method=q.calibration, max_batches=q.calibration_batches)
-  else:
-    stats = quant_lib.calibrate(lambda v, x: model.apply(v, x, **kwargs), variables,
-                                calibration_batches, method=q.calibration,
-                                max_batches=q.calibration_batches)
-  qvars = {**variables, "params": quant_lib.quantize_params(variables["params"], bits=q.bits)}
-  if stats is not None:
-    qvars[QUANT_STATS] = stats   # saved with the weights: the int8 path needs both
-
-  def fn(v, x):
-    if nnx_module is not None:
-      out = quant_lib.int8_apply(nnx_module, v["params"], v.get(QUANT_STATS), x, bits=q.bits,
-                                 weight_only=q.weight_only)
-    else:
-      out = quant_lib.int8_apply(model, v, None, x, bits=q.bits, weight_only=q.weight_only,
-                                 **kwargs)
-    return out.astype(jnp.float32)
-
-  return Serving(jax.jit(fn), qvars, sparsity_lib.pack_sparse(qvars), not q.weight_only)

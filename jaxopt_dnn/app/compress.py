@@ -69,8 +69,6 @@ def default_variants(base: Recipe) -> dict[str, Recipe]:
                                prune={"method": "magnitude", "sparsity": 0.8, "begin": 0.0,
                                       "end": 0.5, "rules": rules}),
   }
-  if base.model == "nnx_cnn":   # recipe-driven QAT is linen-only (see compose.build)
-    del variants["int8_qat"]
   return variants
 
 
@@ -95,11 +93,19 @@ class VariantResult:
 
 
 def _weights(storage: Any) -> tuple[int, int]:
-  """Parameter count and nonzeros of the ``params`` collection (scales excluded)."""
+  """Parameter count and nonzeros of the ``params`` collection.
+
+  A quantized leaf counts once, by its integer values: its ``scale`` / ``zero_point``
+  children (siblings of a ``value`` leaf) are metadata, not parameters. A LayerNorm /
+  BatchNorm ``scale`` is a parameter and is counted.
+  """
   params = storage["params"]
+  leaves = _leaves(params)
+  values = {path[: -len("value")] for path, _ in leaves if path.endswith("/value")}
   total = nnz = 0
-  for path, x in _leaves(params):
-    if path.endswith("/scale") or path.endswith("/zero_point"):
+  for path, x in leaves:
+    head, _, name = path.rpartition("/")
+    if name in ("scale", "zero_point") and head + "/" in values:
       continue
     if isinstance(x, PackedArray):
       total += int(np.prod(x.shape))
@@ -189,7 +195,7 @@ def run_variant(recipe: Recipe, ds: data_lib.Dataset, out: str, *,
       disk_bytes=checkpoint.checkpoint_bytes(serve_dir),
       flops_per_example=None if report.flops is None else report.flops / len(xb),
       int8_dots=report.census.integer, recipe=recipe.to_dict())
-  variables = {"params": state.params, **{k: v for k, v in state.extra["collections"].items()
+  variables = {"params": state.params, **{k: v for k, v in state.collections.items()
                                           if k != compose.QUANT_STATS}}
   return result, (built.model, variables)
 

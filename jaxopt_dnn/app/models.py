@@ -11,7 +11,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 
@@ -244,32 +243,6 @@ class NnxModel:
       raise TypeError(f"NnxModel.apply: unsupported arguments {sorted(kwargs)}")
     out = self.module(variables)(x)
     return (out, {}) if mutable else out
-
-
-def nnx_train_step(tx: optax.GradientTransformation):
-  """An NNX-native train step over ``(graphdef, params_state, opt_state)``, end to end.
-
-  Shows the NNX functional API: the caller splits a module once
-  (``graphdef, params = nnx.split(module, nnx.Param)``), and the jitted step merges,
-  differentiates with ``nnx.grad``-free ``jax.value_and_grad`` over the params
-  ``State`` (an ordinary pytree), and returns the new state:
-
-    ``step(graphdef, params, opt_state, x, y) -> (params, opt_state, loss)``
-
-  Loss: mean softmax cross-entropy with integer labels.
-  """
-
-  @functools.partial(jax.jit, static_argnums=0)
-  def step(graphdef, params, opt_state, x, y):
-    def loss_fn(p):
-      logits = nnx.merge(graphdef, p)(x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return step
 
 
 # ---------------------------------------------------------------------- registry

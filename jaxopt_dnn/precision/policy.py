@@ -6,11 +6,21 @@ A :class:`Policy` names three dtypes, as in jmp: parameters are *stored* in
 leaves only**: integer leaves, PRNG keys and quantized ``QArray`` leaves (their int8
 values *and* their scales) pass through unchanged. Per-path exceptions are
 ``(regex, dtype)`` pairs over the key path (first match wins); the default keeps
-normalization parameters and running statistics in float32.
+normalization parameters and every statistics collection (``batch_stats``,
+``quant_stats``) in float32: a bf16 running statistic stalls (``1.003 * 0.99 + 0.013``
+rounds back to ``1.0`` in bf16).
+
+Casting the inputs is not enough to set the compute dtype: a Flax layer built with an
+explicit ``dtype=jnp.float32`` promotes its bf16 inputs back to float32. :func:`with_policy`
+therefore also overrides the ``dtype`` attribute of every module for the duration of
+the call (linen: an ``nn.intercept_methods`` interceptor; NNX: a clone whose modules'
+``dtype`` is set), and :func:`compute_census` / :meth:`Policy.report` read the lowered
+HLO to list any dot or convolution still computed in another dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
@@ -47,6 +57,7 @@ _SHORT = {"fp32": ("float32", "float32", "float32"),
 DEFAULT_EXCEPTIONS: tuple[tuple[str, Any], ...] = (
     (r"(?i)norm", np.dtype(jnp.float32)),
     (r"(?i)batch_stats", np.dtype(jnp.float32)),
+    (r"(?i)(quant_stats|input_amax)", np.dtype(jnp.float32)),
 )
 
 
@@ -161,8 +172,15 @@ class Policy:
     """Floating leaves -> ``output_dtype`` (no path exceptions)."""
     return self._cast(tree, self.output_dtype, False)
 
-  def report(self, tree: PyTree) -> str:
-    """One line per leaf: path, stored dtype -> compute dtype, and the rule that won."""
+  def report(self, tree: PyTree, fn: Callable[..., Any] | None = None, *args: Any,
+             **kwargs: Any) -> str:
+    """One line per leaf: path, stored dtype -> compute dtype, and the rule that won.
+
+    With ``fn`` (and its arguments), also lowers ``fn(*args, **kwargs)`` and appends the
+    dots/convs it really computes by dtype, flagging every one whose operands are not in
+    ``compute_dtype`` (:func:`compute_census`): the casts above are an intention, the
+    lowered HLO is what runs.
+    """
     rows = []
     items = _tree.leaves_with_paths(tree, is_leaf=is_qarray)
     for (path, x), o in zip(items, self._exception_dtypes(tree)):
@@ -172,11 +190,69 @@ class Policy:
       rule = next((rx for rx, _ in self.exceptions if re.search(rx, path)), None)
       target = self.compute_dtype if o is None else o
       rows.append(f"{path}: {x.dtype} -> {target}" + (f"  [exception {rule!r}]" if rule else ""))
+    if fn is not None:
+      rows.append(compute_census(fn, *args, policy=self, **kwargs).summary())
     return "\n".join(rows)
 
   def __str__(self) -> str:
     return (f"params={self.param_dtype.name},compute={self.compute_dtype.name},"
             f"output={self.output_dtype.name}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeCensus:
+  """Dots/convs of a lowered program by operand dtype, against a policy's compute dtype.
+
+  Attributes:
+    compute_dtype: the dtype every dot/conv should compute in (HLO short name, ``bf16``).
+    ops: ``{"dot bf16 x bf16 -> bf16": 3, "conv f32 x f32 -> f32": 1, ...}``.
+    off_policy: the entries of ``ops`` whose operands are floating but not in
+      ``compute_dtype`` (integer ops are not a precision matter).
+  """
+
+  compute_dtype: str
+  ops: dict[str, int]
+  off_policy: dict[str, int]
+
+  @property
+  def ok(self) -> bool:
+    return not self.off_policy
+
+  def summary(self) -> str:
+    total = sum(self.ops.values())
+    if self.ok:
+      return f"compute: all {total} dot/conv op(s) in {self.compute_dtype} (lowered HLO)"
+    bad = ", ".join(f"{k}: {v}" for k, v in sorted(self.off_policy.items()))
+    return (f"compute: {sum(self.off_policy.values())} of {total} dot/conv op(s) NOT in "
+            f"{self.compute_dtype} under this policy (lowered HLO): {bad}")
+
+
+_HLO_NAMES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}
+
+
+def compute_census(fn: Callable[..., Any], *args: Any, policy: Policy | str,
+                   **kwargs: Any) -> ComputeCensus:
+  """Lowers ``fn(*args, **kwargs)`` (nothing runs) and checks every dot/conv's dtypes.
+
+  Read off the lowered (pre-optimization) HLO: what the program asks XLA to compute.
+  """
+  from jaxopt_dnn import _hlo   # noqa: PLC0415 - keep the policy module light to import
+
+  if isinstance(policy, str):
+    policy = Policy.from_string(policy)
+  jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+  census = _hlo.census_from_hlo(jitted.lower(*args, **kwargs).as_text(dialect="hlo"))
+  want = _HLO_NAMES.get(policy.compute_dtype.name, policy.compute_dtype.name)
+  ops, off = {}, {}
+  floats = set(_HLO_NAMES.values())
+  for kind, table in (("dot", census.dots), ("conv", census.convs)):
+    for sig, c in table.items():
+      ops[f"{kind} {sig}"] = c
+      a, rest = sig.split(" x ")
+      b = rest.split(" -> ")[0]
+      if (a in floats or b in floats) and (a != want or b != want):
+        off[f"{kind} {sig}"] = c
+  return ComputeCensus(want, ops, off)
 
 
 def _norm_output_interceptor(dtype: np.dtype):
@@ -193,17 +269,64 @@ def _norm_output_interceptor(dtype: np.dtype):
   return interceptor
 
 
+def _overridable(value: Any) -> bool:
+  try:
+    return value is not None and jnp.issubdtype(np.dtype(value), jnp.floating)
+  except TypeError:
+    return False
+
+
+def _dtype_interceptor(dtype: np.dtype):
+  """Linen interceptor: a module's floating ``dtype`` attribute reads ``dtype`` while any
+  of its methods runs (submodules built inside inherit it), then is restored."""
+  def interceptor(next_fun, args, kwargs, context):
+    mod = context.module
+    old = getattr(mod, "dtype", None)
+    if not _overridable(old) or np.dtype(old) == dtype:
+      return next_fun(*args, **kwargs)
+    object.__setattr__(mod, "dtype", dtype)
+    try:
+      return next_fun(*args, **kwargs)
+    finally:
+      object.__setattr__(mod, "dtype", old)
+  return interceptor
+
+
+def _nnx_call(apply_fn, policy: Policy, model, args, kwargs):
+  """NNX: runs ``apply_fn`` on a clone with compute-dtype params and module dtypes; the
+  updated non-parameter state (BatchNorm statistics, RNG counts) is written back to
+  ``model`` in the parameter dtype."""
+  from flax import nnx  # noqa: PLC0415
+
+  gd, params, rest = nnx.split(model, nnx.Param, ...)
+  clone = nnx.merge(gd, policy.cast_to_compute(params), rest)
+  for _, node in nnx.iter_graph(clone):
+    if isinstance(node, nnx.Module) and _overridable(getattr(node, "dtype", None)):
+      node.dtype = policy.compute_dtype
+  out = apply_fn(clone, *args, **kwargs)
+  _, _, new_rest = nnx.split(clone, nnx.Param, ...)
+  nnx.update(model, policy.cast_to_param(new_rest))
+  return out
+
+
 def with_policy(apply_fn: Callable[..., Any], policy: Policy | str, *,
-                norm_outputs_in_compute: bool = True) -> Callable[..., Any]:
-  """Wraps ``apply_fn(variables, *args, **kwargs)`` (e.g. a Flax ``model.apply``).
+                norm_outputs_in_compute: bool = True,
+                override_module_dtype: bool = True) -> Callable[..., Any]:
+  """Wraps ``apply_fn(variables, *args, **kwargs)`` (e.g. a Flax ``model.apply``), or
+  ``apply_fn(module, *args, **kwargs)`` for an NNX module.
 
   The wrapper casts ``variables`` with :meth:`Policy.cast_to_compute` (path exceptions
-  apply), floating positional/keyword inputs to ``compute_dtype``, and the result to
-  ``output_dtype``. With ``mutable=...`` the returned ``(out, state)`` has ``state``
-  cast back with :meth:`Policy.cast_to_param`. With ``norm_outputs_in_compute`` (linen
-  models) the outputs of normalization modules are cast back to ``compute_dtype`` so the
-  layers after a float32 norm still compute in ``compute_dtype``. Gradients flow through
-  the casts, so ``grad`` of a loss of the wrapper w.r.t. float32 params is float32.
+  apply; statistics collections stay float32), floating positional/keyword inputs to
+  ``compute_dtype``, and the result to ``output_dtype``. With ``mutable=...`` the
+  returned ``(out, state)`` has ``state`` cast back with :meth:`Policy.cast_to_param`.
+  With ``override_module_dtype`` (default) every module whose ``dtype`` attribute is a
+  floating dtype (``dtype=jnp.float32`` set explicitly, as most Flax code does) computes
+  in ``compute_dtype`` instead: linen through an interceptor, NNX on a clone whose
+  modules get ``dtype = compute_dtype`` (the original module keeps its attributes; its
+  non-parameter state is updated). With ``norm_outputs_in_compute`` (linen) outputs of
+  normalization modules are cast back to ``compute_dtype``. Gradients flow through the
+  casts, so ``grad`` of a loss of the wrapper w.r.t. float32 params is float32. Check
+  the result with :func:`compute_census` (or ``Policy.report(tree, fn, *args)``).
   """
   if isinstance(policy, str):
     policy = Policy.from_string(policy)
@@ -212,14 +335,24 @@ def with_policy(apply_fn: Callable[..., Any], policy: Policy | str, *,
 
   @functools.wraps(apply_fn)
   def wrapped(variables, *args, **kwargs):
-    variables = policy.cast_to_compute(variables)
+    import flax.linen as nn  # noqa: PLC0415 - linen-only hooks; no-ops for other functions
+    from flax import nnx  # noqa: PLC0415
+
     args = policy.cast_to_compute(args, exceptions=False)
     kwargs = {k: policy.cast_to_compute(v, exceptions=False) for k, v in kwargs.items()}
-    if norm_outputs_in_compute:
-      import flax.linen as nn  # linen-only hook; a no-op for non-linen functions
-      with nn.intercept_methods(_norm_output_interceptor(policy.compute_dtype)):
-        out = apply_fn(variables, *args, **kwargs)
+    if isinstance(variables, nnx.Module):
+      if override_module_dtype:
+        return policy.cast_to_output(_nnx_call(apply_fn, policy, variables, args, kwargs))
     else:
+      variables = policy.cast_to_compute(variables)
+    icpts = []
+    if override_module_dtype:
+      icpts.append(_dtype_interceptor(policy.compute_dtype))
+    if norm_outputs_in_compute:
+      icpts.append(_norm_output_interceptor(policy.compute_dtype))
+    with contextlib.ExitStack() as stack:
+      for icpt in icpts:
+        stack.enter_context(nn.intercept_methods(icpt))
       out = apply_fn(variables, *args, **kwargs)
     if kwargs.get("mutable", False) and isinstance(out, tuple) and len(out) == 2:
       return policy.cast_to_output(out[0]), policy.cast_to_param(out[1])

@@ -4,8 +4,11 @@ from jaxopt_dnn.quant.calibrate import calibrate
 from jaxopt_dnn.quant.fake import compute_qparams
 from jaxopt_dnn.quant.fake import fake_quant
 from jaxopt_dnn.quant.fake import quantize
+from jaxopt_dnn.quant.intercept import Coverage
 from jaxopt_dnn.quant.intercept import QatModel
 from jaxopt_dnn.quant.intercept import QuantStat
+from jaxopt_dnn.quant.intercept import coverage
+from jaxopt_dnn.quant.intercept import explain
 from jaxopt_dnn.quant.intercept import int8_apply
 from jaxopt_dnn.quant.intercept import qat
 from jaxopt_dnn.quant.ops import int8_conv
@@ -17,5 +20,4 @@ from jaxopt_dnn.quant.qarray import dequantize
 from jaxopt_dnn.quant.qarray import is_qarray
 from jaxopt_dnn.quant.rules import QuantRule
 from jaxopt_dnn.quant.rules import dequantize_params
-from jaxopt_dnn.quant.rules import explain
 from jaxopt_dnn.quant.rules import quantize_params

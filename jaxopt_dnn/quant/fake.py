@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopt_dnn.quant.calibrate import estimate_absmax, estimate_minmax
+from jaxopt_dnn.quant.ranges import estimate_absmax, estimate_minmax
 from jaxopt_dnn.quant.qarray import QArray, pack_int4
 
 METHODS = ("absmax", "percentile", "mse")

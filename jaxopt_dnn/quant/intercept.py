@@ -1,358 +1,337 @@
-"""Hooks that quantize the matmuls/convs of an unmodified Flax model (linen and NNX).
+"""QAT, calibration and int8 serving of an unmodified Flax model (linen, NNX, or any
+``f(variables, *inputs)``), and the coverage report that says what really ran.
 
-linen: an ``nn.intercept_methods`` interceptor catches ``__call__`` of ``Dense``,
-``DenseGeneral``, ``Conv`` and ``Einsum`` and injects a ``dot_general`` /
-``conv_general_dilated`` (for ``Einsum``, an einsum) that fake-quantizes (QAT), records
-ranges (calibration) or runs the real int8 op (serving). The module is restored after
-the call; the user's class is never edited. An op is named by its module path
-(``encoder/layer_0/query``) and matched by the rules through its kernel path relative
-to the params collection (``encoder/layer_0/query/kernel``), the path
-``quantize_params(variables["params"], rules)`` sees.
+Mechanism (:mod:`jaxopt_dnn.quant.hooks`): the model function is traced to a jaxpr and
+re-evaluated with the selected weight leaves routed through a mode at every
+``dot_general`` / ``conv_general_dilated`` that consumes them, so ``Dense``,
+``DenseGeneral``, ``Conv``, ``Einsum``, ``Embed.attend``, attention projections, their
+NNX counterparts and a user's own ``jnp.dot`` on a param are all covered. The user's
+class is never edited (NNX: a clone's classes are swapped for quantizing subclasses, so
+``qnet.fc(x)`` alone is quantized too, and the parameter paths stay the same).
 
-NNX: :func:`qat` returns a clone whose ``nnx.Linear`` / ``nnx.Conv`` instances get a
-quantizing subclass and a :class:`QuantStat` variable (activation range), so the
-parameter paths stay the same.
+Which leaves: with ``rules=None``, every leaf whose *name* says it is a contraction
+weight (:func:`jaxopt_dnn._tree.default_prunable`: floating, ``ndim >= 2``, not a bias,
+a norm scale or an embedding table), the same choice :func:`quantize_params` makes, so
+QAT, calibration and serving agree by construction. Explicit rules match the leaf path
+relative to the params collection (``layer_0/query/kernel``, ``embed/embedding``).
 
 Activation ranges (float32 per-tensor ``absmax`` EMAs during QAT: ``a <- m a + (1-m)
-max|x|``) live in the ``quant_stats`` collection / ``QuantStat`` variables, never in
-params or optimizer state.
+max|x|``) live in the ``quant_stats`` collection (linen: ``{op...: {"input_amax": f32}}``)
+or in :class:`QuantStat` variables (NNX, on the module owning the weight:
+``quant_input_amax`` for a ``kernel``, ``quant_<leaf>_input_amax`` otherwise), never in
+params or optimizer state. An op is named by its weight path with ``/kernel`` dropped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import re
+import threading
+import warnings
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
-from jax import lax
 
 from jaxopt_dnn import _tree
-from jaxopt_dnn.quant.calibrate import batch_statistic
-from jaxopt_dnn.quant import fake, ops, rules as _rules
-from jaxopt_dnn.quant.qarray import is_qarray
+from jaxopt_dnn import roles as _roles
+from jaxopt_dnn.quant import hooks
+from jaxopt_dnn.quant import rules as _rules
+from jaxopt_dnn.quant.qarray import QArray, dequantize, is_qarray
 
 STATS = "quant_stats"
 AMAX = "input_amax"
-_LINEN = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum)
-_NNX = (nnx.Linear, nnx.Conv)
 
 
 class QuantStat(nnx.Variable):
   """NNX variable type for float32 activation ranges (not a ``nnx.Param``)."""
 
 
-# --------------------------------------------------------------------------- modes
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Mode:
-  rules: tuple | None
-  bits: int = 8
-
-  def rule(self, kernel_path: str):
-    r = _rules.rule_for_path(self.rules, kernel_path, bits=self.bits)
-    return None if r is None or r.skip else r
-
-  def _wq(self, op, rule, w):
-    return fake.fake_quant(w, bits=rule.bits, axis=rule.axis, symmetric=rule.symmetric,
-                           method=rule.method, name=f"{op}/kernel")
+_ACTIVE = threading.local()   # set while a hooked program is being traced
 
 
-def _int8_forward(int8_fn, float_fn, x, w, x_scale):
-  """``int8_fn(x, w, x_scale)`` forward; gradients of ``float_fn(x, w)`` at the original
-  float operands (the "original residuals" estimator of AQT / qwix: no fake-quant weight
-  is materialised and no clip mask is applied in the backward pass)."""
-
-  @jax.custom_vjp
-  def f(x, w, x_scale):
-    return int8_fn(x, w, x_scale)
-
-  def fwd(x, w, x_scale):
-    return int8_fn(x, w, x_scale), (x, w, x_scale)
-
-  def bwd(res, g):
-    x, w, x_scale = res
-    _, vjp = jax.vjp(float_fn, x, w)
-    dx, dw = vjp(g)
-    return dx, dw, jnp.zeros_like(x_scale)
-
-  f.defvjp(fwd, bwd)
-  return f(x, w, x_scale)
+def _active() -> bool:
+  return getattr(_ACTIVE, "n", 0) > 0
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Qat(_Mode):
-  """Fake-quant weights (per rule) and activations (per tensor, EMA range).
+class _Tracing:
+  def __enter__(self):
+    _ACTIVE.n = getattr(_ACTIVE, "n", 0) + 1
 
-  ``estimator="ste"``: float fake-quant with the straight-through estimator (exact
-  clip-range gradients). ``estimator="int8_forward"``: dots/convs run as s8 x s8 -> s32
-  in the forward pass (what serving runs), gradients taken at the original float
-  operands (AQT/qwix "original residuals"); einsums keep the ``ste`` path.
-  """
-
-  momentum: float = 0.99
-  estimator: str = "ste"
-
-  def _x(self, ctx, op, rule, x):
-    if rule.act_bits is None:
-      return x
-    amax = ctx.amax(op, x, self.momentum)
-    return fake.fake_quant_with(x, fake.scale_from_absmax(amax, rule.act_bits), bits=rule.act_bits)
-
-  def _int8_scale(self, ctx, op, rule, x):
-    """The activation scale if this op runs int8 in the forward pass, else None."""
-    if self.estimator != "int8_forward" or rule.act_bits is None:
-      return None
-    if not rule.symmetric:
-      raise ValueError(f"qat(estimator='int8_forward'): op {op!r} has an asymmetric rule; "
-                       "the int8 path needs symmetric weights")
-    return jax.lax.stop_gradient(
-        fake.scale_from_absmax(ctx.amax(op, x, self.momentum), rule.act_bits))
-
-  def _qw(self, op, rule, w):
-    return fake.quantize(w, bits=rule.bits, axis=rule.axis, symmetric=True,
-                         method=rule.method, name=f"{op}/kernel")
-
-  def dot(self, ctx, op, rule, base, x, w, dn, **kw):
-    sx = self._int8_scale(ctx, op, rule, x)
-    if sx is not None:
-      return _int8_forward(
-          lambda x, w, sx: ops.int8_dot_general(x, self._qw(op, rule, w), sx, dn, op=op),
-          lambda x, w: base(x, w, dn, **kw), x, w, sx)
-    return base(self._x(ctx, op, rule, x), self._wq(op, rule, w), dn, **kw)
-
-  def conv(self, ctx, op, rule, base, x, w, window_strides, padding, **kw):
-    sx = self._int8_scale(ctx, op, rule, x)
-    if sx is not None:
-      ikw = {k: v for k, v in kw.items()
-             if k not in ("precision", "preferred_element_type", "out_sharding")}
-      return _int8_forward(
-          lambda x, w, sx: ops.int8_conv(x, self._qw(op, rule, w), sx, window_strides,
-                                         padding, op=op, **ikw),
-          lambda x, w: base(x, w, window_strides, padding, **kw), x, w, sx)
-    return base(self._x(ctx, op, rule, x), self._wq(op, rule, w), window_strides, padding, **kw)
-
-  def einsum(self, ctx, op, rule, eq, x, w, **kw):
-    return jnp.einsum(eq, self._x(ctx, op, rule, x), self._wq(op, rule, w), **kw)
+  def __exit__(self, *exc):
+    _ACTIVE.n -= 1
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Calib(_Mode):
-  """Float forward; records a per-batch range of each quantized op's input."""
-
-  method: str = "absmax"
-  percentile: float = 99.99
-  sink: dict = dataclasses.field(default_factory=dict)
-
-  def _rec(self, op, rule, x):
-    if rule.act_bits is not None:
-      self.sink.setdefault(op, []).append(
-          batch_statistic(x, self.method, self.percentile, rule.act_bits))
-
-  def dot(self, ctx, op, rule, base, x, w, dn, **kw):
-    self._rec(op, rule, x)
-    return base(x, w, dn, **kw)
-
-  def conv(self, ctx, op, rule, base, x, w, *a, **kw):
-    self._rec(op, rule, x)
-    return base(x, w, *a, **kw)
-
-  def einsum(self, ctx, op, rule, eq, x, w, **kw):
-    self._rec(op, rule, x)
-    return jnp.einsum(eq, x, w, **kw)
+# --------------------------------------------------------------------------- selection
+def _rule(rs, path: str, leaf: Any, bits: int):
+  """The winning non-skip rule for a float weight leaf (``rules=None``: by name)."""
+  if not _tree.is_float_array(leaf) or is_qarray(leaf):
+    return None
+  if rs is None:
+    return _rules.QuantRule(".*", bits=bits) if _tree.default_prunable(path, leaf) else None
+  r = _rules.rule_for_path(rs, path, bits=bits)
+  return None if r is None or r.skip else r
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Serve(_Mode):
-  """Real int8 ops with the QArray weights and calibrated activation scales."""
-
-  qweights: dict = dataclasses.field(default_factory=dict)   # kernel path -> QArray
-  amax: dict = dataclasses.field(default_factory=dict)       # op -> float32 range
-  prefix: str = "params/"
-
-  def _args(self, op, rule):
-    qw = self.qweights.get(f"{self.prefix}{op}/kernel" if op else f"{self.prefix}kernel")
-    if qw is None or rule.act_bits is None:
-      return None   # float op (weight-only ops got a dequantized kernel)
-    if op not in self.amax:
-      raise ValueError(f"int8_apply: op {op!r} has no calibrated activation range; run "
-                       f"calibrate(...) with the same rules (have: {sorted(self.amax)})")
-    return qw, fake.scale_from_absmax(self.amax[op], rule.act_bits)
-
-  def dot(self, ctx, op, rule, base, x, w, dn, **kw):
-    a = self._args(op, rule)
-    if a is None:
-      return base(x, w, dn, **kw)
-    return ops.int8_dot_general(x, a[0], a[1], dn, op=op)
-
-  def conv(self, ctx, op, rule, base, x, w, window_strides, padding, **kw):
-    a = self._args(op, rule)
-    if a is None:
-      return base(x, w, window_strides, padding, **kw)
-    kw.pop("precision", None)
-    kw.pop("preferred_element_type", None)
-    kw.pop("out_sharding", None)
-    return ops.int8_conv(x, a[0], a[1], window_strides, padding, op=op, **kw)
-
-  def einsum(self, ctx, op, rule, eq, x, w, **kw):
-    a = self._args(op, rule)
-    if a is None:
-      return jnp.einsum(eq, x, w, **kw)
-    return ops.int8_einsum(eq, x, a[0], a[1], op=op)
+def _serve_rule(rs, path: str, bits: int):
+  r = _rules.QuantRule(".*", bits=bits) if rs is None else _rules.rule_for_path(rs, path, bits=bits)
+  if r is None or r.skip:   # a QArray that no rule claims: weight-only (dequantized)
+    return _rules.QuantRule(".*", bits=bits, act_bits=None)
+  return r
 
 
-# --------------------------------------------------------------------------- linen
-class _LinenCtx:
-  def __init__(self, mod):
-    self.mod = mod
-
-  def amax(self, op, x, momentum):
-    mod = self.mod
-    mutable = mod.is_mutable_collection(STATS)
-    if not mutable and not mod.has_variable(STATS, AMAX):
-      raise ValueError(f"QAT op {op!r}: no activation range in {STATS!r}; pass the "
-                       f"collection (from init_stats/calibrate) or apply with mutable=[{STATS!r}]")
-    batch = lambda: lax.stop_gradient(batch_statistic(x, "absmax"))  # noqa: E731
-    var = mod.variable(STATS, AMAX, batch)
-    if mutable and not mod.is_initializing():
-      var.value = momentum * var.value + (1.0 - momentum) * batch()
-    return var.value
+def _split_variables(variables: Any):
+  """Leaves (QArray leaves kept whole), their paths relative to ``params``, treedef."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(variables, is_leaf=is_qarray)
+  has_params = isinstance(variables, dict) or hasattr(variables, "keys")
+  has_params = has_params and "params" in variables
+  paths, leaves = [], []
+  for p, x in flat:
+    s = _tree.path_str(p)
+    if has_params:
+      s = s[len("params/"):] if s.startswith("params/") else None
+    paths.append(s)
+    leaves.append(x)
+  return leaves, paths, treedef
 
 
-def _linen_einsum(mod, mode, op, rule, inputs, einsum_str=None):
-  """``nn.Einsum.__call__`` with the kernel contraction routed through ``mode``."""
-  eq = nn.module.merge_param("einsum_str", mod.einsum_str, einsum_str).replace(" ", "")
-  kernel = mod.param("kernel", mod.kernel_init, mod.shape, mod.param_dtype)
-  bias, bshape = None, None
-  if mod.use_bias:
-    bias_shape, bshape = mod._get_bias_shape(eq, inputs, kernel)  # noqa: SLF001
-    bias = mod.param("bias", mod.bias_init, bias_shape, mod.param_dtype)
-  inputs, kernel, bias = mod.promote_dtype(inputs, kernel, bias, dtype=mod.dtype)
-  y = mode.einsum(_LinenCtx(mod), op, rule, eq, inputs, kernel, precision=mod.precision,
-                  preferred_element_type=mod.preferred_element_type)
-  return y if bias is None else y + jnp.reshape(bias, bshape)
+def _placeholder(x):
+  if is_qarray(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+  return x
 
 
-def linen_interceptor(mode: _Mode):
-  """The ``nn.intercept_methods`` interceptor that routes layer ops through ``mode``."""
-
-  def icpt(next_fun, args, kwargs, context):
-    mod = context.module
-    if context.method_name != "__call__" or not isinstance(mod, _LINEN):
-      return next_fun(*args, **kwargs)
-    op = "/".join(mod.path)
-    rule = mode.rule("/".join(tuple(mod.path) + ("kernel",)))
-    if rule is None:
-      return next_fun(*args, **kwargs)
-    if isinstance(mod, nn.Einsum):
-      return _linen_einsum(mod, mode, op, rule, *args, **kwargs)
-    conv = isinstance(mod, nn.Conv)
-    attr = "conv_general_dilated" if conv else "dot_general"
-    if getattr(mod, attr + "_cls") is not None:
-      raise ValueError(f"op {op!r}: {attr}_cls is set on {type(mod).__name__}; quantization "
-                       f"hooks need {attr}_cls=None")
-    old = getattr(mod, attr)
-    base = old or getattr(lax, attr)
-    hook = functools.partial(mode.conv if conv else mode.dot, _LinenCtx(mod), op, rule, base)
-    object.__setattr__(mod, attr, hook)
-    try:
-      return next_fun(*args, **kwargs)
-    finally:
-      object.__setattr__(mod, attr, old)
-
-  return icpt
+# --------------------------------------------------------------------------- stats trees
+def stats_tree(amax: dict[str, Any]) -> dict:
+  """``{"a/b": v}`` -> ``{"a": {"b": {"input_amax": float32(v)}}}``."""
+  out: dict = {}
+  for op, v in amax.items():
+    d = out
+    for part in (op.split("/") if op else []):
+      d = d.setdefault(part, {})
+    d[AMAX] = jnp.asarray(v, jnp.float32)
+  return out
 
 
+_NNX_STAT = re.compile(r"(^|/)quant_(?:(?P<leaf>\w+?)_)?input_amax$")
+
+
+def flat_stats(tree: Any) -> dict[str, Any]:
+  """Inverse of :func:`stats_tree`; also accepts NNX ``QuantStat`` states / pure dicts
+  (``fc/quant_input_amax`` -> op ``fc``; ``blk/quant_w_input_amax`` -> op ``blk/w``)."""
+  if isinstance(tree, (dict, nnx.State)) and STATS in tree:
+    tree = tree[STATS]
+  out = {}
+  for p, v in _tree.leaves_with_paths(tree):
+    m = _NNX_STAT.search(p)
+    if m:
+      base = p[: m.start()]
+      out["/".join(x for x in (base, m.group("leaf")) if x)] = v
+    elif p == AMAX or p.endswith("/" + AMAX):
+      out[p[: -len(AMAX)].rstrip("/")] = v
+  return out
+
+
+# --------------------------------------------------------------------------- linen QAT
 @dataclasses.dataclass(frozen=True)
 class QatModel:
   """A linen model run with W8A8 (per rules) fake-quant; same ``init``/``apply`` API.
 
-  Train with ``apply({"params": p, "quant_stats": s}, x, mutable=["quant_stats"])``
-  (ranges updated as EMAs); evaluate without ``mutable`` (ranges frozen).
+  Train with ``apply({"params": p, "quant_stats": s, ...}, x, mutable=["quant_stats"])``
+  (ranges updated as EMAs); evaluate without ``mutable`` (ranges frozen). Other
+  collections (``batch_stats``...) pass through; list them in ``mutable`` as usual.
   """
 
-  model: nn.Module
+  model: Any
   rules: tuple | None = None
   bits: int = 8
   momentum: float = 0.99
   estimator: str = "ste"
 
-  def _ctx(self):
-    return nn.intercept_methods(linen_interceptor(
-        _Qat(self.rules, self.bits, self.momentum, self.estimator)))
+  def _apply_fn(self):
+    return self.model.apply if isinstance(self.model, nn.Module) else self.model
 
-  def init(self, *args, **kwargs):
-    with self._ctx():
-      return self.model.init(*args, **kwargs)
+  def _run(self, variables, args, kwargs, mutable, stats, update):
+    leaves, paths, treedef = _split_variables(variables)
+    mode = hooks.Qat(stats, momentum=self.momentum, update=update, estimator=self.estimator)
 
-  def apply(self, variables, *args, **kwargs):
-    with self._ctx():
-      return self.model.apply(variables, *args, **kwargs)
+    def make_weight(i, x, role):
+      del role
+      if paths[i] is None:
+        return None
+      r = _rule(self.rules, paths[i], x, self.bits)
+      if r is None:
+        return None
+      op = hooks.op_name(paths[i])
+      val, q = hooks.fq_weight(x, r, op)
+      return hooks.Weight(op, r, val, raw=x, q=q)
 
-  def init_stats(self, params, *args, **kwargs) -> dict:
+    apply_fn = self._apply_fn()
+
+    def fn(lv, rest):
+      a, kw = rest
+      v = jax.tree.unflatten(treedef, lv)
+      if mutable:
+        return apply_fn(v, *a, mutable=mutable, **kw)
+      return apply_fn(v, *a, **kw)
+
+    with _Tracing():
+      out = hooks.run(fn, leaves, (args, kwargs), make_weight, mode)
+    return out, mode
+
+  def init(self, rngs, *args, **kwargs):
+    """``model.init`` plus the ``quant_stats`` of the first batch (its absmax)."""
+    variables = dict(self.model.init(rngs, *args, **kwargs))
+    kw = {k: v for k, v in kwargs.items() if k != "mutable"}
+    variables[STATS] = self._stats_from(variables, args, kw)
+    return variables
+
+  def _stats_from(self, variables, args, kwargs):
+    _, mode = self._run(variables, args, kwargs, False, {}, True)
+    return stats_tree(mode.stats)
+
+  def apply(self, variables, *args, mutable: Any = False, **kwargs):
+    variables = dict(variables)
+    stats = variables.pop(STATS, None)
+    if mutable is True:
+      update, inner = True, True
+    elif not mutable:
+      update, inner = False, False
+    else:
+      mut = [mutable] if isinstance(mutable, str) else list(mutable)
+      update = STATS in mut
+      inner = [m for m in mut if m != STATS] or False
+    if stats is None and not update:
+      raise ValueError(f"QatModel.apply: no activation ranges in {STATS!r}; pass the "
+                       f"collection (from init/init_stats/calibrate) or apply with "
+                       f"mutable=[{STATS!r}]")
+    out, mode = self._run(variables, args, kwargs, inner, flat_stats(stats or {}), update)
+    if not update:
+      return out
+    new = {STATS: stats_tree(mode.stats)}
+    if inner:
+      out, state = out
+      return out, {**dict(state), **new}
+    return out, new
+
+  def init_stats(self, variables, *args, **kwargs) -> dict:
     """Initial ``quant_stats`` from one batch (activation absmax of the QAT model).
 
-    Runs one jitted forward (``kwargs`` are closed over, i.e. static).
+    Args:
+      variables: the params tree, or a full variables dict (``{"params": ...,
+        "batch_stats": ...}``: every collection the model reads).
+      *args, **kwargs: one batch of model inputs; ``kwargs`` are closed over (static).
     """
-    run = jax.jit(lambda p, a: self.apply({"params": p}, *a, mutable=[STATS], **kwargs)[1])
-    return run(params, args)[STATS]
+    if not (isinstance(variables, dict) and "params" in variables):
+      variables = {"params": variables}
+    run = jax.jit(lambda v, a: self._stats_from(v, a, kwargs))
+    return run(dict(variables), args)
 
 
 # --------------------------------------------------------------------------- NNX
-class _NnxCtx:
-  def __init__(self, mod):
-    self.mod = mod
+def _stat_attr(leaf: str) -> str:
+  return "quant_input_amax" if leaf == "kernel" else f"quant_{leaf}_input_amax"
 
-  def amax(self, op, x, momentum):
-    var = self.mod.quant_input_amax
-    prev = var[...]
-    batch = lax.stop_gradient(batch_statistic(x, "absmax"))
-    cur = jnp.where(prev < 0, batch, prev)     # -1 = not yet seen
-    if not self.mod.use_running_average:
-      cur = jnp.where(prev < 0, batch, momentum * prev + (1.0 - momentum) * batch)
-      var[...] = cur
-    return cur
+
+def _nnx_weights(module: nnx.Module):
+  """``[(relative param path, owner, leaf name, op, rule)]`` of the hooked weights."""
+  out = []
+  for path, node in nnx.iter_graph(module):
+    specs = getattr(node, "quant_specs", None) if isinstance(node, nnx.Module) else None
+    if not specs:
+      continue
+    prefix = "/".join(str(p) for p in path)
+    for leaf, op, rule in specs:
+      out.append(("/".join(x for x in (prefix, leaf) if x), node, leaf, op, rule))
+  return out
+
+
+def _nnx_qat_call(self, base, args, kwargs):
+  mode_cfg = self.quant_config
+  weights = {p: (owner, leaf, op, rule) for p, owner, leaf, op, rule in _nnx_weights(self)}
+  stats = {}
+  update = {}
+  for _, (owner, leaf, op, rule) in weights.items():
+    stats[op] = getattr(owner, _stat_attr(leaf))[...]
+    update[op] = not getattr(owner, "use_running_average", False)
+  gd, params, rest = nnx.split(self, nnx.Param, ...)
+  pflat, pdef = jax.tree_util.tree_flatten_with_path(params)
+  ppaths = [_tree.path_str(p) for p, _ in pflat]
+  pleaves = [x for _, x in pflat]
+  mode = hooks.Qat(stats, momentum=mode_cfg[0], update=any(update.values()),
+                   estimator=mode_cfg[1])
+
+  def make_weight(i, x, role):
+    del role
+    w = weights.get(ppaths[i])
+    if w is None:
+      return None
+    _, _, op, rule = w
+    val, q = hooks.fq_weight(x, rule, op)
+    return hooks.Weight(op, rule, val, raw=x, q=q)
+
+  def fn(lv, r):
+    a, kw, rest_state = r
+    m = nnx.merge(gd, jax.tree.unflatten(pdef, lv), rest_state)
+    y = base.__call__(m, *a, **kw)
+    return y, nnx.split(m, nnx.Param, ...)[2]
+
+  with _Tracing():
+    y, new_rest = hooks.run(fn, pleaves, (args, kwargs, rest), make_weight, mode)
+  nnx.update(self, new_rest)
+  for _, (owner, leaf, op, rule) in weights.items():
+    if op in mode.stats and update[op]:
+      getattr(owner, _stat_attr(leaf))[...] = jnp.asarray(mode.stats[op], jnp.float32)
+  return y
 
 
 @functools.lru_cache(maxsize=None)
 def _nnx_class(cls):
-  attr = "conv_general_dilated" if issubclass(cls, nnx.Conv) else "dot_general"
-
-  def __call__(self, x, *args, **kwargs):
-    old = getattr(self, attr)
-    mode, rule, op = self.quant_mode, self.quant_rule, self.quant_op
-    fn = mode.conv if attr == "conv_general_dilated" else mode.dot
-    object.__setattr__(self, attr, functools.partial(fn, _NnxCtx(self), op, rule,
-                                                     old or getattr(lax, attr)))
-    try:
-      return cls.__call__(self, x, *args, **kwargs)
-    finally:
-      object.__setattr__(self, attr, old)
+  def __call__(self, *args, **kwargs):
+    if _active():
+      return cls.__call__(self, *args, **kwargs)
+    return _nnx_qat_call(self, cls, args, kwargs)
 
   return type(f"Quantized{cls.__name__}", (cls,), {"__call__": __call__})
 
 
-def _nnx_install(model: nnx.Module, mode: _Mode) -> nnx.Module:
+def _nnx_install(model: nnx.Module, rs, bits, momentum, estimator) -> nnx.Module:
   model = nnx.clone(model)
-  found = 0
-  for path, node in list(nnx.iter_graph(model)):
-    if not isinstance(node, _NNX) or hasattr(node, "quant_mode"):
-      continue
-    op = "/".join(str(p) for p in path)
-    rule = mode.rule(f"{op}/kernel" if op else "kernel")
-    if rule is None:
-      continue
-    if getattr(node, "dot_general_cls", None) is not None:
-      raise ValueError(f"op {op!r}: dot_general_cls is set; quantization hooks need None")
-    node.__class__ = _nnx_class(type(node))
-    node.quant_mode, node.quant_rule, node.quant_op = mode, rule, op
-    node.quant_input_amax = QuantStat(jnp.full((), -1.0, jnp.float32))
-    node.use_running_average = False
-    found += 1
-  if not found:
-    raise ValueError("qat: no nnx.Linear/nnx.Conv matched the rules")
+  params = nnx.state(model, nnx.Param)
+  chosen = {}
+  for p, x in _tree.leaves_with_paths(params):
+    r = _rule(rs, p, x, bits)
+    if r is not None:
+      chosen[p] = r
+  if not chosen:
+    raise ValueError("qat: no parameter matched the rules; candidates: "
+                     + ", ".join(p for p, _ in _tree.leaves_with_paths(params)))
+  owners: dict[str, list] = {}
+  for p, r in chosen.items():
+    owner, _, leaf = p.rpartition("/")
+    owners.setdefault(owner, []).append((leaf, hooks.op_name(p), r))
+  nodes = {"/".join(str(q) for q in path): node for path, node in nnx.iter_graph(model)
+           if isinstance(node, nnx.Module)}
+  for owner, specs in owners.items():
+    node = nodes[owner]
+    for leaf, _, _ in specs:
+      setattr(node, _stat_attr(leaf), QuantStat(jnp.full((), -1.0, jnp.float32)))
+    node.quant_specs = tuple(specs)
+    if not hasattr(node, "use_running_average"):
+      node.use_running_average = False
+  prefixes = {""}
+  for owner in owners:   # the owners and every module above them get the quantizing call
+    parts = owner.split("/") if owner else []
+    prefixes.update("/".join(parts[:k]) for k in range(len(parts) + 1))
+  for path, node in nodes.items():
+    if (path in prefixes and not isinstance(node, (nnx.Dict, nnx.List))
+        and callable(getattr(type(node), "__call__", None))):
+      node.__class__ = _nnx_class(type(node))
+      node.quant_config = (momentum, estimator)
   return model
 
 
@@ -366,12 +345,13 @@ def qat(model: Any, rules: Any = None, *, bits: int = 8, momentum: float = 0.99,
       or an ``nnx.Module`` (returns a quantizing clone; its ranges are
       :class:`QuantStat` variables, updated in ``model.train()`` mode, frozen after
       ``model.eval()``).
-    rules: see :mod:`jaxopt_dnn.quant.rules` (default: W8A8 per-channel everywhere).
+    rules: see :mod:`jaxopt_dnn.quant.rules` (default: W8A8 per-channel on every leaf
+      named like a contraction weight: no biases, norm scales or embedding tables).
     momentum: EMA momentum ``m`` of the activation ranges.
     estimator: ``"ste"`` (default): float fake-quant, straight-through gradients inside
-      the clip range. ``"int8_forward"``: Dense/Conv run s8 x s8 -> s32 in the forward
-      pass, gradients at the original float operands (AQT/qwix "original residuals";
-      faster where int8 kernels are, a different gradient than ``"ste"``).
+      the clip range. ``"int8_forward"``: every quantized contraction runs
+      s8 x s8 -> s32 in the forward pass, gradients at the original float operands
+      (AQT/qwix "original residuals"; a different gradient than ``"ste"``).
   """
   rs = _rules.as_rules(rules, bits=bits)
   if not 0.0 <= momentum < 1.0:
@@ -379,111 +359,331 @@ def qat(model: Any, rules: Any = None, *, bits: int = 8, momentum: float = 0.99,
   if estimator not in ("ste", "int8_forward"):
     raise ValueError(f"qat: estimator must be 'ste' or 'int8_forward', got {estimator!r}")
   if isinstance(model, nnx.Module):
-    return _nnx_install(model, _Qat(rs, bits, momentum, estimator))
+    return _nnx_install(model, rs, bits, momentum, estimator)
   if isinstance(model, nn.Module):
     return QatModel(model, rs, bits, momentum, estimator)
   raise TypeError(f"qat: expected a flax linen or nnx Module, got {type(model).__name__}")
-
-
-def stats_tree(amax: dict[str, Any]) -> dict:
-  """``{"a/b": v}`` -> ``{"a": {"b": {"input_amax": float32(v)}}}``."""
-  out: dict = {}
-  for op, v in amax.items():
-    d = out
-    for part in (op.split("/") if op else []):
-      d = d.setdefault(part, {})
-    d[AMAX] = jnp.asarray(v, jnp.float32)
-  return out
-
-
-def flat_stats(tree: Any) -> dict[str, Any]:
-  """Inverse of :func:`stats_tree` (also accepts NNX ``QuantStat`` states)."""
-  out = {}
-  for p, v in _tree.leaves_with_paths(tree):
-    if p == AMAX or p.endswith("/" + AMAX):
-      out[p[: -len(AMAX)].rstrip("/")] = v
-  return out
 
 
 def calibration_runner(apply_fn, variables, *, method, rules, percentile, bits=8):
   """Returns ``run(args) -> {op: batch statistic}`` for :func:`calibrate`."""
   rs = _rules.as_rules(rules, bits=bits)
   if isinstance(variables, nnx.Module):
-    def run_nnx(args):
-      mode = _Calib(rs, bits, method, percentile, {})
-      apply_fn(_nnx_install(variables, mode), *args)
-      return _reduce(mode, method)
-    return run_nnx
+    gd, params, rest = nnx.split(variables, nnx.Param, ...)
+    pflat, pdef = jax.tree_util.tree_flatten_with_path(params)
+    paths = [_tree.path_str(p) for p, _ in pflat]
+
+    def fn(lv, r):
+      a, rest_state = r
+      return apply_fn(nnx.merge(gd, jax.tree.unflatten(pdef, lv), rest_state), *a)
+
+    @jax.jit
+    def run_nnx(pleaves, rest_state, args):
+      mode = hooks.Calib(method, percentile)
+      with _Tracing():
+        hooks.run(fn, pleaves, (args, rest_state), _calib_weight(rs, paths, bits), mode)
+      return mode.reduce()
+
+    pleaves = [x for _, x in pflat]
+    return lambda args: run_nnx(pleaves, rest, args)
+
+  leaves, paths, treedef = _split_variables(variables)
 
   @jax.jit
-  def run(v, args):
-    mode = _Calib(rs, bits, method, percentile, {})
-    with nn.intercept_methods(linen_interceptor(mode)):
-      apply_fn(v, *args)
-    return _reduce(mode, method)
+  def run(lv, args):
+    mode = hooks.Calib(method, percentile)
+    with _Tracing():
+      hooks.run(lambda v, a: apply_fn(jax.tree.unflatten(treedef, v), *a[0]), lv, (args,),
+                _calib_weight(rs, paths, bits), mode)
+    return mode.reduce()
 
-  return lambda args: run(variables, args)
-
-
-def _reduce(mode, method):
-  agg = jnp.max if method == "absmax" else jnp.mean
-  return {op: agg(jnp.stack(v)) for op, v in mode.sink.items()}
+  return lambda args: run(leaves, args)
 
 
-def _nnx_int8_apply(model, qparams, calibration, args, kwargs, rs, bits, weight_only):
-  """NNX serving: a clone with the dequantized weights, whose quantized ``nnx.Linear`` /
-  ``nnx.Conv`` calls run :class:`_Serve` (``s8 x s8 -> s32``) on the QArray kernels."""
+def _calib_weight(rs, paths, bits):
+  def make_weight(i, x, role):
+    del role
+    if paths[i] is None:
+      return None
+    r = _rule(rs, paths[i], x, bits)
+    return None if r is None else hooks.Weight(hooks.op_name(paths[i]), r, x)
+  return make_weight
+
+
+def _serve(fn, leaves, paths, rest, rs, bits, amax):
+  """Runs ``fn(leaves, rest)`` with the QArray leaves served through int8 contractions."""
+  mode = hooks.Serve(amax)
+
+  def make_weight(i, x, role):
+    del role
+    if not is_qarray(x) or paths[i] is None:
+      return None
+    r = _serve_rule(rs, paths[i], bits)
+    return hooks.Weight(hooks.op_name(paths[i]), r, dequantize(x), q=x)
+
+  with _Tracing():
+    out = hooks.run(fn, [_placeholder(x) for x in leaves], rest, make_weight, mode,
+                    real_leaves=leaves)
+  return out, mode
+
+
+def _check_coverage(records, strict: bool, where: str = "int8_apply"):
+  bad = sorted({f"{r.op} ({r.primitive}: {r.why})" for r in records
+                if not r.int8 and r.why != "weight-only rule"})
+  if not bad:
+    return
+  msg = (f"{where}: quantized weight(s) consumed by a float contraction: " + "; ".join(bad))
+  if strict:
+    raise ValueError(msg)
+  warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _nnx_parts(model, qparams):
+  gd, state = nnx.split(model)
+  flat, sdef = jax.tree_util.tree_flatten_with_path(state)
   qmap = {p: q for p, q in _tree.leaves_with_paths(qparams, is_leaf=is_qarray) if is_qarray(q)}
   if not qmap:
     raise ValueError("int8_apply: qvariables has no QArray leaf; run "
                      "quantize_params(nnx.to_pure_dict(nnx.state(model, nnx.Param))) first")
-  m = nnx.clone(model)
-  nnx.update(m, _rules.dequantize_params(qparams))
-  if weight_only:
-    return m(*args, **kwargs)
-  if calibration is None:
-    raise ValueError("int8_apply: no calibration; pass calibrate(...)'s quant_stats")
-  m = _nnx_install(m, _Serve(rs, bits, qmap, flat_stats(calibration), prefix=""))
-  return m(*args, **kwargs)
+  paths = [_tree.path_str(p) for p, _ in flat]
+  fmap = {p: x for p, x in _tree.leaves_with_paths(qparams, is_leaf=is_qarray)}
+  leaves = [qmap.get(p, fmap.get(p, x)) for p, (_, x) in zip(paths, flat)]
+  return gd, sdef, leaves, paths, qmap
 
 
-def int8_apply(model: nn.Module | nnx.Module, qvariables: Any, calibration: Any = None,
-               *args, rules: Any = None, bits: int = 8, weight_only: bool = False, **kwargs):
+def int8_apply(model: Any, qvariables: Any, calibration: Any = None,
+               *args, rules: Any = None, bits: int = 8, weight_only: bool = False,
+               strict: bool = False, **kwargs):
   """Runs a linen or NNX ``model`` with QArray weights through real int8 ops.
 
-  For an NNX module, ``qvariables`` is
-  ``quantize_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), rules)`` (kernel
-  paths like ``"fc/kernel"``); the module itself is left untouched (a clone runs).
-
-  Every op whose kernel is a :class:`QArray` and whose rule has ``act_bits`` runs as
-  ``s8 x s8 -> s32`` (``ops.int8_dot_general`` / ``int8_conv`` / ``int8_einsum``) with
-  the calibrated activation scale; other ops see the dequantized kernel. With
-  ``weight_only=True`` every kernel is dequantized inside the (jitted) function and
-  all ops are float: a memory win only.
+  Every contraction (``dot_general`` / ``conv_general_dilated``) that consumes a
+  :class:`QArray` weight whose rule has ``act_bits`` runs as ``s8 x s8 -> s32`` with the
+  calibrated activation scale; every other consumer sees the dequantized weight. A
+  quantized weight that ends up in a float contraction (e.g. its scale varies along
+  the contracted axis, or it went through a reshape) is warned about, or raises with
+  ``strict=True``. With ``weight_only=True`` every kernel is dequantized inside the
+  (jitted) function and all ops are float: a memory win only.
 
   Args:
-    model: the unmodified linen module.
-    qvariables: ``{"params": quantize_params(params, rules), ...}``.
-    calibration: ``quant_stats`` tree from :func:`calibrate` (default:
-      ``qvariables["quant_stats"]``).
+    model: the unmodified linen module (or ``model.apply``, or any
+      ``f(variables, *args)``), or an NNX module (left untouched; a clone runs).
+    qvariables: linen: ``{"params": quantize_params(params, rules), ...}``; NNX:
+      ``quantize_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), rules)``.
+    calibration: ``quant_stats`` tree from :func:`calibrate` or QAT (linen collection,
+      NNX ``nnx.state(qat_model, QuantStat)``); default ``qvariables["quant_stats"]``.
     *args, **kwargs: model inputs, as for ``model.apply``.
     rules: the rules used for :func:`quantize_params` (they carry ``act_bits``).
+    strict: raise instead of warning when a quantized weight is consumed in float.
   """
   rs = _rules.as_rules(rules, bits=bits)
   if isinstance(model, nnx.Module):
-    return _nnx_int8_apply(model, qvariables, calibration, args, kwargs, rs, bits, weight_only)
-  qmap = {p: q for p, q in _tree.leaves_with_paths(qvariables, is_leaf=is_qarray) if is_qarray(q)}
+    gd, sdef, leaves, paths, qmap = _nnx_parts(model, qvariables)
+    if weight_only:
+      return nnx.merge(gd, jax.tree.unflatten(sdef, [dequantize(x) if is_qarray(x) else x
+                                                     for x in leaves]))(*args, **kwargs)
+    if calibration is None:
+      raise ValueError("int8_apply: no calibration; pass calibrate(...)'s quant_stats")
+
+    def fn(lv, r):
+      a, kw = r
+      with _Tracing():
+        return nnx.merge(gd, jax.tree.unflatten(sdef, lv))(*a, **kw)
+
+    out, mode = _serve(fn, leaves, paths, (args, kwargs), rs, bits, flat_stats(calibration))
+    _check_coverage(mode.records, strict)
+    return out
+  apply_fn = model.apply if isinstance(model, nn.Module) else model
+  qmap = [q for q in jax.tree.leaves(qvariables, is_leaf=is_qarray) if is_qarray(q)]
   if not qmap:
     raise ValueError("int8_apply: qvariables has no QArray leaf; run quantize_params first")
-  float_vars = _rules.dequantize_params(qvariables)
   if weight_only:
-    return model.apply(float_vars, *args, **kwargs)
+    return apply_fn(_rules.dequantize_params(qvariables), *args, **kwargs)
   if calibration is None:
     calibration = qvariables.get(STATS) if isinstance(qvariables, dict) else None
     if calibration is None:
       raise ValueError("int8_apply: no calibration; pass calibrate(...)'s quant_stats")
-  if isinstance(calibration, dict) and STATS in calibration:
-    calibration = calibration[STATS]
-  mode = _Serve(rs, bits, qmap, flat_stats(calibration))
-  with nn.intercept_methods(linen_interceptor(mode)):
-    return model.apply(float_vars, *args, **kwargs)
+  leaves, paths, treedef = _split_variables(qvariables)
+
+  def fn(lv, r):
+    a, kw = r
+    return apply_fn(jax.tree.unflatten(treedef, lv), *a, **kw)
+
+  out, mode = _serve(fn, leaves, paths, (args, kwargs), rs, bits, flat_stats(calibration))
+  _check_coverage(mode.records, strict)
+  return out
+
+
+# --------------------------------------------------------------------------- coverage
+@dataclasses.dataclass(frozen=True)
+class CoverageRow:
+  """One consumer of one quantized weight in the traced serving program.
+
+  Attributes:
+    path: the weight's leaf path.
+    primitive: ``dot_general`` / ``conv_general_dilated`` / ``gather`` / an opaque op.
+    signature: dtypes as compiled, ``"s8 x s8 -> s32"`` or e.g. ``"f32 x f32 -> f32"``.
+  """
+
+  path: str
+  primitive: str
+  signature: str
+
+  @property
+  def int8(self) -> bool:
+    return self.signature == "s8 x s8 -> s32"
+
+
+@dataclasses.dataclass(frozen=True)
+class Coverage:
+  """Per quantized weight, the ops that consumed it in the traced serving program."""
+
+  rows: tuple[CoverageRow, ...]
+  weights: tuple[str, ...]
+
+  def by_path(self) -> dict[str, list[CoverageRow]]:
+    out: dict[str, list[CoverageRow]] = {p: [] for p in self.weights}
+    for r in self.rows:
+      out[r.path].append(r)
+    return out
+
+  @property
+  def int8_ops(self) -> int:
+    """Number of contractions compiled as ``s8 x s8 -> s32``."""
+    return sum(r.int8 for r in self.rows)
+
+  def float_contractions(self) -> list[CoverageRow]:
+    """Contractions that consumed a quantized weight in float."""
+    return [r for r in self.rows if r.primitive in _roles.CONTRACTIONS and not r.int8]
+
+  def __str__(self) -> str:
+    lines = []
+    w = max([len("weight")] + [len(p) for p in self.weights])
+    lines.append(f"{'weight':<{w}}  consumed by")
+    for p, rows in self.by_path().items():
+      what = ", ".join(f"{r.primitive} {r.signature}" for r in rows) or "nothing (unused)"
+      lines.append(f"{p:<{w}}  {what}")
+    lines.append(f"{self.int8_ops} contraction(s) s8 x s8 -> s32, "
+                 f"{len(self.float_contractions())} quantized weight contraction(s) in float")
+    return "\n".join(lines)
+
+
+_SHORT = {"int8": "s8", "int32": "s32", "int4": "s4", "uint8": "u8", "float32": "f32",
+          "bfloat16": "bf16", "float16": "f16", "float64": "f64", "int16": "s16"}
+
+
+def _dt(aval) -> str:
+  return _SHORT.get(np.dtype(aval.dtype).name, np.dtype(aval.dtype).name)
+
+
+def coverage(apply_fn: Any, qvariables: Any, *inputs: Any, calibration: Any = None,
+             rules: Any = None, bits: int = 8, **kwargs) -> Coverage:
+  """Traces the int8 serving program and reports what consumed each quantized weight.
+
+  The serving function (``int8_apply``) is traced with ``jax.make_jaxpr`` with the
+  QArray values as program inputs; every such input is followed (through converts,
+  dequantizing multiplies, transposes, sub-programs) to the contractions / lookups that
+  consume it, and the dtypes those ops were traced with are read off the program: an
+  int8 contraction shows ``s8 x s8 -> s32``, a float one e.g. ``f32 x f32 -> f32``.
+  Nothing here is taken from the rules. ``coverage(...).int8_ops`` equals the
+  ``s8 x s8 -> s32`` count of :func:`~jaxopt_dnn.quant.int8_dot_census` on the same call.
+
+  Args:
+    apply_fn: a linen module / ``model.apply`` / ``f(variables, *inputs)``, or an NNX
+      module (then ``qvariables`` is its quantized pure param dict).
+    qvariables, calibration, rules, bits: as for :func:`int8_apply`.
+    *inputs, **kwargs: sample inputs of the serving call.
+  """
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(qvariables, is_leaf=is_qarray)
+    qpos = [i for i, (_, x) in enumerate(flat) if is_qarray(x)]
+    names = [_tree.path_str(flat[i][0]) for i in qpos]
+    leaves = [x for _, x in flat]
+
+    def serve(qv):
+      return int8_apply(apply_fn, qv, calibration, *inputs, rules=rules, bits=bits, **kwargs)
+
+    arg = jax.tree.unflatten(treedef, leaves)
+    closed = jax.make_jaxpr(serve)(arg)
+  # map each QArray's flattened children (value, scale) to the QArray index
+  src, pos = {}, 0
+  for k, (_, x) in enumerate(flat):
+    n = len(jax.tree.leaves(x))
+    if is_qarray(x):
+      for j in range(n):
+        src[pos + j] = qpos.index(k)
+    pos += n
+  cons = _roles.consumers(closed.jaxpr, src, through_all=True)
+  rows = []
+  for qi, items in cons.items():
+    seen = set()
+    for c, eqn in items:
+      if id(eqn) in seen:
+        continue
+      seen.add(id(eqn))
+      if eqn.primitive.name in _roles.CONTRACTIONS:
+        sig = (f"{_dt(eqn.invars[0].aval)} x {_dt(eqn.invars[1].aval)} -> "
+               f"{_dt(eqn.outvars[0].aval)}")
+      else:
+        sig = " x ".join(_dt(v.aval) for v in eqn.invars if hasattr(v, "aval")) + \
+            f" -> {_dt(eqn.outvars[0].aval)}"
+      rows.append(CoverageRow(names[qi], eqn.primitive.name, sig))
+  return Coverage(tuple(rows), tuple(names))
+
+
+# --------------------------------------------------------------------------- explain
+def explain(params: Any, rules: Any = None, *, bits: int = 8, print_fn=print,
+            apply_fn: Any = None, inputs: tuple = (), variables: Any = None) -> str:
+  """One line per leaf: path, shape, winning rule, and what will run.
+
+  Without ``apply_fn`` this is :func:`jaxopt_dnn.quant.rules.explain` (the rules'
+  request, marked as such). With ``apply_fn`` (a linen module / ``model.apply`` /
+  ``f(variables, *inputs)``, or the NNX module whose pure param dict is ``params``) and
+  sample ``inputs``, the params are quantized, ranges calibrated on ``inputs``, the int8
+  serving program traced, and the action column says what each quantized leaf's
+  consumers compiled to (:func:`coverage`): ``int8 per-channel; dot_general s8 x s8 ->
+  s32`` or ``int8 storage; dot_general f32 x f32 -> f32 (float)``.
+
+  Args:
+    variables: linen only: the full variables (``{"params": ..., "batch_stats": ...}``)
+      when the model reads more than ``params``.
+  """
+  if apply_fn is None:
+    return _rules.explain(params, rules, bits=bits, print_fn=print_fn)
+  inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+  qparams = _rules.quantize_params(params, rules, bits=bits)
+  if isinstance(apply_fn, nnx.Module):
+    stats = stats_tree(calibration_runner(lambda m, *a: m(*a), apply_fn, method="absmax",
+                                          rules=rules, percentile=100.0, bits=bits)(inputs))
+    cov = coverage(apply_fn, qparams, *inputs, calibration=stats, rules=rules, bits=bits)
+    prefix = ""
+  else:
+    v = dict(variables) if variables is not None else {"params": params}
+    fn = apply_fn.apply if isinstance(apply_fn, nn.Module) else apply_fn
+    stats = stats_tree(calibration_runner(fn, v, method="absmax", rules=rules,
+                                          percentile=100.0, bits=bits)(inputs))
+    cov = coverage(fn, {**v, "params": qparams}, *inputs, calibration=stats, rules=rules,
+                   bits=bits)
+    prefix = "params/"
+  used = cov.by_path()
+  rows = []
+  for p, x, r in _rules.resolve(params, rules, bits=bits):
+    pat = "-" if r is None else repr(r.pattern)
+    if r is None or r.skip:
+      action = "float"
+    else:
+      cons = used.get(prefix + p, [])
+      g = r.granularity if isinstance(r.granularity, str) else f"axes {r.granularity}"
+      what = ", ".join(f"{c.primitive} {c.signature}" for c in cons) or "unused"
+      kind = ("int8" if any(c.int8 for c in cons) else "float") if any(
+          c.primitive in _roles.CONTRACTIONS for c in cons) else "no contraction"
+      action = f"int{r.bits} per-{g} storage; {what} ({kind})"
+    rows.append((p, str(tuple(np.shape(x))), pat, action))
+  w = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in
+       enumerate(("path", "shape", "rule"))]
+  lines = [f"{'path':<{w[0]}}  {'shape':<{w[1]}}  {'rule':<{w[2]}}  compiled"]
+  lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:<{w[2]}}  {d}" for a, b, c, d in rows]
+  text = "\n".join(lines)
+  if print_fn is not None:
+    print_fn(text)
+  return text

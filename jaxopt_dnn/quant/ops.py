@@ -3,7 +3,7 @@
 With a per-tensor activation scale ``s_x`` and per-output-channel weight scale ``s_w``
 (constant along every contracted weight axis):
 
-    q_x = clip(round(x * (1 / s_x)), -127, 127)                    (int8)
+    q_x = clip(round(x * (1 / s_x)), -(2^(b-1) - 1), 2^(b-1) - 1)  (int8 codes of b = act_bits)
     acc = dot_general(q_x, q_w, preferred_element_type=int32)      (exact int32 sums)
     y   = float32(acc) * (s_x * s_w)                                (s_w broadcast to y)
 
@@ -29,7 +29,8 @@ from jaxopt_dnn.quant.qarray import QArray, int_values
 
 
 def quantize_activation(x: jax.Array, scale: jax.Array, bits: int = 8) -> jax.Array:
-  """Per-tensor symmetric ``int8`` codes of ``x`` (same numerics as ``fake_quant``)."""
+  """Per-tensor symmetric ``int8`` codes of ``x`` in ``[-(2^(b-1)-1), 2^(b-1)-1]``
+  (same numerics as ``fake_quant_with(x, scale, bits=bits)``)."""
   hi = 2 ** (bits - 1) - 1
   return jnp.clip(jnp.round(x.astype(jnp.float32) * (1.0 / scale)), -hi, hi).astype(jnp.int8)
 
@@ -56,12 +57,15 @@ def _scale_keep(w: QArray, contracted, op: str):
 
 
 def int8_dot_general(x: jax.Array, w: QArray, x_scale: jax.Array, dimension_numbers, *,
-                     out_dtype=None, op: str = "dot_general") -> jax.Array:
-  """``dot_general(x, dequantize(w))`` computed as s8 x s8 -> s32 and rescaled."""
+                     out_dtype=None, op: str = "dot_general", act_bits: int = 8) -> jax.Array:
+  """``dot_general(x, dequantize(w))`` computed as s8 x s8 -> s32 and rescaled.
+
+  ``act_bits``: the activation codes are clipped to ``±(2^(act_bits-1) - 1)``.
+  """
   _check_weight(w, op)
   (lc, rc), (lb, rb) = dimension_numbers
   kept, s = _scale_keep(w, tuple(rc), op)
-  acc = lax.dot_general(quantize_activation(x, x_scale), int_values(w), dimension_numbers,
+  acc = lax.dot_general(quantize_activation(x, x_scale, act_bits), int_values(w), dimension_numbers,
                         preferred_element_type=jnp.int32)
   # output layout: batch dims (rhs order rb), lhs free dims, rhs free dims
   n_lhs_free = x.ndim - len(lc) - len(lb)
@@ -74,7 +78,7 @@ def int8_dot_general(x: jax.Array, w: QArray, x_scale: jax.Array, dimension_numb
 
 
 def int8_einsum(eq: str, x: jax.Array, w: QArray, x_scale: jax.Array, *, out_dtype=None,
-                op: str = "einsum") -> jax.Array:
+                op: str = "einsum", act_bits: int = 8) -> jax.Array:
   """``einsum(eq, x, dequantize(w))`` as an s8 x s8 -> s32 einsum, rescaled after."""
   _check_weight(w, op)
   eq = eq.replace(" ", "")
@@ -84,7 +88,7 @@ def int8_einsum(eq: str, x: jax.Array, w: QArray, x_scale: jax.Array, *, out_dty
     raise ValueError(f"{op}: int8 einsum needs explicit kernel subscripts, got {eq!r}")
   contracted = tuple(i for i, c in enumerate(k_sub) if c not in out)
   kept, s = _scale_keep(w, contracted, op)
-  acc = jnp.einsum(eq, quantize_activation(x, x_scale), int_values(w),
+  acc = jnp.einsum(eq, quantize_activation(x, x_scale, act_bits), int_values(w),
                    preferred_element_type=jnp.int32)
   letters = out.replace("...", "." * (acc.ndim - len(out.replace("...", ""))))
   kept_letters = [k_sub[a] for a in kept]
@@ -113,7 +117,8 @@ def int8_conv_supported(backend: str | None = None) -> bool:
 
 def int8_conv(x: jax.Array, w: QArray, x_scale: jax.Array, window_strides, padding, *,
               lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
-              feature_group_count: int = 1, out_dtype=None, op: str = "conv") -> jax.Array:
+              feature_group_count: int = 1, out_dtype=None, op: str = "conv",
+              act_bits: int = 8) -> jax.Array:
   """``conv_general_dilated(x, dequantize(w))`` as s8 x s8 -> s32, rescaled per channel.
 
   Falls back (with a one-line warning) to a float conv of the dequantized operands where
@@ -126,7 +131,7 @@ def int8_conv(x: jax.Array, w: QArray, x_scale: jax.Array, window_strides, paddi
   _, s = _scale_keep(w, contracted, op)
   kw = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dn,
             feature_group_count=feature_group_count)
-  qx = quantize_activation(x, x_scale)
+  qx = quantize_activation(x, x_scale, act_bits)
   if int8_conv_supported():
     acc = lax.conv_general_dilated(qx, int_values(w), window_strides, padding,
                                    preferred_element_type=jnp.int32, **kw)

@@ -6,7 +6,8 @@ intercepted op (``Dense``, ``Conv``, ``Einsum``, ``nnx.Linear``...) is identifie
 kernel's path. A rule that matches no leaf is an error (rules silently stop matching
 after a model refactor), and :func:`explain` prints which rule won each leaf.
 
-Default (``rules=None``): every floating leaf with ``ndim >= 2`` is quantized to
+Default (``rules=None``): every leaf named like a contraction weight (floating, ``ndim >= 2``,
+not a bias, norm parameter or embedding table; :func:`jaxopt_dnn._tree.path_role`) is quantized to
 ``bits`` per output channel, with 8-bit activations.
 """
 
@@ -135,6 +136,8 @@ def explain(params: Any, rules: Any = None, *, bits: int = 8, print_fn=print) ->
        enumerate(("path", "shape", "rule"))]
   lines = [f"{'path':<{w[0]}}  {'shape':<{w[1]}}  {'rule':<{w[2]}}  action"]
   lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:<{w[2]}}  {d}" for a, b, c, d in rows]
+  lines.append("(what the rules ask for; 'aN' needs a contraction to consume the weight: "
+               "quant.explain(..., apply_fn=, inputs=) or quant.coverage shows what runs)")
   text = "\n".join(lines)
   if print_fn is not None:
     print_fn(text)

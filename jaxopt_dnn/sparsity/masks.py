@@ -89,10 +89,31 @@ def _unflatten_like(params: PyTree, masks: list[Any]) -> PyTree:
   return jax.tree.unflatten(jax.tree.structure(params), masks)
 
 
+def align_masks(params: PyTree, masks: PyTree) -> PyTree:
+  """``masks`` in exactly the structure of ``params``.
+
+  Trees that differ only in their wrappers (an NNX ``nnx.State`` of ``Param`` variables
+  vs masks taken from an ``nnx.Optimizer`` state, i.e. ``OptVariable``-wrapped, or plain
+  arrays) are matched leaf by leaf by path; anything else is the error of
+  :func:`check_mask_tree`.
+  """
+  check_mask_tree(params, masks)
+  if jax.tree.structure(params) == jax.tree.structure(masks):
+    return masks
+  return jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(masks))
+
+
 def check_mask_tree(params: PyTree, masks: PyTree) -> None:
-  """Raises ValueError naming the first leaf where ``masks`` does not fit ``params``."""
+  """Raises ValueError naming the first leaf where ``masks`` does not fit ``params``.
+
+  The trees must have the same leaf paths (NNX variable wrappers are transparent: a
+  ``Param``'s ``/value`` is not part of its path) and each mask must be a dense marker
+  or have its leaf's shape.
+  """
   ps, ms = jax.tree.structure(params), jax.tree.structure(masks)
-  if ps != ms:
+  same_paths = ([p for p, _ in _tree.leaves_with_paths(params)]
+                == [p for p, _ in _tree.leaves_with_paths(masks)])
+  if ps != ms and not same_paths:
     pp = {p for p, _ in _tree.leaves_with_paths(params)}
     mp = {p for p, _ in _tree.leaves_with_paths(masks)}
     raise ValueError(
@@ -304,11 +325,21 @@ def random_masks(key: jax.Array, params: PyTree, sparsity: SparsityArg, *, scope
       lambda i, p, x: jax.random.uniform(jax.random.fold_in(key, i), np.shape(x)))
 
 
-def nm_masks(params: PyTree, n: int, m: int, *, axis: int = -2, rules: Rules = None) -> PyTree:
-  """N:M masks: in every group of ``m`` consecutive weights along ``axis`` keep the ``n``
-  largest ``|w|`` (ties: the earlier index is kept). ``axis=-2`` is the contraction
-  (input) axis of Flax ``Dense`` ``(in, out)`` and ``Conv`` ``(..., in, out)`` kernels;
-  2:4 along it is the pattern of sparse tensor cores."""
+def nm_masks(params: PyTree, n: int, m: int, *, axis: int | Sequence[int] = -2,
+             rules: Rules = None, roles: Mapping[str, Any] | None = None) -> PyTree:
+  """N:M masks: in every group of ``m`` consecutive weights along the contraction keep the
+  ``n`` largest ``|w|`` (ties: the earlier index is kept).
+
+  The groups run along ``axis`` (an int, or a tuple of axes flattened row-major, the way
+  a kernel reshaped to 2-D presents them to the matmul). ``axis=-2`` is the contraction
+  (input) axis of Flax ``Dense`` ``(in, out)`` and ``Conv`` ``(..., in, out)`` kernels.
+  It is *not* the contraction of a ``DenseGeneral`` q/k/v kernel ``(embed, heads,
+  head_dim)`` (that is axis 0) nor of its output kernel ``(heads, head_dim, embed)``
+  (axes ``(0, 1)``); pass ``roles=jaxopt_dnn.roles.trace(apply_fn, variables, *x)`` and
+  every leaf the program contracts uses its real contraction axes instead
+  (``LeafRole.nm_axes``: a dot's contracted axes, a conv's input channels), so 2:4 is
+  the pattern sparse tensor cores run.
+  """
   if not (isinstance(n, int) and isinstance(m, int)) or not 0 < n <= m:
     raise ValueError(f"N:M needs integers 0 < n <= m, got n={n!r}, m={m!r}")
   chosen = _chosen(params, rules)
@@ -318,22 +349,34 @@ def nm_masks(params: PyTree, n: int, m: int, *, axis: int = -2, rules: Rules = N
     if not c:
       out.append(dense_marker())
       continue
-    if not -x.ndim <= axis < x.ndim:
-      raise ValueError(f"axis={axis} is out of range for {path!r} with shape {x.shape}")
-    if x.shape[axis] % m:
-      raise ValueError(f"leaf {path!r}: axis {axis} has length {x.shape[axis]}, which is not "
+    ax = axis
+    if roles is not None:
+      from jaxopt_dnn import roles as _roles  # noqa: PLC0415
+      r = _roles.lookup(roles, path)
+      if r is not None and r.nm_axes is not None:
+        ax = r.nm_axes
+    axes = (ax,) if isinstance(ax, (int, np.integer)) else tuple(ax)
+    if not axes or any(not -x.ndim <= a < x.ndim for a in axes):
+      raise ValueError(f"axis={ax} is out of range for {path!r} with shape {x.shape}")
+    axes = tuple(int(a) % x.ndim for a in axes)
+    length = math.prod(x.shape[a] for a in axes)
+    if length % m:
+      raise ValueError(f"leaf {path!r}: axis {ax} has length {length}, which is not "
                        f"a multiple of m={m}")
-    out.append(_nm_leaf(x, n, m, axis))
+    out.append(_nm_leaf(x, n, m, axes))
   return _unflatten_like(params, out)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _nm_leaf(x: jax.Array, n: int, m: int, axis: int) -> jax.Array:
-  moved = jnp.moveaxis(jnp.abs(x), axis, -1)
-  groups = moved.reshape(moved.shape[:-1] + (moved.shape[-1] // m, m))
+def _nm_leaf(x: jax.Array, n: int, m: int, axes: tuple[int, ...]) -> jax.Array:
+  k = len(axes)
+  dest = tuple(range(x.ndim - k, x.ndim))
+  moved = jnp.moveaxis(jnp.abs(x), axes, dest)
+  flat = moved.reshape(moved.shape[:-k] + (-1,))
+  groups = flat.reshape(flat.shape[:-1] + (flat.shape[-1] // m, m))
   order = jnp.argsort(-groups, axis=-1, stable=True)
   rank = jnp.argsort(order, axis=-1, stable=True)
-  return jnp.moveaxis((rank < n).reshape(moved.shape), -1, axis)
+  return jnp.moveaxis((rank < n).reshape(moved.shape), dest, axes)
 
 
 def _bias_path(kernel_path: str) -> str | None:
@@ -341,7 +384,8 @@ def _bias_path(kernel_path: str) -> str | None:
 
 
 def channel_masks(params: PyTree, sparsity: SparsityArg, *, rules: Rules = None,
-                  distribution: str = "uniform") -> PyTree:
+                  distribution: str = "uniform",
+                  roles: Mapping[str, Any] | None = None) -> PyTree:
   """Structured masks removing whole output channels (last axis) by L2 norm.
 
   For a kernel ``W`` of shape ``(..., C_out)`` the score of channel ``c`` is
@@ -350,6 +394,13 @@ def channel_masks(params: PyTree, sparsity: SparsityArg, *, rules: Rules = None,
   replaced by ``bias``, shape ``(C_out,)``) gets the same channel mask, so a removed
   channel outputs exactly zero before the activation. Exclude the classifier head with
   ``rules`` (removing a class is rarely what you want).
+
+  A ``Conv -> BatchNorm`` stack outputs ``beta - mean * gamma / sqrt(var + eps)`` for a
+  zeroed channel, not zero. With ``roles=jaxopt_dnn.roles.trace(apply_fn, variables,
+  *x)`` every per-channel leaf of shape ``(C_out,)`` applied to the kernel's output on
+  its way to the next nonlinearity (``LeafRole.followers``: the BatchNorm's ``scale``
+  and ``bias``) gets the channel mask too, so the removed channel is exactly zero after
+  the norm and :func:`~jaxopt_dnn.sparsity.shrink_channels` stays exact.
   """
   chosen = _chosen(params, rules)
   _check_finite(chosen, "channel_masks")
@@ -365,11 +416,18 @@ def channel_masks(params: PyTree, sparsity: SparsityArg, *, rules: Rules = None,
     b = index.get(_bias_path(path) or "")
     if b is not None and np.shape(chosen[b][1]) == (x.shape[-1],):
       out[b] = keep
+    if roles is not None:
+      from jaxopt_dnn import roles as _roles  # noqa: PLC0415
+      r = _roles.lookup(roles, path)
+      for f in (r.followers if r is not None else ()):
+        j = index.get(f, index.get(f.split("/", 1)[-1]))
+        if j is not None and np.shape(chosen[j][1]) == (x.shape[-1],):
+          out[j] = keep
   return _unflatten_like(params, out)
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
   """``where(mask, p, 0)`` leaf by leaf (dense markers leave the leaf as it is)."""
-  check_mask_tree(params, masks)
+  masks = align_masks(params, masks)
   return jax.tree.map(lambda p, m: p if is_dense(m) else jnp.where(m, p, jnp.zeros((), p.dtype)),
                       params, masks)

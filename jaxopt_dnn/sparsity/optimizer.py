@@ -138,10 +138,27 @@ def prune_optimizer(tx: optax.GradientTransformation, schedule: Callable[[Any], 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _unwrap(tree: Any) -> Any:
+  """NNX variables (``OptVariable`` in an ``nnx.Optimizer`` state) -> their values."""
+  try:
+    from flax import nnx  # noqa: PLC0415
+  except ImportError:   # pragma: no cover - flax is a dependency
+    return tree
+  is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+  return jax.tree.map(lambda v: v.get_value() if is_var(v) else v, tree, is_leaf=is_var)
+
+
 def masks_from_state(opt_state: Any) -> PyTree:
-  """Returns the masks of the (first) :class:`PruneState` inside ``opt_state``."""
+  """Returns the masks of the (first) :class:`PruneState` inside ``opt_state``.
+
+  Works on an optax state and on ``nnx.Optimizer(...).opt_state`` (whose leaves are
+  ``OptVariable``-wrapped): the masks come back as plain arrays, in the params'
+  container structure, and are accepted by ``apply_masks`` / ``sparsity_report`` /
+  ``pack`` against ``nnx.state(model, nnx.Param)``.
+  """
   found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PruneState))
            if isinstance(s, PruneState)]
   if not found:
-    raise ValueError("no PruneState in this optimizer state: was it built with prune_optimizer?")
-  return found[0].masks
+    raise ValueError("no PruneState in this optimizer state: was it built with prune_optimizer? "
+                     f"(got {type(opt_state).__name__})")
+  return _unwrap(found[0].masks)

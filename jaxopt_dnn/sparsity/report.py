@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxopt_dnn import _tree
+from jaxopt_dnn import _table, _tree
 from jaxopt_dnn.sparsity.masks import apply_masks, is_dense
 
 PyTree = Any
@@ -66,16 +66,14 @@ class SparsityReport:
     return self.total_size - self.total_zeros
 
   def __str__(self) -> str:
-    w = max([len(r.path) for r in self.leaves] + [len("pruned leaves")])
-    lines = [f"{'path':<{w}}  {'shape':<16} {'size':>9} {'zeros':>9} {'density':>8}  pruned"]
-    for r in self.leaves:
-      lines.append(f"{r.path:<{w}}  {str(r.shape):<16} {r.size:>9} {r.zeros:>9} "
-                   f"{r.density:>8.4f}  {'yes' if r.pruned else ''}")
-    lines.append(f"{'pruned leaves':<{w}}  {'':<16} {self.pruned_size:>9} {self.pruned_zeros:>9} "
-                 f"{1 - self.pruned_sparsity:>8.4f}")
-    lines.append(f"{'whole model':<{w}}  {'':<16} {self.total_size:>9} {self.total_zeros:>9} "
-                 f"{1 - self.total_sparsity:>8.4f}")
-    return "\n".join(lines)
+    rows = [(r.path, r.shape, r.size, r.zeros, f"{r.density:.4f}", "yes" if r.pruned else "")
+            for r in self.leaves]
+    rows.append(("pruned leaves", "", self.pruned_size, self.pruned_zeros,
+                 f"{1 - self.pruned_sparsity:.4f}", ""))
+    rows.append(("whole model", "", self.total_size, self.total_zeros,
+                 f"{1 - self.total_sparsity:.4f}", ""))
+    return _table.render(("path", "shape", "size", "zeros", "density", "pruned"), rows,
+                         right=(2, 3, 4), footer_rows=2)
 
 
 def sparsity_report(params: PyTree, masks: PyTree | None = None, *, rules=None) -> SparsityReport:

@@ -1,0 +1,367 @@
+"""Per-layer sensitivity and the automatic plan under a bits (or bytes, or quality) budget.
+
+For every chosen layer ``l`` and candidate ``c`` (int4 group 128, int4 group 64, int8 per
+channel, 16-bit, ...) the sensitivity is the distortion of the model's outputs on the
+calibration batches when **only** ``l`` is compressed by ``c``::
+
+  s[l, c] = mean_b metric(f(W with W_l <- Q_c(W_l); x_b), f(W; x_b))
+
+measured directly, with one compiled forward reused for every (layer, candidate): the
+candidate is realised once for all layers (``method``: RTN, GPTQ or AWQ), then each
+layer's compressed kernel is swapped in alone. The plan minimises ``sum_l s[l, c_l]``
+(additive, first-order) subject to ``sum_l bits(l, c_l) <= budget * sum_l n_l``, an
+exact multiple-choice knapsack (:mod:`jaxopt_dnn.auto.knapsack`); ``bits(l, c)`` counts
+the stored values **and** scales of the realised leaf. ``verify=True`` realises the plan
+and measures it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxopt_dnn import _table, _tree
+from jaxopt_dnn import quant as quant_lib
+from jaxopt_dnn.auto import knapsack
+
+PyTree = Any
+METHODS = ("rtn", "gptq", "awq")
+_RESOLUTION = 20000     # knapsack cost units over the model's 16-bit size
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """One way to store a layer: ``bits`` 4 / 8 (QArray; ``group_size`` along the
+  contraction axis, ``None`` = one scale per output channel) or 16 (bfloat16)."""
+  name: str
+  bits: int
+  group_size: int | None = None
+
+  def __post_init__(self):
+    if self.bits not in (4, 8, 16):
+      raise ValueError(f"candidate {self.name!r}: bits must be 4, 8 or 16, got {self.bits!r}")
+    if self.group_size is not None and (not isinstance(self.group_size, int)
+                                        or self.group_size < 1):
+      raise ValueError(f"candidate {self.name!r}: group_size must be a positive int or None, "
+                       f"got {self.group_size!r}")
+
+  @classmethod
+  def parse(cls, spec: str | Candidate) -> Candidate:
+    """``"int4-g128"``, ``"int4-g64"``, ``"int8"`` (per channel), ``"int4"``, ``"16-bit"``."""
+    if isinstance(spec, Candidate):
+      return spec
+    m = re.fullmatch(r"int([48])(?:-g(\d+))?", str(spec).strip().lower())
+    if m:
+      return cls(str(spec), int(m.group(1)), int(m.group(2)) if m.group(2) else None)
+    if str(spec).strip().lower() in ("16-bit", "bf16", "16bit", "bfloat16"):
+      return cls(str(spec), 16)
+    raise ValueError(f"unknown candidate {spec!r}; use int4-g128, int4-g64, int8, int4, 16-bit")
+
+
+DEFAULT_CANDIDATES = ("int4-g128", "int4-g64", "int8", "16-bit")
+
+
+def output_distortion(out: jax.Array, ref: jax.Array) -> jax.Array:
+  """Default metric: ``mean((out - ref)^2) / mean(ref^2)`` (scale-free MSE)."""
+  out, ref = jnp.asarray(out, jnp.float32), jnp.asarray(ref, jnp.float32)
+  return jnp.mean((out - ref) ** 2) / jnp.maximum(jnp.mean(ref ** 2), 1e-30)
+
+
+# ------------------------------------------------------------------- the model
+
+
+class _Forward:
+  """``f(params, *inputs)`` for linen (``apply_fn(variables, ...)``) or an NNX module."""
+
+  def __init__(self, apply_fn: Any, variables: PyTree):
+    self.nnx = isinstance(apply_fn, nnx.Module)
+    if self.nnx:   # variables: nnx.to_pure_dict(nnx.state(model, nnx.Param)) (or None)
+      graphdef, state, rest = nnx.split(apply_fn, nnx.Param, ...)
+      if variables is None:
+        variables = nnx.to_pure_dict(state)
+      elif isinstance(variables, Mapping) and set(variables) == {"params"}:
+        variables = variables["params"]
+      self._graphdef, self._template, self._rest = graphdef, state, rest
+      self.variables = self.params = variables
+    else:
+      if not callable(apply_fn):
+        raise TypeError(f"apply_fn must be callable (linen) or an nnx.Module, got {apply_fn!r}")
+      if not isinstance(variables, Mapping) or "params" not in variables:
+        raise TypeError("variables must be a mapping with a 'params' collection (linen)")
+      self.apply_fn, self.variables, self.params = apply_fn, variables, variables["params"]
+
+  def __call__(self, params, *inputs):
+    if self.nnx:
+      state = jax.tree.map(lambda x: x, self._template)
+      nnx.replace_by_pure_dict(state, params)
+      return nnx.merge(self._graphdef, state, self._rest)(*inputs)
+    return self.apply_fn({**self.variables, "params": params}, *inputs)
+
+
+def _as_inputs(batch: Any) -> tuple:
+  return batch if isinstance(batch, tuple) else (batch,)
+
+
+def _exact(paths: Iterable[str]) -> list[str]:
+  return [f"^{re.escape(p)}$" for p in paths]
+
+
+def _default_layers(params: PyTree) -> list[str]:
+  """Kernels consumed by contractions: floating leaves of ndim >= 2 named ``kernel``."""
+  return [p for p, x in _tree.leaves_with_paths(params)
+          if _tree.is_float_array(x) and np.ndim(x) >= 2 and p.split("/")[-1] == "kernel"]
+
+
+def realize(method: str, cand: Candidate, fwd: _Forward, apply_fn: Any, batches: list,
+            paths: Sequence[str]) -> dict[str, Any]:
+  """``{path: stored leaf}`` (QArray, or a bfloat16 array) of ``paths`` under ``cand``."""
+  if not paths:
+    return {}
+  leaves = dict(_tree.leaves_with_paths(fwd.params))
+  if cand.bits == 16:
+    return {p: jnp.asarray(leaves[p]).astype(jnp.bfloat16) for p in paths}
+  rules = _exact(paths)
+  kw = {} if cand.group_size is None else {"group_size": cand.group_size}
+  if method == "rtn":
+    tree = quant_lib.quantize_params(fwd.params, rules, bits=cand.bits, **kw)
+  elif method in ("gptq", "awq"):
+    fn = getattr(quant_lib, method, None)
+    if fn is None:
+      raise ValueError(f"method={method!r} needs quant.{method}, which this build lacks")
+    tree = fn(apply_fn, fwd.variables, batches, bits=cand.bits, rules=rules,
+              **({"group_size": cand.group_size} if cand.group_size else {}))
+  else:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  out = dict(_tree.leaves_with_paths(tree, is_leaf=quant_lib.is_qarray))
+  return {p: out[p] for p in paths}
+
+
+def stored_bits(leaf: Any) -> int:
+  """Bits a stored leaf costs: every array of a QArray (values, scales, zero points)."""
+  if quant_lib.is_qarray(leaf):
+    return sum(int(np.prod(np.shape(a))) * jnp.dtype(a.dtype).itemsize * 8
+               for a in jax.tree.leaves(leaf))
+  return int(np.prod(np.shape(leaf))) * jnp.dtype(leaf.dtype).itemsize * 8
+
+
+def _float(leaf: Any, dtype) -> jax.Array:
+  return (quant_lib.dequantize(leaf, dtype) if quant_lib.is_qarray(leaf)
+          else jnp.asarray(leaf).astype(dtype))
+
+
+# ------------------------------------------------------------------------ plan
+
+
+@dataclasses.dataclass
+class Plan:
+  """A per-layer choice of candidate, with what it costs and what it is predicted to do.
+
+  Attributes:
+    choices: ``{layer path: candidate name}``.
+    candidates: the candidates, by name.
+    sensitivity: ``{layer path: {candidate name: s[l, c]}}``.
+    layer_bits: ``{layer path: {candidate name: stored bits}}``.
+    sizes: ``{layer path: number of weights}``.
+    method: how candidates are realised (``rtn`` | ``gptq`` | ``awq``).
+    predicted: ``sum_l s[l, c_l]``.
+    measured: the realised plan's metric (``search(verify=True)`` / :meth:`verify`).
+  """
+  choices: dict[str, str]
+  candidates: dict[str, Candidate]
+  sensitivity: dict[str, dict[str, float]]
+  layer_bits: dict[str, dict[str, int]]
+  sizes: dict[str, int]
+  method: str
+  predicted: float
+  measured: float | None = None
+  budget_bits_per_weight: float | None = None
+
+  @property
+  def bits_per_weight(self) -> float:
+    """Achieved bits per weight over the chosen layers, scales counted."""
+    total = sum(self.layer_bits[p][c] for p, c in self.choices.items())
+    return total / max(sum(self.sizes.values()), 1)
+
+  @property
+  def bytes(self) -> int:
+    return math.ceil(sum(self.layer_bits[p][c] for p, c in self.choices.items()) / 8)
+
+  def apply(self, apply_fn: Any, variables: PyTree, batches: Iterable[Any]) -> PyTree:
+    """The params tree with the plan realised: QArray leaves (bf16 for 16-bit layers)."""
+    fwd = _Forward(apply_fn, variables)
+    batches = [_as_inputs(b) for b in batches]
+    stored: dict[str, Any] = {}
+    for name, cand in self.candidates.items():
+      paths = [p for p, c in self.choices.items() if c == name]
+      stored.update(realize(self.method, cand, fwd, apply_fn, batches, paths))
+    return _tree.map_with_path_str(lambda p, x: stored.get(p, x), fwd.params)
+
+  def verify(self, apply_fn: Any, variables: PyTree, batches: Iterable[Any],
+             metric: Callable | None = None) -> float:
+    """Realises the plan and measures its metric against the float model (sets
+    :attr:`measured`)."""
+    fwd = _Forward(apply_fn, variables)
+    batches = [_as_inputs(b) for b in batches]
+    realised = self.apply(apply_fn, variables, batches)
+    floats = jax.tree.map(lambda x, r: _float(x, jnp.asarray(r).dtype), realised, fwd.params,
+                          is_leaf=quant_lib.is_qarray)
+    self.measured = _measure(fwd, batches, [floats], metric or output_distortion)[0]
+    return self.measured
+
+  def __str__(self) -> str:
+    names = list(self.candidates)
+    rows = []
+    for p, c in self.choices.items():
+      rows.append([p, self.sizes[p], c, f"{self.layer_bits[p][c] / self.sizes[p]:.2f}"]
+                  + [f"{self.sensitivity[p][n]:.3g}" for n in names])
+    head = ["layer", "weights", "choice", "bits/w"] + [f"s[{n}]" for n in names]
+    meas = "-" if self.measured is None else f"{self.measured:.4g}"
+    title = (f"plan ({self.method}): {self.bits_per_weight:.3f} bits/weight"
+             + ("" if self.budget_bits_per_weight is None
+                else f" (budget {self.budget_bits_per_weight:g})")
+             + f", {self.bytes:,} bytes; predicted {self.predicted:.4g}, measured {meas}")
+    return _table.render(head, rows, right=tuple(range(1, len(head))), title=title)
+
+
+def _measure(fwd: _Forward, batches: list, trees: list, metric: Callable) -> list[float]:
+  """``metric`` of each params tree's outputs against the float model's, batch-averaged."""
+  run = jax.jit(lambda p, *x: fwd(p, *x))
+  refs = [run(fwd.params, *b) for b in batches]
+  score = jax.jit(lambda p, r, *x: metric(fwd(p, *x), r))
+  return [float(np.mean([float(score(t, r, *b)) for r, b in zip(refs, batches)]))
+          for t in trees]
+
+
+@dataclasses.dataclass
+class Sensitivity:
+  """``s[l, c]`` and ``bits[l, c]`` for every chosen layer and candidate."""
+  layers: list[str]
+  candidates: dict[str, Candidate]
+  values: dict[str, dict[str, float]]
+  bits: dict[str, dict[str, int]]
+  sizes: dict[str, int]
+  method: str
+
+
+def sensitivity(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
+                candidates: Sequence[str | Candidate] | None = None, method: str = "rtn",
+                rules: str | Sequence[str] | None = None,
+                metric: Callable | None = None) -> Sensitivity:
+  """Measures ``s[l, c]`` (see the module docstring) and each layer's stored bits."""
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  fwd = _Forward(apply_fn, variables)
+  batches = [_as_inputs(b) for b in batches]
+  if not batches:
+    raise ValueError("batches is empty: the sensitivity needs calibration batches")
+  cands = [Candidate.parse(c) for c in (candidates or DEFAULT_CANDIDATES)]
+  by_name = {c.name: c for c in cands}
+  if len(by_name) != len(cands):
+    raise ValueError(f"candidate names must be unique, got {[c.name for c in cands]}")
+  if rules is None:
+    layers = _default_layers(fwd.params)
+  else:
+    layers = [p for p, _, r in _tree.select(fwd.params, rules, argname="rules") if r is not None]
+  if not layers:
+    raise ValueError("no layer to plan: rules matched no kernel")
+  leaves = dict(_tree.leaves_with_paths(fwd.params))
+  sizes = {p: int(np.size(leaves[p])) for p in layers}
+  metric = metric or output_distortion
+  run = jax.jit(lambda p, *x: fwd(p, *x))
+  refs = [run(fwd.params, *b) for b in batches]
+  score = jax.jit(lambda p, r, *x: metric(fwd(p, *x), r))
+  values: dict[str, dict[str, float]] = {p: {} for p in layers}
+  bits: dict[str, dict[str, int]] = {p: {} for p in layers}
+  for cand in cands:
+    stored = realize(method, cand, fwd, apply_fn, batches, layers)
+    for p in layers:
+      bits[p][cand.name] = stored_bits(stored[p])
+      swapped = _tree.map_with_path_str(
+          lambda q, x, p=p: _float(stored[p], jnp.asarray(x).dtype) if q == p else x, fwd.params)
+      values[p][cand.name] = float(np.mean([float(score(swapped, r, *b))
+                                            for r, b in zip(refs, batches)]))
+  return Sensitivity(layers, by_name, values, bits, sizes, method)
+
+
+def plan_for_budget(sens: Sensitivity, bits_per_weight: float) -> Plan | None:
+  """The least-predicted-distortion plan with ``bits <= bits_per_weight * weights``."""
+  names = list(sens.candidates)
+  total_16 = 16 * sum(sens.sizes.values())
+  unit = max(total_16 / _RESOLUTION, 1e-9)
+  costs = [[math.ceil(sens.bits[p][n] / unit - 1e-9) for n in names] for p in sens.layers]
+  vals = [[sens.values[p][n] for n in names] for p in sens.layers]
+  cap = math.floor(bits_per_weight * sum(sens.sizes.values()) / unit + 1e-9)
+  solved = knapsack.solve(costs, vals, cap)
+  if solved is None:
+    return None
+  picks, total = solved
+  return Plan({p: names[k] for p, k in zip(sens.layers, picks)}, dict(sens.candidates),
+              sens.values, sens.bits, sens.sizes, sens.method, total,
+              budget_bits_per_weight=bits_per_weight)
+
+
+def search(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
+           bits_per_weight: float | None = 4.5, candidates: Sequence[str] | None = None,
+           method: str = "gptq", rules: str | Sequence[str] | None = None,
+           metric: Callable | None = None, budget_bytes: int | None = None,
+           target: float | None = None, verify: bool = False,
+           sens: Sensitivity | None = None) -> Plan:
+  """The automatic per-layer plan.
+
+  Args:
+    apply_fn: linen ``apply_fn(variables, *inputs)`` or an NNX module.
+    variables: linen variables (``{"params": ...}``); NNX: the params pure dict.
+    batches: calibration batches (tuples of model inputs).
+    bits_per_weight: budget over the chosen layers, scales counted.
+    candidates: default ``int4-g128, int4-g64, int8, 16-bit``.
+    method: how each candidate is realised: ``"rtn"`` | ``"gptq"`` | ``"awq"``.
+    rules: which layers (regex over key paths); default: every contraction kernel.
+    metric: ``metric(outputs, float_outputs) -> scalar`` (default
+      :func:`output_distortion`).
+    budget_bytes: a bytes budget instead of ``bits_per_weight``.
+    target: a quality target instead: the smallest plan whose *measured* metric is
+      ``<= target`` (candidates tried from the cheapest predicted-feasible budget up).
+    verify: realise the plan and measure it (``plan.measured``).
+    sens: reuse a :class:`Sensitivity` (e.g. for several budgets).
+  """
+  batches = [_as_inputs(b) for b in batches]
+  sens = sens or sensitivity(apply_fn, variables, batches, candidates=candidates,
+                             method=method, rules=rules, metric=metric)
+  n = sum(sens.sizes.values())
+  if target is not None:
+    return _smallest_meeting(sens, target, apply_fn, variables, batches, metric)
+  if budget_bytes is not None:
+    bits_per_weight = 8 * budget_bytes / n
+  if bits_per_weight is None or not bits_per_weight > 0:
+    raise ValueError(f"bits_per_weight must be > 0, got {bits_per_weight!r}")
+  plan = plan_for_budget(sens, bits_per_weight)
+  if plan is None:
+    cheapest = sum(min(b.values()) for b in sens.bits.values()) / n
+    raise ValueError(f"bits_per_weight={bits_per_weight:g} is below the cheapest plan "
+                     f"({cheapest:.3f} bits/weight with these candidates)")
+  if verify:
+    plan.verify(apply_fn, variables, batches, metric)
+  return plan
+
+
+def _smallest_meeting(sens, target, apply_fn, variables, batches, metric) -> Plan:
+  n = sum(sens.sizes.values())
+  lo = sum(min(b.values()) for b in sens.bits.values()) / n
+  hi = sum(max(b.values()) for b in sens.bits.values()) / n
+  budgets = np.unique(np.round(np.linspace(lo, hi, 41), 4))
+  for b in budgets:
+    plan = plan_for_budget(sens, float(b) + 1e-6)
+    if plan is None or plan.predicted > target:
+      continue
+    if plan.verify(apply_fn, variables, batches, metric) <= target:
+      return plan
+  raise ValueError(f"no plan reaches target={target:g} (the largest candidates everywhere "
+                   f"do not); relax the target or add candidates")

@@ -1,0 +1,375 @@
+"""Leaf roles: what a parameter *is*, read off what consumes it in the traced program.
+
+A Flax kernel, a ``DenseGeneral`` bias of shape ``(heads, head_dim)`` and an embedding
+table all have ``ndim >= 2``; only the program tells them apart. :func:`trace` runs
+``jax.make_jaxpr`` on ``apply_fn(variables, *inputs)`` and follows every parameter
+leaf through layout-only ops (``convert_element_type``, ``transpose``, ``reshape``,
+``broadcast_in_dim``, ``squeeze``, ``expand_dims``, ``copy``, sharding constraints,
+and into ``jit``-ed sub-programs) to the ops that consume it:
+
+* ``kernel``:    the weight operand of a ``dot_general`` / ``conv_general_dilated`` whose
+                 other operand is not a parameter;
+* ``embedding``: the table of a ``gather`` (a lookup), also when the same table feeds a
+                 dot (tied logits, ``Embed.attend``);
+* ``bias``:      added (``add`` / ``sub``) to an activation;
+* ``scale``:     multiplied (``mul`` / ``div``) into an activation (norm scales);
+* ``other``:     anything else (non-float leaves, leaves consumed by opaque ops).
+
+For a kernel, ``contracting`` lists the leaf's own axes that the dot contracts
+(``DenseGeneral(axis=(-2, -1))``'s ``(heads, head_dim, embed)`` kernel -> ``(0, 1)``,
+``nnx.Einsum("BTD,DNH->BTNH")``'s kernel -> ``(0,)``, a HWIO conv kernel ->
+``(0, 1, 2)``, ``Embed.attend``'s ``(vocab, embed)`` table -> ``(1,)``); N:M groups and
+per-output-channel scales follow it. When only a path is available
+(:func:`path_role`), a cheap name-based fallback is used instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.extend import core as jcore
+
+from jaxopt_dnn import _tree
+
+ROLES = ("kernel", "embedding", "bias", "scale", "other")
+CONTRACTIONS = ("dot_general", "conv_general_dilated")
+_LAYOUT = {"convert_element_type", "transpose", "reshape", "broadcast_in_dim", "squeeze",
+           "expand_dims", "copy", "copy_p", "sharding_constraint", "reduce_precision",
+           "mesh_cast", "reshard"}
+_CALLS = {"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint",
+          "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"}
+_ADD = {"add", "sub", "add_any"}
+_MUL = {"mul", "div"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Consumer:
+  """One op that consumes (a layout-only view of) a leaf.
+
+  Attributes:
+    primitive: e.g. ``"dot_general"``, ``"gather"``, ``"add"``.
+    operand: which operand of the op the leaf is.
+    contracting: the leaf's own axes contracted by this op (dot/conv), or None when the
+      view went through a reshape that loses the axis correspondence.
+    other_is_param: for a binary op, whether the other operand also derives from a leaf.
+  """
+
+  primitive: str
+  operand: int
+  contracting: tuple[int, ...] | None = None
+  other_is_param: bool = False
+  in_features: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafRole:
+  """Role of one leaf (see the module docstring) and its consumers."""
+
+  path: str
+  role: str
+  consumers: tuple[Consumer, ...] = ()
+  followers: tuple[str, ...] = ()
+
+  @property
+  def nm_axes(self) -> tuple[int, ...] | None:
+    """Axes along which N:M groups run: a dot's contracted axes (row-major when several,
+    as the kernel reshaped to 2-D sees them), a conv kernel's input-feature axis."""
+    for c in self.consumers:
+      if c.primitive in CONTRACTIONS and not c.other_is_param:
+        return c.in_features if c.primitive == "conv_general_dilated" else c.contracting
+    return None
+
+  @property
+  def contracting(self) -> tuple[int, ...] | None:
+    """Contracted axes of the first dot/conv consuming this leaf as a weight."""
+    for c in self.consumers:
+      if c.primitive in CONTRACTIONS and not c.other_is_param and c.contracting is not None:
+        return c.contracting
+    return None
+
+
+# --------------------------------------------------------------------------- analysis
+@dataclasses.dataclass(frozen=True)
+class _Src:
+  idx: int                        # which traced input
+  perm: tuple[int, ...] | None    # leaf axis of each axis of this view (None: lost)
+
+
+def _subjaxpr(eqn):
+  for k in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+    j = eqn.params.get(k)
+    if j is None:
+      continue
+    if isinstance(j, jcore.ClosedJaxpr):
+      return j.jaxpr
+    if isinstance(j, jcore.Jaxpr):
+      return j
+  return None
+
+
+def _layout(eqn, src: _Src) -> _Src:
+  name = eqn.primitive.name
+  if src.perm is None:
+    return src
+  if name == "transpose":
+    return _Src(src.idx, tuple(src.perm[p] for p in eqn.params["permutation"]))
+  if name in ("convert_element_type", "copy", "copy_p", "sharding_constraint",
+              "reduce_precision", "mesh_cast", "reshard"):
+    return src
+  return _Src(src.idx, None)
+
+
+def _contracted(eqn, operand: int, src: _Src) -> tuple[int, ...] | None:
+  if src.perm is None:
+    return None
+  name = eqn.primitive.name
+  if name == "dot_general":
+    (lc, rc), _ = eqn.params["dimension_numbers"]
+    axes = lc if operand == 0 else rc
+  elif name == "conv_general_dilated" and operand == 1:
+    dn = eqn.params["dimension_numbers"]
+    out_feat = dn.rhs_spec[0]
+    axes = [a for a in range(len(src.perm)) if a != out_feat]
+  else:
+    return None
+  return tuple(sorted(src.perm[a] for a in axes))
+
+
+def _in_features(eqn, operand: int, src: _Src) -> tuple[int, ...] | None:
+  if src.perm is None or eqn.primitive.name != "conv_general_dilated" or operand != 1:
+    return None
+  return (src.perm[eqn.params["dimension_numbers"].rhs_spec[1]],)
+
+
+def consumers(jaxpr: jcore.Jaxpr, sources: dict[int, int], *, through_all: bool = False
+              ) -> dict[int, list[tuple[Consumer, Any]]]:
+  """Follows the invars ``{invar position: source id}`` of ``jaxpr`` to their consumers.
+
+  Returns ``{source id: [(Consumer, eqn), ...]}``. Layout-only ops and call-like ops
+  (``jit``, custom derivatives, remat) are followed; with ``through_all`` every op except
+  a contraction or a ``gather`` whose variable operands all derive from the same
+  source is followed too (dequantizing ``convert``/``mul`` by its own scale, int4
+  unpacking), to find the contraction that finally consumes a quantized weight; an op
+  that mixes the source with anything else (the rescale of an int8 accumulator) is not.
+  """
+  out: dict[int, list] = {s: [] for s in sources.values()}
+
+  def walk(jx, env):
+    for eqn in jx.eqns:
+      srcs = [env.get(v) if isinstance(v, jcore.Var) else None for v in eqn.invars]
+      if not any(s is not None for s in srcs):
+        continue
+      name = eqn.primitive.name
+      sub = _subjaxpr(eqn)
+      if sub is not None and name in _CALLS | {"custom_lin"} and len(sub.invars) == len(eqn.invars):
+        inner = {v: s for v, s in zip(sub.invars, srcs) if s is not None}
+        res = walk(sub, inner)
+        for ov, r in zip(eqn.outvars, res):
+          if r is not None:
+            env[ov] = r
+        continue
+      if name in CONTRACTIONS or name == "gather":
+        n_params = sum(s is not None for s in srcs[:2])
+        for i, s in enumerate(srcs):
+          if s is None:
+            continue
+          out[s.idx].append((Consumer(name, i, _contracted(eqn, i, s), n_params > 1,
+                                      _in_features(eqn, i, s)), eqn))
+        continue
+      if name in _LAYOUT and srcs[0] is not None:
+        env[eqn.outvars[0]] = _layout(eqn, srcs[0])
+        continue
+      if through_all:   # follow ops computed from this source alone (dequantize, unpack)
+        vars_ = [s for v, s in zip(eqn.invars, srcs) if isinstance(v, jcore.Var)]
+        if all(s is not None and s.idx == vars_[0].idx for s in vars_):
+          for ov in eqn.outvars:
+            env[ov] = _Src(vars_[0].idx, None)
+        continue
+      others = sum(s is not None for s in srcs)
+      for i, s in enumerate(srcs):
+        if s is not None:
+          out[s.idx].append((Consumer(name, i, None, others > 1), eqn))
+    return [env.get(v) if isinstance(v, jcore.Var) else None for v in jx.outvars]
+
+  env = {}
+  for pos, sid in sources.items():
+    v = jaxpr.invars[pos]
+    env[v] = _Src(sid, tuple(range(len(getattr(v.aval, "shape", ())))))
+  walk(jaxpr, env)
+  return out
+
+
+_AFFINE = {"add", "sub", "mul", "div", "add_any", "neg"} | _LAYOUT
+
+
+def followers(jaxpr: jcore.Jaxpr, n: int) -> dict[int, set[int]]:
+  """``{kernel input: {input leaves applied per channel to its output}}``.
+
+  The output of a contraction whose weight is input ``k`` is followed through affine
+  elementwise ops (add, sub, mul, div, layout ops, ``jit`` sub-programs); every input
+  leaf combined with it on the way (a following BatchNorm's scale and bias, running
+  statistics, a bias) is a follower of ``k``. A nonlinearity or another contraction ends
+  the walk.
+  """
+  out: dict[int, set[int]] = {}
+
+  def walk(jx, par, act):
+    for eqn in jx.eqns:
+      ins = [v if isinstance(v, jcore.Var) else None for v in eqn.invars]
+      p_in = [par.get(v, frozenset()) if v is not None else frozenset() for v in ins]
+      a_in = [act.get(v) if v is not None else None for v in ins]
+      name = eqn.primitive.name
+      sub = _subjaxpr(eqn)
+      if sub is not None and name in _CALLS and len(sub.invars) == len(eqn.invars):
+        ipar = {v: p for v, p in zip(sub.invars, p_in) if p}
+        iact = {v: a for v, a in zip(sub.invars, a_in) if a is not None}
+        rp, ra = walk(sub, ipar, iact)
+        for ov, p_, a_ in zip(eqn.outvars, rp, ra):
+          if p_:
+            par[ov] = p_
+          if a_ is not None:
+            act[ov] = a_
+        continue
+      if name in CONTRACTIONS:
+        w = [p for p in p_in[:2] if p and len(p) == 1]
+        if len(w) == 1 and sum(bool(p) for p in p_in[:2]) == 1:
+          act[eqn.outvars[0]] = next(iter(w[0]))
+        continue
+      tags = [a for a in a_in if a is not None]
+      if tags and name in _AFFINE:
+        k = tags[0]
+        for p in p_in:
+          out.setdefault(k, set()).update(p)
+        act[eqn.outvars[0]] = k
+        continue
+      if not tags and any(p_in):
+        merged = frozenset().union(*p_in)
+        for ov in eqn.outvars:
+          par[ov] = merged
+    return ([par.get(v, frozenset()) if isinstance(v, jcore.Var) else frozenset()
+             for v in jx.outvars],
+            [act.get(v) if isinstance(v, jcore.Var) else None for v in jx.outvars])
+
+  walk(jaxpr, {jaxpr.invars[i]: frozenset([i]) for i in range(n)}, {})
+  return out
+
+
+def classify(path: str, leaf: Any, cons: Sequence[Consumer]) -> str:
+  """The role of a leaf from its consumers (see the module docstring)."""
+  if not _tree.is_float_array(leaf):
+    return "other"
+  prims = {c.primitive for c in cons}
+  if "gather" in {c.primitive for c in cons if c.operand == 0}:
+    return "embedding"
+  if any(c.primitive in CONTRACTIONS and not c.other_is_param for c in cons):
+    return "kernel"
+  if prims and prims <= _ADD | _LAYOUT:
+    return "bias"
+  if prims and prims <= _MUL | _ADD:
+    return "scale" if prims & _MUL else "bias"
+  return path_role(path, leaf) if not cons else "other"
+
+
+# --------------------------------------------------------------------------- public API
+def _split_static(tree):
+  leaves, treedef = jax.tree.flatten(tree)
+  dyn = [i for i, x in enumerate(leaves) if isinstance(x, (jax.Array, np.ndarray, np.generic))]
+  return leaves, treedef, dyn
+
+
+def trace_roles(fn: Callable[..., Any], tree: Any, *args: Any, **kwargs: Any) -> dict[str, LeafRole]:
+  """Roles of the leaves of ``tree`` in ``fn(tree, *args, **kwargs)`` (traced, not run).
+
+  Paths are those of :func:`jaxopt_dnn._tree.leaves_with_paths` on ``tree``.
+  """
+  items = _tree.leaves_with_paths(tree)
+  leaves, treedef = jax.tree.flatten(tree)
+  rest = (args, kwargs)
+  rleaves, rdef, dyn = _split_static(rest)
+
+  def f(tree_leaves, dyn_leaves):
+    rl = list(rleaves)
+    for i, x in zip(dyn, dyn_leaves):
+      rl[i] = x
+    a, kw = jax.tree.unflatten(rdef, rl)
+    return fn(jax.tree.unflatten(treedef, tree_leaves), *a, **kw)
+
+  closed = jax.make_jaxpr(f)(leaves, [rleaves[i] for i in dyn])
+  cons = consumers(closed.jaxpr, {i: i for i in range(len(leaves))})
+  fol = followers(closed.jaxpr, len(leaves))
+  out = {}
+  for i, (p, x) in enumerate(items):
+    cs = tuple(c for c, _ in cons[i])
+    fs = tuple(items[j][0] for j in sorted(fol.get(i, ())) if j != i)
+    out[p] = LeafRole(p, classify(p, x, cs), cs, fs)
+  return out
+
+
+def trace(apply_fn: Any, variables: Any, *inputs: Any, **kwargs: Any) -> dict[str, LeafRole]:
+  """Roles of every leaf of a linen model's ``variables`` or an NNX module's state.
+
+  Args:
+    apply_fn: ``model.apply`` (or any ``f(variables, *inputs)``), a linen ``nn.Module``
+      (its ``apply`` is used), or an ``nnx.Module`` (then ``variables`` is ignored and
+      may be None; paths are those of ``nnx.state(module)``).
+    variables: the variables (``{"params": ..., "batch_stats": ...}``); boxed
+      (``LogicallyPartitioned``) leaves are unboxed.
+    *inputs, **kwargs: sample model inputs (only shapes/dtypes matter).
+
+  Returns:
+    ``{path: LeafRole}``; ``path`` is the leaf path in ``variables``
+    (``"params/layer_0/query/kernel"``) or in the NNX state (``"blocks/0/q/kernel"``).
+  """
+  import flax.linen as nn
+  from flax import nnx
+
+  if isinstance(apply_fn, nnx.Module):
+    graphdef, state = nnx.split(apply_fn)
+    return trace_roles(lambda s, *a, **k: nnx.merge(graphdef, s)(*a, **k), state, *inputs,
+                       **kwargs)
+  if isinstance(apply_fn, nn.Module):
+    apply_fn = apply_fn.apply
+  return trace_roles(apply_fn, nn.unbox(variables), *inputs, **kwargs)
+
+
+def kernels(roles: dict[str, LeafRole], *, include: str | None = None) -> Callable[[str, Any], bool]:
+  """A leaf predicate ``(path, leaf) -> bool`` choosing the leaves with role ``kernel``.
+
+  It is accepted as ``rules=`` by every rule-driven transform (masks, ...). Paths may be
+  given with or without the collection prefix (``params/``). ``include`` is an optional
+  regex of extra leaves to choose whatever their role (e.g. ``"embedding"`` to prune or
+  quantize embedding tables too).
+  """
+  chosen = {p for p, r in roles.items() if r.role == "kernel"}
+  rel = {p.split("/", 1)[1] for p in chosen if "/" in p}
+  rx = re.compile(include) if include else None
+
+  def pred(path: str, leaf: Any) -> bool:
+    del leaf
+    return path in chosen or path in rel or bool(rx and rx.search(path))
+
+  return pred
+
+
+def lookup(roles: dict[str, LeafRole], path: str) -> LeafRole | None:
+  """The role of ``path``, given with or without the collection prefix (``params/``)."""
+  r = roles.get(path)
+  if r is None:
+    r = next((v for k, v in roles.items() if k.split("/", 1)[-1] == path), None)
+  return r
+
+
+def contracting_axes(roles: dict[str, LeafRole], path: str) -> tuple[int, ...] | None:
+  """Contracted axes of the leaf at ``path`` (with or without the collection prefix)."""
+  r = lookup(roles, path)
+  return None if r is None else r.contracting
+
+
+def path_role(path: str, leaf: Any) -> str:
+  """Name-based fallback when no program is available (see :func:`jaxopt_dnn._tree.path_role`)."""
+  return _tree.path_role(path, leaf)

@@ -1,0 +1,835 @@
+"""The one step builder: any Flax model, the user's loss, any optax optimizer.
+
+A :class:`Trainer` composes the library's transforms around a user's model and loss
+into ONE jitted, sharded train step::
+
+  params ─► [QAT fake-quant: quant.qat] ─► [precision.Policy casts] ─► model ─► loss_fn
+     ▲            (masks in the optimizer state: sparsity.prune_optimizer)          │
+     └── optax update (masked) ◄── grads (unscaled, f32) ◄── loss (scaled, fp16) ◄──┘
+
+Linen: ``loss_fn(apply_fn, variables, batch, rng) -> loss | (loss, aux)``, where
+``apply_fn`` has ``model.apply``'s signature and already runs the transforms. NNX:
+``loss_fn(model, batch, rng)`` with ``model`` the transformed module in training mode.
+The user's loss never sees mutable collections (BatchNorm statistics, QAT activation
+ranges) or loss scaling: the step threads them. ``aux`` values come back as metrics.
+
+State is created where it lives: :meth:`Trainer.init` traces the initialisation with
+``jax.eval_shape``, derives every leaf's sharding (data parallel, FSDP, regex rules or
+the model's own logical-axis annotations) and runs ``jax.jit(init,
+out_shardings=...)``, optimizer state included. Nothing is gathered to one device or
+to the host; the step donates the state.
+
+A loss written in the global view is correct under any sharding: a token-weighted mean
+``sum(w * l) / sum(w)`` over a batch split across devices is the global ratio, because
+XLA reduces both sums over the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxopt_dnn import _tree
+from jaxopt_dnn import fold as fold_lib
+from jaxopt_dnn import parallel
+from jaxopt_dnn import precision as precision_lib
+from jaxopt_dnn import quant as quant_lib
+from jaxopt_dnn import sparsity as sparsity_lib
+
+PyTree = Any
+QUANT_STATS = "quant_stats"
+_NNX_AMAX = "quant_input_amax"
+
+
+# ----------------------------------------------------------------------- state
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; an ordinary pytree (checkpointable, shardable).
+
+  Attributes:
+    step: int32 scalar, number of completed optimizer steps.
+    params: the model's parameters (the paths of ``model.init(...)["params"]``, or of
+      ``nnx.state(model, nnx.Param)`` for NNX), unboxed, in the policy's param dtype.
+    opt_state: optax state (pruning masks live here).
+    rng: raw ``uint32[2]`` PRNG key data, split by every step.
+    collections: the model's other state, e.g. ``{"batch_stats": ..., "quant_stats":
+      ...}`` (linen collections; for NNX every non-``Param`` variable, PRNG keys as raw
+      key data).
+    loss_scale: ``None`` or a loss-scale pytree (:mod:`jaxopt_dnn.precision`).
+  """
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+  rng: jax.Array
+  collections: PyTree = flax.struct.field(default_factory=dict)
+  loss_scale: PyTree = None
+
+  @classmethod
+  def create(cls, params: PyTree, tx: optax.GradientTransformation, *, rng: Any = 0,
+             collections: PyTree | None = None, loss_scale: PyTree = None) -> TrainState:
+    """``step=0``, ``opt_state=tx.init(params)``; ``rng`` an int seed or a key."""
+    if isinstance(rng, int):
+      rng = jax.random.key(rng)
+    if jnp.issubdtype(jnp.asarray(rng).dtype, jax.dtypes.prng_key):
+      rng = jax.random.key_data(rng)
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+               rng=jnp.asarray(rng, jnp.uint32),
+               collections={} if collections is None else collections, loss_scale=loss_scale)
+
+  def apply_gradients(self, grads: PyTree, tx: optax.GradientTransformation,
+                      **changes) -> TrainState:
+    """One optax update; ``step += 1``; other fields replaced by ``changes``."""
+    updates, opt_state = tx.update(grads, self.opt_state, self.params)
+    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                        opt_state=opt_state, **changes)
+
+
+# --------------------------------------------------------------------- configs
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+  """Pruning inside the optimizer (:func:`sparsity.prune_optimizer`).
+
+  The sparsity follows ``schedule``: ``"constant"`` (``sparsity`` from ``begin``) or
+  ``"polynomial"`` (Zhu–Gupta cubic from 0 at ``begin`` to ``sparsity`` at ``end``).
+  Masks are recomputed every ``update_every`` steps until ``end`` (``None``: for a
+  constant schedule, only at ``begin``), then frozen.
+
+  Attributes:
+    method: ``magnitude`` | ``random`` | ``nm`` | ``channel``.
+    rules: regex over key paths of the leaves to prune (``None``: the library default).
+  """
+  method: str = "magnitude"
+  sparsity: float = 0.5
+  schedule: str = "constant"
+  begin: int = 0
+  end: int | None = None
+  update_every: int = 100
+  scope: str = "layer"
+  rules: Any = None
+  distribution: Any = "uniform"
+  n: int = 2
+  m: int = 4
+
+  def __post_init__(self):
+    if self.method not in ("magnitude", "random", "nm", "channel"):
+      raise ValueError(f"prune.method must be magnitude|random|nm|channel, got {self.method!r}")
+    if self.schedule not in ("constant", "polynomial"):
+      raise ValueError(f"prune.schedule must be constant|polynomial, got {self.schedule!r}")
+    for name in ("begin", "update_every"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "update_every" else 0):
+        raise ValueError(f"prune.{name} must be an int >= "
+                         f"{1 if name == 'update_every' else 0}, got {v!r}")
+    if self.end is not None and (not isinstance(self.end, int) or self.end <= self.begin):
+      raise ValueError(f"prune.end must be an int > begin={self.begin}, got {self.end!r}")
+    if self.schedule == "polynomial" and self.end is None:
+      raise ValueError("prune.schedule='polynomial' needs prune.end (the step at which the "
+                       "target sparsity is reached)")
+    if not isinstance(self.sparsity, (int, float)) or not 0.0 <= float(self.sparsity) < 1.0:
+      raise ValueError(f"prune.sparsity must be a float in [0, 1), got {self.sparsity!r}")
+
+  def optimizer(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` wrapped in :func:`sparsity.prune_optimizer` per this config."""
+    if self.schedule == "polynomial":
+      schedule = sparsity_lib.polynomial_schedule(0.0, self.sparsity, self.begin, self.end,
+                                                  frequency=self.update_every)
+    else:
+      schedule = sparsity_lib.constant_schedule(self.sparsity, self.begin)
+    until = self.begin if self.end is None else self.end
+    return sparsity_lib.prune_optimizer(
+        tx, schedule, method=self.method, scope=self.scope, update_every=self.update_every,
+        update_until=until, rules=self.rules, distribution=self.distribution, n=self.n,
+        m=self.m)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """Quantization: ``qat`` (fake-quant training, then int8 serving with the trained
+  activation ranges), ``ptq`` (int8 serving calibrated on ``calibration_batches``) or
+  ``none``. ``weight_only`` stores int ``bits`` weights and computes in float."""
+  mode: str = "none"
+  bits: int = 8
+  weight_only: bool = False
+  calibration: str = "absmax"
+  calibration_batches: int = 4
+  estimator: str = "ste"
+  rules: Any = None
+
+  def __post_init__(self):
+    if self.mode not in ("none", "ptq", "qat"):
+      raise ValueError(f"quant.mode must be none|ptq|qat, got {self.mode!r}")
+    if self.bits not in (4, 8) or isinstance(self.bits, bool):
+      raise ValueError(f"quant.bits must be 4 or 8, got {self.bits!r}")
+    if self.calibration not in ("absmax", "percentile", "mse"):
+      raise ValueError(f"quant.calibration must be absmax|percentile|mse, got "
+                       f"{self.calibration!r}")
+    if self.estimator not in ("ste", "int8_forward"):
+      raise ValueError(f"quant.estimator must be ste|int8_forward, got {self.estimator!r}")
+    if not isinstance(self.calibration_batches, int) or self.calibration_batches < 1:
+      raise ValueError(f"quant.calibration_batches must be an int >= 1, got "
+                       f"{self.calibration_batches!r}")
+
+
+def _config(value: Any, cls: type, name: str):
+  if value is None:
+    return None
+  if isinstance(value, cls):
+    return value
+  if isinstance(value, Mapping):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - fields)
+    if unknown:
+      raise ValueError(f"{name}: unknown keys {unknown}; valid: {sorted(fields)}")
+    return cls(**value)
+  raise TypeError(f"{name} must be None, a dict or a {cls.__name__}, got {value!r}")
+
+
+def _policy(value: Any) -> precision_lib.Policy | None:
+  if value is None:
+    return None
+  policy = precision_lib.Policy.from_string(value) if isinstance(value, str) else value
+  if not isinstance(policy, precision_lib.Policy):
+    raise TypeError(f"precision must be None, a Policy or a spec string, got {value!r}")
+  if all(d == jnp.float32 for d in (policy.param_dtype, policy.compute_dtype,
+                                    policy.output_dtype)):
+    return None
+  return policy
+
+
+def _loss_scale(value: Any, policy) -> Any:
+  if value is None:
+    return None
+  if isinstance(value, str):
+    if value == "static":
+      return precision_lib.StaticLossScale(jnp.float32(2.0 ** 15))
+    if value == "dynamic":
+      return precision_lib.DynamicLossScale(jnp.float32(2.0 ** 15))
+    raise ValueError(f"loss_scale must be None, 'static', 'dynamic' or a loss-scale object, "
+                     f"got {value!r}")
+  if not all(hasattr(value, a) for a in ("scale", "unscale", "adjust")):
+    raise TypeError(f"loss_scale must be None, 'static', 'dynamic' or a loss-scale object "
+                    f"(scale/unscale/adjust), got {value!r}")
+  return value
+
+
+# ------------------------------------------------------------------- sharding
+
+
+def _is_logical_rules(value: Any) -> bool:
+  return (isinstance(value, (tuple, list)) and len(value) > 0 and all(
+      isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str)
+      and (r[1] is None or isinstance(r[1], (str, tuple))) for r in value))
+
+
+def _fsdp_axis(mesh: Mesh) -> str | tuple[str, ...] | None:
+  """The mesh axis FSDP shards over: ``fsdp`` if it has > 1 device, else the batch axes."""
+  if mesh.shape.get("fsdp", 1) > 1:
+    return "fsdp"
+  axes = tuple(a for a in parallel.batch_axes(mesh) if mesh.shape[a] > 1)
+  return axes[0] if len(axes) == 1 else (axes or None)
+
+
+def _fsdp_shardings(params: PyTree, mesh: Mesh) -> PyTree:
+  axis = _fsdp_axis(mesh)
+  size = 1 if axis is None else int(np.prod([mesh.shape[a] for a in
+                                             (axis if isinstance(axis, tuple) else (axis,))]))
+
+  def one(x):
+    spec = parallel.fsdp_spec(np.shape(x), size, axis) if axis else P()
+    return NamedSharding(mesh, spec)
+  return jax.tree.map(one, params)
+
+
+def _logical_specs(boxed_params: PyTree, rules: Sequence[tuple[str, Any]], mesh: Mesh,
+                   nnx_state: Any = None) -> PyTree:
+  """Mesh ``PartitionSpec`` of every param from its logical-axis annotation.
+
+  linen: ``nn.LogicallyPartitioned`` / ``nn.Partitioned`` boxes; NNX: the variables'
+  ``out_sharding`` metadata. Unannotated leaves are replicated.
+  """
+  if nnx_state is not None:
+    names = nnx.get_partition_spec(nnx_state)
+    names = nnx.to_pure_dict(names)
+  else:
+    names = nn.get_partition_spec(boxed_params)
+  rules = tuple((str(k), v) for k, v in rules)
+  return jax.tree.map(lambda s: nn.logical_to_mesh_axes(tuple(s), rules)
+                      if isinstance(s, P) else P(), names,
+                      is_leaf=lambda s: isinstance(s, P))
+
+
+def _checked(specs: PyTree, params: PyTree, mesh: Mesh) -> PyTree:
+  out = []
+  leaves, treedef = jax.tree.flatten(params)
+  spec_leaves = treedef.flatten_up_to(specs)
+  for (path, x), spec in zip(_tree.leaves_with_paths(params), spec_leaves):
+    spec = parallel.check_spec(P(*spec), mesh, path, tuple(np.shape(x)))
+    out.append(NamedSharding(mesh, spec))
+  return jax.tree.unflatten(treedef, out)
+
+
+# ------------------------------------------------------------------- helpers
+
+
+def _as_host(tree: PyTree) -> PyTree:
+  """Numpy copies of the leaves (typed keys as raw key data): identical in every process."""
+  def one(x):
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+      return np.asarray(jax.random.key_data(x))
+    return np.asarray(x)
+  return jax.tree.map(one, tree)
+
+
+def _keys_to_data(tree: PyTree) -> tuple[PyTree, PyTree]:
+  """Typed PRNG key leaves -> raw ``uint32`` data, plus the impls to wrap them back."""
+  leaves, treedef = jax.tree.flatten(tree)
+  impls = [jax.random.key_impl(x) if jax.dtypes.issubdtype(getattr(x, "dtype", None),
+                                                           jax.dtypes.prng_key) else None
+           for x in leaves]
+  data = [jax.random.key_data(x) if i is not None else x for x, i in zip(leaves, impls)]
+  return jax.tree.unflatten(treedef, data), tuple(impls)
+
+
+def _data_to_keys(tree: PyTree, impls: tuple) -> PyTree:
+  leaves, treedef = jax.tree.flatten(tree)
+  return jax.tree.unflatten(treedef, [x if i is None else jax.random.wrap_key_data(x, impl=i)
+                                      for x, i in zip(leaves, impls)])
+
+
+def _cast_like(new: PyTree, old: PyTree) -> PyTree:
+  """``new`` with ``old``'s dtypes (statistics keep their stored dtype across steps)."""
+  return jax.tree.map(lambda n, o: n.astype(o.dtype) if hasattr(n, "astype") else n, new, old)
+
+
+def _split_loss(out: Any) -> tuple[jax.Array, dict]:
+  if isinstance(out, tuple):
+    if len(out) != 2 or not isinstance(out[1], Mapping):
+      raise TypeError("loss_fn must return a scalar loss or (loss, aux_dict), got a tuple of "
+                      f"{len(out)} with {type(out[-1]).__name__} last")
+    loss, aux = out
+  else:
+    loss, aux = out, {}
+  if jnp.ndim(loss) != 0:
+    raise ValueError(f"loss_fn must return a scalar loss, got shape {jnp.shape(loss)}")
+  return jnp.asarray(loss, jnp.float32), dict(aux)
+
+
+# ------------------------------------------------------------------- NNX glue
+
+
+_NORMS = (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm)
+
+
+@functools.lru_cache(maxsize=None)
+def _cast_call_class(cls: type, in_dtype: Any, out_dtype: Any) -> type:
+  """A subclass of ``cls`` whose ``__call__`` casts floating inputs / outputs."""
+  def cast(tree, dt):
+    if dt is None:
+      return tree
+    return jax.tree.map(lambda x: x.astype(dt) if isinstance(x, jax.Array | np.ndarray)
+                        and jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+  def __call__(self, *args, **kwargs):
+    out = cls.__call__(self, *cast(args, in_dtype), **cast(kwargs, in_dtype))
+    return cast(out, out_dtype)
+  return type(f"Policy{cls.__name__}", (cls,), {"__call__": __call__})
+
+
+def nnx_apply_policy(module: nnx.Module, policy: precision_lib.Policy) -> nnx.Module:
+  """Makes an NNX module (a fresh merge, mutated in place) compute in the policy's dtype.
+
+  The top module casts its floating inputs to ``compute_dtype`` and its outputs to
+  ``output_dtype``; submodules with an explicit floating ``dtype`` get
+  ``compute_dtype`` (norms keep theirs: their statistics stay float32) and norm outputs
+  are cast back to ``compute_dtype`` so the layers after them stay in it.
+  """
+  cd, od = policy.compute_dtype, policy.output_dtype
+  for _, node in list(nnx.iter_graph(module)):
+    if not isinstance(node, nnx.Module) or node is module:
+      continue
+    if isinstance(node, _NORMS):
+      node.__class__ = _cast_call_class(type(node), None, cd)
+    elif getattr(node, "dtype", None) is not None and jnp.issubdtype(node.dtype, jnp.floating):
+      object.__setattr__(node, "dtype", cd)
+  module.__class__ = _cast_call_class(type(module), cd, od)
+  return module
+
+
+def _nnx_stats(collections: Mapping) -> dict:
+  """NNX QAT ranges (``.../quant_input_amax``) as a ``quant_stats`` tree for int8_apply."""
+  flat = {p: v for p, v in _tree.leaves_with_paths(collections)}
+  ops = {p[: -len(_NNX_AMAX)].rstrip("/"): v for p, v in flat.items() if p.endswith(_NNX_AMAX)}
+  from jaxopt_dnn.quant.intercept import stats_tree
+  return stats_tree(ops)
+
+
+# --------------------------------------------------------------------- Trainer
+
+
+class Trainer:
+  """Prune, quantize, cast and shard any Flax model's training in one jitted step.
+
+  Args:
+    model: a ``flax.linen.Module`` or a ``flax.nnx.Module``.
+    loss_fn: linen ``loss_fn(apply_fn, variables, batch, rng)``; NNX ``loss_fn(model,
+      batch, rng)``; returns ``loss`` or ``(loss, aux_dict)``.
+    optimizer: any optax ``GradientTransformation``.
+    prune: ``None``, a :class:`PruneConfig` or its dict.
+    quant: ``None``, a :class:`QuantConfig` or its dict (``mode="qat"`` trains with
+      fake-quant; serving then runs int8 ops).
+    precision: ``None``, a :class:`~jaxopt_dnn.precision.Policy` or a spec string
+      (``"bf16"``, ``"params=float32,compute=bfloat16,output=float32"``).
+    loss_scale: ``None``, ``"static"``, ``"dynamic"`` or a loss-scale object.
+    mesh: a ``jax.sharding.Mesh``; default: every device on one ``data`` axis (for
+      ``sharding="fsdp"``: on the ``fsdp`` axis).
+    sharding: ``"data_parallel"`` (replicated params) | ``"fsdp"`` (each param split
+      along its largest divisible axis) | ``"replicated"`` | ``{regex: PartitionSpec}``
+      | logical-axis rules ``(("embed", "fsdp"), ("mlp", "tensor"), ...)`` applied to
+      the model's ``nn.with_logical_partitioning`` boxes / NNX sharding metadata.
+    eval_kwargs: keyword arguments for inference (``init`` and ``serve``), e.g.
+      ``{"train": False}``.
+    init_kwargs: keyword arguments for ``model.init`` (default: ``eval_kwargs``).
+    donate: donate the state to the step (default ``True``).
+  """
+
+  def __init__(self, model: Any, loss_fn: Callable, optimizer: optax.GradientTransformation,
+               *, prune: Any = None, quant: Any = None, precision: Any = None,
+               loss_scale: Any = None, mesh: Mesh | None = None,
+               sharding: Any = "data_parallel", eval_kwargs: Mapping | None = None,
+               init_kwargs: Mapping | None = None, donate: bool = True):
+    self.is_nnx = isinstance(model, nnx.Module)
+    if not self.is_nnx and not isinstance(model, nn.Module):
+      raise TypeError(f"Trainer: model must be a flax.linen.Module or a flax.nnx.Module, got "
+                      f"{type(model).__name__}")
+    if not callable(loss_fn):
+      raise TypeError(f"Trainer: loss_fn must be callable, got {loss_fn!r}")
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+      raise TypeError(f"Trainer: optimizer must be an optax GradientTransformation, got "
+                      f"{type(optimizer).__name__}")
+    if mesh is not None and not isinstance(mesh, Mesh):
+      raise TypeError(f"Trainer: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    self.model = model
+    self.loss_fn = loss_fn
+    self.prune = _config(prune, PruneConfig, "prune")
+    self.quant = _config(quant, QuantConfig, "quant") or QuantConfig()
+    self.policy = _policy(precision)
+    self.loss_scale = _loss_scale(loss_scale, self.policy)
+    self.eval_kwargs = dict(eval_kwargs or {})
+    self.init_kwargs = dict(self.eval_kwargs if init_kwargs is None else init_kwargs)
+    self.donate = donate
+    self.sharding = self._check_sharding(sharding)
+    if mesh is None:
+      n = len(jax.devices())
+      mesh = (parallel.make_mesh(data=1, fsdp=n) if sharding == "fsdp"
+              else parallel.make_mesh(data=n))
+    self.mesh = mesh
+    self.tx = self.prune.optimizer(optimizer) if self.prune else optimizer
+    self._qat = self.quant.mode == "qat"
+    if self.is_nnx:
+      self._setup_nnx()
+    else:
+      self._qat_model = (quant_lib.qat(model, self.quant.rules, bits=self.quant.bits,
+                                       estimator=self.quant.estimator) if self._qat else None)
+    self.state_sharding = None
+    self._step = None
+
+  @staticmethod
+  def _check_sharding(sharding):
+    if isinstance(sharding, str):
+      if sharding not in parallel.STRATEGIES:
+        raise ValueError(f"Trainer: sharding must be one of {parallel.STRATEGIES}, regex rules "
+                         f"or logical-axis rules, got {sharding!r}")
+      return sharding
+    if isinstance(sharding, Mapping) or _is_logical_rules(sharding):
+      return sharding
+    raise TypeError(f"Trainer: sharding must be a strategy name, a {{regex: PartitionSpec}} "
+                    f"dict or logical-axis rules ((name, mesh_axis), ...), got {sharding!r}")
+
+  # ---------------------------------------------------------------- linen forward
+  @property
+  def apply_fn(self) -> Callable:
+    """linen: the transformed ``model.apply`` the loss sees (QAT fake-quant, policy).
+
+    ``trainer.apply_fn({"params": state.params, **state.collections}, *inputs,
+    **trainer.eval_kwargs)`` is the simulated (fake-quant) inference forward.
+    """
+    if self.is_nnx:
+      raise TypeError("Trainer.apply_fn is for linen models; for NNX use "
+                      "trainer.module(state)")
+    return self._linen_apply
+
+  def module(self, state: TrainState, *, train: bool = False) -> nnx.Module:
+    """NNX: the transformed module (QAT hooks, policy) holding ``state``'s values."""
+    if not self.is_nnx:
+      raise TypeError("Trainer.module is for NNX models; for linen use trainer.apply_fn")
+    m = self._nnx_merge(state.params, state.collections)
+    m.train() if train else m.eval()
+    return m
+
+  def _linen_apply(self, variables, *args, **kwargs):
+    """``model.apply`` with the transforms (QAT fake-quant, then the policy)."""
+    fn = self._qat_model.apply if self._qat else self.model.apply
+    if self.policy is not None:
+      fn = precision_lib.with_policy(fn, self.policy)
+    return fn(variables, *args, **kwargs)
+
+  # ------------------------------------------------------------------- NNX setup
+  def _setup_nnx(self):
+    module = self.model
+    if self._qat:
+      module = quant_lib.qat(module, self.quant.rules, bits=self.quant.bits,
+                             estimator=self.quant.estimator)
+    self._nnx_module = module
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    self._graphdef = graphdef
+    self._param_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    self._rest_template = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), rest)
+    self._impls = _keys_to_data(nnx.to_pure_dict(rest))[1]
+
+  def _nnx_merge(self, params: PyTree, collections: PyTree, *,
+                 policy: bool = True) -> nnx.Module:
+    """A fresh module holding ``params`` and ``collections`` (the policy applied)."""
+    p = jax.tree.map(lambda x: x, self._param_template)
+    nnx.replace_by_pure_dict(p, params)
+    r = jax.tree.map(lambda x: x, self._rest_template)
+    if collections:
+      nnx.replace_by_pure_dict(r, _data_to_keys(collections, self._impls))
+    module = nnx.merge(self._graphdef, p, r)
+    if policy and self.policy is not None:
+      module = nnx_apply_policy(module, self.policy)
+    return module
+
+  def _nnx_split(self, module: nnx.Module) -> tuple[PyTree, PyTree]:
+    _, params, rest = nnx.split(module, nnx.Param, ...)
+    cols, _ = _keys_to_data(nnx.to_pure_dict(rest))
+    return nnx.to_pure_dict(params), cols
+
+  # ------------------------------------------------------------------------ init
+  def _init_model(self, key_data, variables, *inputs):
+    """Pure model init: ``(raw key, variables or None, inputs) -> ((params, collections,
+    rng), boxed variables or None)``.
+
+    ``variables`` (linen ``{"params": ..., "batch_stats": ...}``; NNX ``{"params": ...}``)
+    start from given values (e.g. a trained baseline) instead of the initialisers.
+    """
+    key = jax.random.wrap_key_data(key_data)
+    k_params, k_drop, k_state = jax.random.split(key, 3)
+    boxed = None
+    if self.is_nnx:
+      params, cols = self._nnx_split(self._nnx_module)
+      if variables is not None:
+        params = variables["params"]
+    else:
+      if variables is None:
+        fn = self._qat_model.init if self._qat else self.model.init
+        boxed = fn({"params": k_params, "dropout": k_drop}, *inputs, **self.init_kwargs)
+        variables = boxed
+      variables = dict(nn.meta.unbox(variables))
+      params = variables.pop("params")
+      cols = {k: v for k, v in variables.items() if k != QUANT_STATS}
+      if self._qat:
+        _, upd = self._qat_model.apply({"params": params, **cols}, *inputs,
+                                       mutable=[QUANT_STATS], **self.init_kwargs)
+        cols[QUANT_STATS] = jax.tree.map(lambda x: x.astype(jnp.float32), upd[QUANT_STATS])
+    if self.policy is not None:
+      params = self.policy.cast_to_param(params)
+    return (params, cols, jax.random.key_data(k_state)), boxed
+
+  def _init_state(self, params, cols, rng) -> TrainState:
+    """The train state around initial params: ``opt_state = tx.init(params)``."""
+    return TrainState.create(params, self.tx, rng=rng, collections=cols,
+                             loss_scale=self.loss_scale)
+
+  def _param_shardings(self, abstract_params, boxed) -> PyTree:
+    s = self.sharding
+    if isinstance(s, str):
+      if s == "fsdp":
+        return _fsdp_shardings(abstract_params, self.mesh)
+      return parallel.param_shardings(abstract_params, self.mesh, "replicated")
+    if isinstance(s, Mapping):
+      return parallel.param_shardings(abstract_params, self.mesh, "replicated", rules=s)
+    if self.is_nnx:
+      specs = _logical_specs(None, s, self.mesh, nnx.state(self._nnx_module, nnx.Param))
+    elif boxed is None:
+      raise ValueError("Trainer: logical-axis sharding rules need the model's annotations "
+                       "(nn.with_logical_partitioning boxes)")
+    else:
+      specs = _logical_specs(boxed["params"], s, self.mesh)
+    return _checked(specs, abstract_params, self.mesh)
+
+  def init(self, key: Any, *sample_inputs: Any, variables: PyTree | None = None) -> TrainState:
+    """The initial :class:`TrainState`, created directly with its shardings.
+
+    Args:
+      key: a PRNG key (``jax.random.key(0)``) or an int seed.
+      *sample_inputs: model inputs, as for ``model.init`` (only shapes matter). Every
+        process passes the same values.
+      variables: start from these variables (linen: ``{"params": ..., <collections>}``,
+        boxed or not; NNX: ``{"params": nnx pure dict}``) instead of initialising; they
+        are copied (never donated) onto the state's shardings.
+    """
+    if isinstance(key, int):
+      key = jax.random.key(key)
+    if not jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+      raise TypeError(f"Trainer.init: key must be a typed PRNG key (jax.random.key) or an int, "
+                      f"got {key!r}")
+    key_np = np.asarray(jax.random.key_data(key))
+    inputs = _as_host(sample_inputs)
+    if variables is not None:
+      if not isinstance(variables, Mapping) or "params" not in variables:
+        raise TypeError("Trainer.init: variables must be a mapping with a 'params' entry, got "
+                        f"{type(variables).__name__}")
+      variables = _as_host(dict(variables))
+    abstract_model, boxed = jax.eval_shape(self._init_model, key_np, variables, *inputs)
+    abstract_state = jax.eval_shape(self._init_state, *abstract_model)
+    if boxed is None and variables is not None and not self.is_nnx:
+      boxed = variables
+    param_sh = self._param_shardings(abstract_state.params, boxed)
+    self.state_sharding = parallel.like_params(abstract_state, abstract_state.params, param_sh)
+    sh = self.state_sharding
+    # Two programs: the model's init (params, with its RNG temporaries), then the optimizer
+    # state around the donated params, so the RNG temporaries and the moments never
+    # coexist: the peak stays near params + moments.
+    with jax.set_mesh(self.mesh):
+      if self.is_nnx and variables is None:   # the module holds its values: place them
+        model_vars = _as_host(self._init_model(key_np, None)[0])
+        self._init_jit = None
+      else:
+        init = jax.jit(lambda k, v, *x: self._init_model(k, v, *x)[0],
+                       out_shardings=(sh.params, sh.collections, sh.rng))
+        model_vars = init(key_np, variables, *inputs)
+        self._init_jit = (init, (key_np, variables, *inputs))
+      donate = () if self._init_jit is None else (0, 1)   # host values cannot be donated
+      state = jax.jit(self._init_state, out_shardings=sh, donate_argnums=donate)(*model_vars)
+    self._step = None
+    return state
+
+  def lower_init(self) -> Any:
+    """The lowered model init of the last :meth:`init` (linen): its
+    ``.compile().as_text()`` shows that every leaf is created at its per-device shape."""
+    if getattr(self, "_init_jit", None) is None:
+      raise ValueError("Trainer.lower_init: call init() first (linen models)")
+    init, args = self._init_jit
+    with jax.set_mesh(self.mesh):
+      return init.lower(*args)
+
+  # ------------------------------------------------------------------------ step
+  def _loss_and_updates(self, params, state: TrainState, batch, rng):
+    """``(loss, (aux, collection updates))`` of the user's loss at ``params``."""
+    if self.is_nnx:
+      module = self._nnx_merge(params, state.collections)
+      module.train()
+      loss, aux = _split_loss(self.loss_fn(module, batch, rng))
+      return loss, (aux, self._nnx_split(module)[1])
+
+    box: dict[str, Any] = {}
+    cols = state.collections
+    drop = jax.random.fold_in(rng, 0)
+
+    def apply_fn(variables, *args, **kwargs):
+      if "mutable" in kwargs:        # the user manages collections explicitly
+        return self._linen_apply(variables, *args, **kwargs)
+      kwargs.setdefault("rngs", {"dropout": drop})
+      mutable = [c for c in variables if c != "params" and c in cols]
+      if not mutable:
+        return self._linen_apply(variables, *args, **kwargs)
+      out, upd = self._linen_apply(variables, *args, mutable=mutable, **kwargs)
+      box["updates"] = upd
+      return out
+
+    loss, aux = _split_loss(self.loss_fn(apply_fn, {"params": params, **cols}, batch, rng))
+    return loss, (aux, dict(box.get("updates", {})))
+
+  def _step_fn(self, state: TrainState, batch):
+    key = jax.random.wrap_key_data(state.rng)
+    next_key, rng = jax.random.split(key)
+    fn = functools.partial(self._loss_and_updates, state=state, batch=batch, rng=rng)
+    ls = state.loss_scale
+    if ls is None:
+      (loss, (aux, upd)), grads = jax.value_and_grad(fn, has_aux=True)(state.params)
+      updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+      params, new_ls, finite = optax.apply_updates(state.params, updates), None, None
+    else:
+      (loss, (aux, upd)), grads = precision_lib.value_and_grad(fn, has_aux=True)(
+          ls, state.params)
+      g = precision_lib.guarded_update(self.tx, grads, state.opt_state, state.params, ls)
+      params, opt_state, new_ls, finite = g.params, g.opt_state, g.loss_scale, g.grads_finite
+    cols = dict(state.collections)
+    for k, v in upd.items():
+      if k in cols:
+        cols[k] = _cast_like(v, cols[k])
+    metrics = {"loss": loss, **aux}
+    if finite is not None:
+      metrics["grads_finite"] = finite.astype(jnp.float32)
+      metrics["loss_scale"] = jnp.asarray(new_ls.loss_scale, jnp.float32)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                        rng=jax.random.key_data(next_key), collections=cols, loss_scale=new_ls)
+    return new, metrics
+
+  def place_batch(self, batch: PyTree) -> PyTree:
+    """A host batch -> global arrays split over the mesh's batch axes.
+
+    Single process: ``batch`` is the global batch. Several processes: each passes its
+    own slice (``jax.make_array_from_process_local_data``). Leaves that already are
+    ``jax.Array``s with the batch sharding pass through.
+    """
+    sh = parallel.batch_sharding(self.mesh)
+    leaves = jax.tree.leaves(batch)
+    if leaves and all(isinstance(x, jax.Array) and x.sharding == sh for x in leaves):
+      return batch
+    if jax.process_count() > 1:
+      return parallel.process_local_batch_to_global(batch, self.mesh)
+    return parallel.shard_batch(batch, self.mesh)
+
+  def step(self, state: TrainState, batch: PyTree) -> tuple[TrainState, dict]:
+    """One optimizer step: ``(state, batch) -> (state, metrics)`` (``metrics`` replicated)."""
+    return self._compiled_step()(state, self.place_batch(batch))
+
+  def _compiled_step(self) -> Callable:
+    if self.state_sharding is None:
+      raise ValueError("Trainer: call trainer.init(key, *sample_inputs) first (it creates "
+                       "the state and its shardings)")
+    if self._step is None:   # state in/out with its shardings (donated), batch split
+      self._step = parallel.data_parallel_step(self._step_fn, self.mesh, self.state_sharding,
+                                               donate=self.donate)
+    return self._step
+
+  @property
+  def jitted_step(self) -> Callable:
+    """The jitted ``(state, placed batch) -> (state, metrics)``; ``.lower(...)`` for reports
+    (call it inside ``jax.set_mesh(trainer.mesh)``)."""
+    return self._compiled_step().jitted
+
+  # ----------------------------------------------------------------------- serve
+  def serve(self, state: TrainState, calibration_batches: Iterable[Any] = (), *,
+            fold_batchnorm: bool = False) -> tuple[Callable, PyTree]:
+    """The serving function of a trained state: ``serve_fn(serve_vars, *inputs)``.
+
+    Runs what training simulated: int8 ops (``s8 x s8 -> s32``) with the QAT ranges or,
+    for ``quant.mode="ptq"``, ranges calibrated on ``calibration_batches`` (tuples of
+    model inputs); otherwise the policy's compute dtype (weights stored in it). Pruned
+    weights are already zero in ``state.params``. ``fold_batchnorm`` (linen) folds
+    inference-mode BatchNorm into the preceding layer first (needs one calibration
+    batch to trace the model).
+
+    Returns:
+      ``(serve_fn, serve_vars)``; ``serve_fn`` is jitted and returns ``output_dtype``
+      (float32 by default).
+    """
+    if self.is_nnx:
+      return self._serve_nnx(state, calibration_batches)
+    cols = {k: v for k, v in state.collections.items() if k != QUANT_STATS}
+    variables = {"params": state.params, **cols}
+    model, kw = self.model, self.eval_kwargs
+    calibration_batches = list(calibration_batches)
+    if fold_batchnorm and cols.get("batch_stats"):
+      if not calibration_batches:
+        raise ValueError("Trainer.serve(fold_batchnorm=True) needs one calibration batch to "
+                         "trace the model")
+      sample = calibration_batches[0]
+      folded = fold_lib.batchnorm(jax.device_get(variables), model=model,
+                                  sample=sample[0] if isinstance(sample, tuple) else sample,
+                                  apply_kwargs=kw)
+      variables, model = folded.variables, folded.model
+    q = self.quant
+    out_dtype = jnp.float32 if self.policy is None else self.policy.output_dtype
+    if q.mode == "none":
+      fwd = model.apply
+      if self.policy is not None:
+        fwd = precision_lib.with_policy(model.apply, self.policy)
+        variables = self.policy.cast_to_compute(variables)
+      fn = jax.jit(lambda v, *x: fwd(v, *x, **kw).astype(out_dtype))
+      return fn, variables
+    if q.mode == "qat":
+      stats = state.collections[QUANT_STATS]
+    elif q.weight_only:
+      stats = None
+    else:
+      if not calibration_batches:
+        raise ValueError("Trainer.serve: quant.mode='ptq' needs calibration_batches (tuples "
+                         "of model inputs)")
+      stats = quant_lib.calibrate(lambda v, *x: model.apply(v, *x, **kw), variables,
+                                  calibration_batches, method=q.calibration, rules=q.rules,
+                                  max_batches=q.calibration_batches)
+    qvars = {**variables, "params": quant_lib.quantize_params(variables["params"], q.rules,
+                                                              bits=q.bits)}
+    if stats is not None:
+      qvars[QUANT_STATS] = stats
+
+    def fn(v, *x):
+      out = quant_lib.int8_apply(model, v, None, *x, rules=q.rules, bits=q.bits,
+                                 weight_only=q.weight_only, **kw)
+      return out.astype(out_dtype)
+    return jax.jit(fn), qvars
+
+  def _serve_nnx(self, state: TrainState, calibration_batches):
+    q = self.quant
+    out_dtype = jnp.float32 if self.policy is None else self.policy.output_dtype
+    if q.mode == "none":
+      params = state.params if self.policy is None else self.policy.cast_to_compute(state.params)
+      variables = {"params": params, "collections": state.collections}
+
+      def fn(v, *x):
+        m = self._nnx_merge(v["params"], v["collections"])
+        m.eval()
+        return m(*x).astype(out_dtype)
+      return jax.jit(fn), variables
+    # int8: the user's module (no QAT hooks) with the trained non-param state
+    plain_cols = _drop_leaves(state.collections, _NNX_AMAX)
+    if q.mode == "qat":
+      stats = _nnx_stats(state.collections)
+    elif q.weight_only:
+      stats = None
+    else:
+      calib = self._nnx_plain(state.params, plain_cols)
+      calib.eval()
+      stats = quant_lib.calibrate(lambda m, *x: m(*x), calib, list(calibration_batches),
+                                  method=q.calibration, rules=q.rules,
+                                  max_batches=q.calibration_batches)
+    qvars = {"params": quant_lib.quantize_params(state.params, q.rules, bits=q.bits),
+             "collections": plain_cols}
+    if stats is not None:
+      qvars[QUANT_STATS] = stats
+
+    def fn(v, *x):
+      base = self._nnx_plain(quant_lib.dequantize_params(v["params"]), v["collections"])
+      base.eval()
+      out = quant_lib.int8_apply(base, v["params"], v.get(QUANT_STATS), *x, rules=q.rules,
+                                 bits=q.bits, weight_only=q.weight_only)
+      return out.astype(out_dtype)
+    return jax.jit(fn), qvars
+
+  def _nnx_plain(self, params: PyTree, collections: PyTree) -> nnx.Module:
+    """The user's own module (no QAT hooks) holding ``params`` and ``collections``."""
+    graphdef, p, r = nnx.split(self.model, nnx.Param, ...)
+    impls = _keys_to_data(nnx.to_pure_dict(r))[1]
+    p = jax.tree.map(lambda x: x, p)
+    r = jax.tree.map(lambda x: x, r)
+    nnx.replace_by_pure_dict(p, params)
+    if collections:
+      nnx.replace_by_pure_dict(r, _data_to_keys(collections, impls))
+    return nnx.merge(graphdef, p, r)
+
+
+def _drop_leaves(tree: Mapping, name: str) -> dict:
+  """A nested dict without the leaves whose key is ``name``."""
+  flat = traverse_util.flatten_dict(dict(tree))
+  return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k[-1] != name})

@@ -1,0 +1,159 @@
+"""jd.auto: multiple-choice knapsack, per-layer sensitivity, budgeted plans."""
+
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxopt_dnn as jd
+from jaxopt_dnn import quant
+from jaxopt_dnn.auto import knapsack
+
+
+def _brute(costs, values, cap):
+  best = None
+  for picks in itertools.product(*[range(len(c)) for c in costs]):
+    c = sum(costs[i][k] for i, k in enumerate(picks))
+    v = sum(values[i][k] for i, k in enumerate(picks))
+    if c <= cap and (best is None or v < best - 1e-12):
+      best = v
+  return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_knapsack_matches_brute_force(seed):
+  rng = np.random.default_rng(seed)
+  items, opts = rng.integers(1, 5), rng.integers(1, 4)
+  costs = rng.integers(0, 9, (items, opts)).tolist()
+  values = rng.random((items, opts)).round(3).tolist()
+  cap = int(rng.integers(0, 9 * items))
+  got = knapsack.solve(costs, values, cap)
+  want = _brute(costs, values, cap)
+  if want is None:
+    assert got is None
+  else:
+    picks, total = got
+    assert sum(costs[i][k] for i, k in enumerate(picks)) <= cap
+    assert total == pytest.approx(want) == pytest.approx(
+        sum(values[i][k] for i, k in enumerate(picks)))
+
+
+def test_knapsack_is_monotone_in_the_budget():
+  rng = np.random.default_rng(0)
+  costs = rng.integers(1, 20, (12, 4)).tolist()
+  values = rng.random((12, 4)).tolist()
+  totals = [knapsack.solve(costs, values, c) for c in range(0, 240)]
+  found = [t[1] for t in totals if t is not None]
+  assert found and all(b <= a + 1e-12 for a, b in zip(found, found[1:]))
+  with pytest.raises(ValueError, match="item 0"):
+    knapsack.solve([[1, 2]], [[0.1]], 3)
+
+
+class _MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for i, w in enumerate((96, 64, 96)):
+      x = nn.gelu(nn.Dense(w, name=f"fc{i}")(x))
+    return nn.Dense(10, name="head")(x)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+  model = _MLP()
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(64, 48)).astype(np.float32)
+  variables = model.init(jax.random.key(0), x[:1])
+  # heavier-tailed weights in one layer: it must come out as the most sensitive
+  p = jax.tree.map(np.asarray, variables["params"])
+  p["fc1"]["kernel"] = (p["fc1"]["kernel"] * rng.standard_t(2, p["fc1"]["kernel"].shape) * 0.5
+                        ).astype(np.float32)
+  variables = {"params": p}
+  batches = [(x[i:i + 16],) for i in range(0, 64, 16)]
+  sens = jd.auto.sensitivity(model.apply, variables, batches,
+                             candidates=["int4", "int8", "16-bit"], method="rtn")
+  return model, variables, batches, sens
+
+
+def test_sensitivity_is_the_direct_single_layer_measurement(mlp):
+  model, variables, batches, sens = mlp
+  assert sens.layers == ["fc0/kernel", "fc1/kernel", "fc2/kernel", "head/kernel"]
+  ref = [model.apply(variables, *b) for b in batches]
+  p = variables["params"]
+  qk = quant.dequantize(quant.quantize_params(p, r"^fc1/kernel$", bits=4)["fc1"]["kernel"])
+  swapped = {**p, "fc1": {**p["fc1"], "kernel": np.asarray(qk)}}
+  direct = np.mean([float(jd.auto.output_distortion(model.apply({"params": swapped}, *b), r))
+                    for b, r in zip(batches, ref)])
+  assert sens.values["fc1/kernel"]["int4"] == pytest.approx(direct, rel=1e-4)
+  for layer in sens.layers:   # more bits, less distortion
+    v = sens.values[layer]
+    assert v["int4"] > v["int8"] > v["16-bit"] >= 0
+  assert max(sens.layers, key=lambda l: sens.values[l]["int4"]) == "fc1/kernel"
+
+
+def test_plans_respect_the_budget_improve_with_it_and_predict_the_measurement(mlp):
+  model, variables, batches, sens = mlp
+  plans = [jd.auto.search(model.apply, variables, batches, bits_per_weight=b, sens=sens,
+                          method="rtn", verify=True) for b in (5.0, 6.0, 8.5, 12.0)]
+  for b, plan in zip((5.0, 6.0, 8.5, 12.0), plans):
+    assert plan.bits_per_weight <= b
+    # the achieved bits are those of the realised tree (values + scales)
+    realised = plan.apply(model.apply, variables, batches)
+    stored = sum(jd.auto.stored_bits(x) for p, x in
+                 jax.tree_util.tree_flatten_with_path(realised, is_leaf=quant.is_qarray)[0]
+                 if jax.tree_util.keystr(p, simple=True, separator="/") in plan.choices)
+    assert stored == pytest.approx(plan.bits_per_weight * sum(plan.sizes.values()))
+    assert "fc1/kernel" in str(plan) and "bits/weight" in str(plan)
+  preds = [p.predicted for p in plans]
+  assert all(b <= a for a, b in zip(preds, preds[1:]))
+  # the most sensitive layer gets more bits than a uniform split would give it
+  assert plans[1].choices["fc1/kernel"] != "int4"
+  # additivity: predicted vs measured rank the plans the same way
+  meas = [p.measured for p in plans]
+  assert np.argsort(preds).tolist() == np.argsort(meas).tolist()
+  # uniform int4 for comparison: the 6-bit plan is better than uniform int4 (4.5 bits)
+  uniform = jd.auto.Plan({l: "int4" for l in sens.layers}, sens.candidates, sens.values,
+                         sens.bits, sens.sizes, "rtn", sum(sens.values[l]["int4"]
+                                                           for l in sens.layers))
+  assert plans[1].measured < uniform.verify(model.apply, variables, batches)
+  with pytest.raises(ValueError, match="below the cheapest plan"):
+    jd.auto.search(model.apply, variables, batches, bits_per_weight=2.0, sens=sens)
+
+
+def test_quality_target_gives_the_smallest_plan_meeting_it(mlp):
+  model, variables, batches, sens = mlp
+  target = 1e-3
+  plan = jd.auto.search(model.apply, variables, batches, target=target, sens=sens,
+                        method="rtn")
+  assert plan.measured <= target
+  cheaper = jd.auto.search(model.apply, variables, batches, sens=sens, method="rtn",
+                           bits_per_weight=plan.bits_per_weight - 0.5, verify=True)
+  assert cheaper.measured > target or cheaper.bits_per_weight >= plan.bits_per_weight - 0.5
+  by_bytes = jd.auto.search(model.apply, variables, batches, sens=sens, method="rtn",
+                            bits_per_weight=None, budget_bytes=plan.bytes)
+  assert by_bytes.bytes <= plan.bytes
+
+
+def test_nnx_module_in_place_of_apply_fn():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.a = nnx.Linear(16, 32, rngs=rngs)
+      self.b = nnx.Linear(32, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.b(jax.nn.relu(self.a(x)))
+
+  net = Net(nnx.Rngs(0))
+  params = nnx.to_pure_dict(nnx.state(net, nnx.Param))
+  x = np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32)
+  plan = jd.auto.search(net, params, [(x,)], bits_per_weight=9.0, method="rtn",
+                        candidates=["int4", "int8", "16-bit"], verify=True)
+  assert set(plan.choices) == {"a/kernel", "b/kernel"} and plan.bits_per_weight <= 9.0
+  assert plan.measured is not None and plan.measured < 0.05
+  with pytest.raises(ValueError, match="unknown candidate"):
+    jd.auto.search(net, params, [(x,)], candidates=["int3"], method="rtn")
+  with pytest.raises(ValueError, match="method"):
+    jd.auto.search(net, params, [(x,)], method="magic")
