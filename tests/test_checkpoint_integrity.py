@@ -12,6 +12,7 @@ import pytest
 
 from jaxopt_dnn import checkpoint
 from jaxopt_dnn.app import models, train
+from jaxopt_dnn.trainer import Trainer
 
 MODEL = models.MLP(features=(16,))
 TX = optax.adam(3e-3)
@@ -19,8 +20,8 @@ TX = optax.adam(3e-3)
 
 @pytest.fixture(scope="module")
 def setup(digits):
-  params = MODEL.init(jax.random.key(0), digits.x_train[:1])["params"]
-  return train.TrainState.create(params, TX, rng=0), train.classifier_step(MODEL.apply, TX)
+  trainer = Trainer(MODEL, train.classification_loss, TX, donate=False)
+  return trainer.init(jax.random.key(0), digits.x_train[:1]), trainer.step
 
 
 def _equal(a, b):
