@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxopt_dnn import _table
 from jaxopt_dnn._hlo import DotCensus, census_from_hlo, dot_census  # noqa: F401  (re-export)
 
 __all__ = ["CompileReport", "analyze", "dot_census", "export", "load_exported",
@@ -131,11 +132,7 @@ class CompileReport:
       for kind, table in (("dot", census.dots), ("conv", census.convs)):
         for sig, c in sorted(table.items()):
           rows.append((f"{label} {kind} {sig}", str(c)))
-    width = max(len(k) for k, _ in rows)
-    vwidth = max(len(v) for _, v in rows)
-    line = "+" + "-" * (width + 2) + "+" + "-" * (vwidth + 2) + "+"
-    out = [line] + [f"| {k:<{width}} | {v:>{vwidth}} |" for k, v in rows] + [line]
-    return "\n".join(out)
+    return _table.render(("compiled program", "value"), rows, right=(1,))
 
 
 def _cost(compiled: Any) -> dict[str, float]:

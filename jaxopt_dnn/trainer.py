@@ -507,13 +507,16 @@ class Trainer:
   def _nnx_merge(self, params: PyTree, collections: PyTree, *,
                  policy: bool = True) -> nnx.Module:
     """A fresh module holding ``params`` and ``collections`` (the policy applied)."""
+    use_policy = policy and self.policy is not None
+    if use_policy:   # norm parameters keep float32 (the policy's path exceptions)
+      params = self.policy.cast_to_compute(params)
     p = jax.tree.map(lambda x: x, self._param_template)
     nnx.replace_by_pure_dict(p, params)
     r = jax.tree.map(lambda x: x, self._rest_template)
     if collections:
       nnx.replace_by_pure_dict(r, _data_to_keys(collections, self._impls))
     module = nnx.merge(self._graphdef, p, r)
-    if policy and self.policy is not None:
+    if use_policy:
       module = nnx_apply_policy(module, self.policy)
     return module
 

@@ -115,10 +115,13 @@ def test_plans_respect_the_budget_improve_with_it_and_predict_the_measurement(ml
   meas = [p.measured for p in plans]
   assert np.argsort(preds).tolist() == np.argsort(meas).tolist()
   # uniform int4 for comparison: the 6-bit plan is better than uniform int4 (4.5 bits)
-  uniform = jd.auto.Plan({l: "int4" for l in sens.layers}, sens.candidates, sens.values,
-                         sens.bits, sens.sizes, "rtn", sum(sens.values[l]["int4"]
-                                                           for l in sens.layers))
+  uniform = sens.uniform("int4")
   assert plans[1].measured < uniform.verify(model.apply, variables, batches)
+  # the reused leaves are what the method gives when run again on those layers only (RTN)
+  fresh = plans[1].apply(model.apply, variables, batches, reuse=False)
+  reused = plans[1].apply(model.apply, variables, batches)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               fresh, reused)
   with pytest.raises(ValueError, match="below the cheapest plan"):
     jd.auto.search(model.apply, variables, batches, bits_per_weight=2.0, sens=sens)
 

@@ -142,3 +142,37 @@ def test_load_tfds_real_package_without_download(tmp_path):
   pytest.importorskip("tensorflow_datasets")
   with pytest.raises(FileNotFoundError, match="not prepared"):
     data.load_tfds("mnist", data_dir=str(tmp_path))
+
+
+def test_mnist1d_is_generated_deterministically_never_downloaded(monkeypatch):
+  """MNIST-1D comes from the package's generator: the standard 4000/1000 split, balanced
+  classes, the same arrays every time, no network, and NumPy's global RNG left alone."""
+  import socket
+
+  import requests
+
+  def no_network(*a, **k):
+    raise AssertionError("MNIST-1D must be generated, not downloaded")
+  monkeypatch.setattr(requests, "get", no_network)
+  monkeypatch.setattr(socket, "create_connection", no_network)
+  monkeypatch.setattr(data, "_MNIST1D_CACHE", {})
+  np.random.seed(123)
+  before = np.random.get_state()[1].copy()
+  ds = data.load_dataset("mnist1d")
+  np.testing.assert_array_equal(np.random.get_state()[1], before)
+  assert ds.name == "mnist1d" and ds.num_classes == 10
+  assert ds.x_train.shape == (4000, 40, 1) and ds.x_test.shape == (1000, 40, 1)
+  assert ds.x_train.dtype == np.float32 and ds.y_test.dtype == np.int32
+  counts = np.bincount(ds.y_test, minlength=10)
+  assert counts.sum() == 1000 and counts.min() >= 80       # all ten classes, near balanced
+  assert abs(float(ds.x_train.mean())) < 0.1 and 0.8 < float(ds.x_train.std()) < 1.2
+  monkeypatch.setattr(data, "_MNIST1D_CACHE", {})          # regenerate from scratch
+  again = data.load_mnist1d()
+  np.testing.assert_array_equal(again.x_test, ds.x_test)
+  np.testing.assert_array_equal(again.y_train, ds.y_train)
+  other = data.load_mnist1d(num_samples=200, seed=1)
+  assert other.x_test.shape == (40, 40, 1) and not np.array_equal(other.x_train[:5], ds.x_train[:5])
+  with pytest.raises(ValueError, match="num_samples"):
+    data.load_mnist1d(num_samples=3)
+  with pytest.raises(ValueError, match="train_split"):
+    data.load_mnist1d(train_split=1.5)

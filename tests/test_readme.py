@@ -28,3 +28,18 @@ def test_readme_has_exactly_two_setup_commands():
   assert len(commands) == 2 and all(c.count("\n") == 1 for c in commands)
   ci = (pathlib.Path(__file__).parent.parent / ".ci" / "run").read_text()
   assert commands[1].strip() in ci     # CI runs exactly the README's test command
+
+
+def test_readme_model_factory_example_runs(tmp_path, monkeypatch, capsys):
+  """The `--model package.module:factory` example of the README, as written."""
+  from jaxopt_dnn.app import cli
+  text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+  section = text.split("**Your model.**", 1)[1]
+  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  (tmp_path / "my_net.py").write_text(code)
+  monkeypatch.chdir(tmp_path)
+  assert "jaxopt-dnn compress --model my_net:make" in section
+  out = tmp_path / "run"
+  assert cli.main(["compress", "--model", "my_net:make", "--steps", "4", "--variants",
+                   "baseline,int8_ptq", "--out", str(out)]) == 0
+  assert "int8_ptq" in capsys.readouterr().out and (out / "results.json").exists()

@@ -55,7 +55,17 @@ def test_composed_lm_step_fsdp_8_devices_agrees_with_1_device_and_serves_int8():
   # 1 device and 8 devices agree (bf16 compute: loose tolerances, same trajectory)
   for a, b in zip(runs["1"][2], history):
     assert abs(a["loss"] - b["loss"]) < 2e-2 * abs(a["loss"])
-  _close(runs["1"][1].params, jax.device_get(state.params), atol=2e-2)
+  # Same trajectory: the two runs differ by much less than what training moved. (Not
+  # elementwise: bf16 reductions in another order change near-zero gradients, e.g. of the
+  # key bias, which softmax ignores, and Adam turns their noise into full-size steps; the
+  # fp32 test below checks exact agreement.)
+  init = jax.device_get(_composed_lm(_mesh1(), "data_parallel")[1].params)
+  one = jax.device_get(runs["1"][1].params)
+  moved = np.sqrt(sum(np.sum((np.asarray(a) - np.asarray(b)) ** 2)
+                      for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(init))))
+  apart = np.sqrt(sum(np.sum((np.asarray(a) - np.asarray(b)) ** 2)
+                      for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(state.params))))
+  assert apart < 0.2 * moved, (apart, moved)
   # exact sparsity on every pruned leaf, biases / embeddings / norms untouched
   for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
     name = jax.tree_util.keystr(path, simple=True, separator="/")
@@ -293,3 +303,21 @@ def test_trainer_rejects_bad_arguments_by_name():
     trainer.step(state, zoo.lm_batch(0))
   with pytest.raises(ValueError, match="not divisible"):
     trainer.step(state, {k: v[:3] for k, v in zoo.lm_batch(0).items()})
+
+
+@pytest.mark.parametrize("case", ["linen_lm", "nnx_gemma"])
+def test_bf16_policy_puts_every_dot_of_the_train_step_in_bf16(case):
+  """Forward and backward, including layers written with an explicit dtype=float32."""
+  from jaxopt_dnn import precision
+  if case == "linen_lm":
+    (model, sample, make), loss, kw = zoo.lm_case(), zoo.next_token_loss, {
+        "eval_kwargs": {"train": False}}
+  else:
+    (model, sample, make), loss, kw = zoo.nnx_gemma_case(), zoo.nnx_next_token_loss, {}
+  trainer = jd.Trainer(model, loss, optax.adam(1e-3), precision="bf16", mesh=_mesh1(), **kw)
+  state = trainer.init(jax.random.key(0), *sample)
+  with jax.set_mesh(trainer.mesh):
+    census = precision.compute_census(trainer.jitted_step, state,
+                                      trainer.place_batch(make(0)), policy="bf16")
+  assert census.ok and sum(census.ops.values()) > 20, census.summary()
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))

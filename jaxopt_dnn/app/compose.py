@@ -137,9 +137,21 @@ def classification_or_distill_loss(recipe: Recipe, teacher: tuple[Any, PyTree] |
   return loss
 
 
+def logits_loss(loss_fn: Callable) -> Callable:
+  """A ``(logits, labels) -> scalar`` loss as a Trainer loss (accuracy as ``aux``)."""
+  def loss(apply_fn, variables, batch, rng):
+    del rng
+    x, y = batch
+    logits = apply_fn(variables, x, train=True).astype(jnp.float32)
+    acc = jnp.mean((jnp.argmax(logits, -1) == y).astype(jnp.float32))
+    return jnp.asarray(loss_fn(logits, y), jnp.float32), {"accuracy": acc}
+  return loss
+
+
 def build(recipe: Recipe, sample_x: Any, *, num_classes: int = 10,
           init_variables: PyTree | None = None, teacher: tuple[Any, PyTree] | None = None,
-          mesh: jax.sharding.Mesh | None = None, donate: bool = False) -> Built:
+          mesh: jax.sharding.Mesh | None = None, donate: bool = False,
+          loss_fn: Callable | None = None) -> Built:
   """The recipe's :class:`~jaxopt_dnn.trainer.Trainer` and initial state.
 
   Args:
@@ -149,6 +161,8 @@ def build(recipe: Recipe, sample_x: Any, *, num_classes: int = 10,
       fresh init; they are copied onto the mesh, never donated.
     teacher: ``(teacher_model, teacher_variables)`` when ``recipe.distill.teacher`` is set.
     mesh: defaults to ``parallel.make_mesh(recipe.mesh.data, recipe.mesh.fsdp)``.
+    loss_fn: ``(logits, labels) -> scalar``, the training loss of a user model
+      (default: cross-entropy; distillation recipes keep the distillation loss).
   """
   model = models_lib.get_model(recipe.model, num_classes, **dict(recipe.model_kwargs))
   if recipe.distill.teacher is not None and teacher is None:
@@ -163,7 +177,8 @@ def build(recipe: Recipe, sample_x: Any, *, num_classes: int = 10,
   quant = None if q.mode == "none" else dict(
       mode=q.mode, bits=q.bits, weight_only=q.weight_only, calibration=q.calibration,
       calibration_batches=q.calibration_batches, estimator=q.estimator)
-  loss = classification_or_distill_loss(recipe, teacher)
+  loss = (logits_loss(loss_fn) if loss_fn is not None and teacher is None
+          else classification_or_distill_loss(recipe, teacher))
   if module is not model:   # NNX: the same loss, with the module as the forward
     linen_style = loss
 

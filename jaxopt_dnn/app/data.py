@@ -1,8 +1,9 @@
 """Embedded datasets and deterministic batching.
 
-The default dataset is scikit-learn's bundled ``digits`` (1797 8x8 grey images,
-10 classes), shipped inside the scikit-learn wheel: nothing is downloaded.
-Images are returned NHWC float32 in [0, 1]; labels int32.
+The default dataset of ``jaxopt-dnn compress`` is MNIST-1D (Greydanus 2020), generated
+on the spot by the ``mnist1d`` package's procedural generator (:func:`load_mnist1d`):
+nothing is downloaded. scikit-learn's bundled ``digits`` (1797 8x8 grey images, 10
+classes) stays available; its images are returned NHWC float32 in [0, 1]. Labels int32.
 """
 
 from __future__ import annotations
@@ -46,6 +47,55 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
   x = (d.images.astype(np.float32) / 16.0)[..., None]
   y = d.target.astype(np.int32)
   return split(x, y, test_fraction=test_fraction, seed=seed, num_classes=10, name="digits")
+
+
+# MNIST-1D's published test accuracies (Greydanus, "Scaling down deep learning", 2020,
+# arXiv:2011.14439; also in the mnist1d README) on its standard 4000/1000 split.
+MNIST1D_REFERENCE = {"logistic regression": 0.32, "mlp": 0.68, "cnn": 0.94, "gru": 0.91,
+                     "human": 0.96}
+
+
+_MNIST1D_CACHE: dict[tuple, tuple] = {}
+
+
+def load_mnist1d(*, num_samples: int = 5000, train_split: float = 0.8,
+                 seed: int = 42) -> Dataset:
+  """MNIST-1D, generated deterministically by ``mnist1d.data.make_dataset``.
+
+  The defaults are the package's (and the paper's) arguments: 5000 signals of length
+  40 (10 classes, balanced), the first 4000 for training and the last 1000 for test,
+  generator seed 42. Only the procedural generator is called (``get_dataset`` would
+  try to download a pickle; it is never used). The generator seeds NumPy's global RNG;
+  its state (and Python's ``random``) is restored afterwards.
+
+  Returns:
+    ``x`` of shape ``(N, 40, 1)`` float32 (length, channels; standardised by the
+    generator), ``y`` int32.
+  """
+  if not isinstance(num_samples, int) or num_samples < 20:
+    raise ValueError(f"mnist1d: num_samples must be an int >= 20, got {num_samples!r}")
+  if not 0.0 < train_split < 1.0:
+    raise ValueError(f"mnist1d: train_split must be in (0, 1), got {train_split}")
+  key = (num_samples, float(train_split), int(seed))
+  if key not in _MNIST1D_CACHE:
+    try:
+      from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+      raise ImportError("the MNIST-1D dataset needs the mnist1d package: pip install mnist1d "
+                        "(it generates the data; nothing is downloaded)") from None
+    import random
+    args = get_dataset_args()
+    args.num_samples, args.train_split, args.seed = num_samples, train_split, seed
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+      d = make_dataset(args)
+    finally:
+      np.random.set_state(np_state)
+      random.setstate(py_state)
+    _MNIST1D_CACHE[key] = tuple(np.array(a) for a in (d["x"], d["y"], d["x_test"], d["y_test"]))
+  x, y, xt, yt = _MNIST1D_CACHE[key]
+  return Dataset(x.astype(np.float32)[..., None], y.astype(np.int32),
+                 xt.astype(np.float32)[..., None], yt.astype(np.int32), 10, "mnist1d")
 
 
 def batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int = 0,
@@ -303,11 +353,12 @@ def load_tfds(name: str, *, data_dir: str | None = None, train_split: str = "tra
   return from_arrays(x_tr, y_tr, *(test if test is not None else (None, None)), **kw)
 
 
-_NAMED = {"digits": lambda **kw: load_digits(**kw), "synthetic": lambda **kw: synthetic(**kw)}
+_NAMED = {"digits": lambda **kw: load_digits(**kw), "synthetic": lambda **kw: synthetic(**kw),
+          "mnist1d": lambda **kw: load_mnist1d(**kw)}
 
 
 def load_dataset(name_or_path: str, **kwargs) -> Dataset:
-  """``"digits"`` (default), ``"synthetic"``, ``"tfds:NAME"``, or a path to an ``.npz`` file."""
+  """``"mnist1d"``, ``"digits"``, ``"synthetic"``, ``"tfds:NAME"``, or a path to an ``.npz`` file."""
   s = os.fspath(name_or_path)
   if s in _NAMED:
     return _NAMED[s](**kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -50,6 +51,41 @@ class CNN(nn.Module):
       if self.batch_norm:
         x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
       x = nn.relu(x)
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(self.dense, dtype=self.dtype)(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x)
+
+
+class CNN1D(nn.Module):
+  """Small 1-D CNN for MNIST-1D signals ``(N, length, channels)``:
+  ``[Conv(k=5) -> relu]*`` (stride 1 for the first, ``strides`` after) -> flatten ->
+  Dense -> relu -> Dense(num_classes).
+
+  A sequential model without normalisation, so :func:`jaxopt_dnn.sparsity.shrink_channels`
+  can remove channel-pruned outputs (layers ``Conv_0.. , Dense_0, Dense_1``). A
+  ``(N, length)`` input gets a channel axis; an ``(N, H, W, C)`` image is read as a
+  sequence of ``H * W`` pixels.
+  """
+
+  features: Sequence[int] = (32, 64, 64)
+  dense: int = 128
+  kernel_size: int = 5
+  strides: int = 2
+  num_classes: int = 10
+  dtype: jnp.dtype | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    if x.ndim == 2:
+      x = x[..., None]
+    elif x.ndim == 4:   # an image, read as a sequence of its pixels (row-major)
+      x = x.reshape((x.shape[0], x.shape[1] * x.shape[2], x.shape[3]))
+    if x.ndim != 3:
+      raise ValueError(f"CNN1D: expected (N, length, channels) input, got shape {x.shape}")
+    for i, f in enumerate(self.features):
+      s = 1 if i == 0 else self.strides
+      x = nn.relu(nn.Conv(f, (self.kernel_size,), strides=(s,), dtype=self.dtype)(x))
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(self.dense, dtype=self.dtype)(x))
     return nn.Dense(self.num_classes, dtype=self.dtype)(x)
@@ -251,6 +287,7 @@ _REGISTRY: dict[str, Callable[..., Any]] = {
     "mlp": lambda num_classes, **kw: MLP(num_classes=num_classes, **kw),
     "cnn": lambda num_classes, **kw: CNN(num_classes=num_classes, **kw),
     "cnn_bn": lambda num_classes, **kw: CNN(num_classes=num_classes, **{"batch_norm": True, **kw}),
+    "cnn1d": lambda num_classes, **kw: CNN1D(num_classes=num_classes, **kw),
     "resnet": lambda num_classes, **kw: ResNet(num_classes=num_classes, **kw),
     "transformer": lambda num_classes, **kw: Transformer(num_classes=num_classes, **kw),
     "nnx_cnn": lambda num_classes, **kw: NnxModel(functools.partial(
@@ -267,12 +304,162 @@ def model_names() -> list[str]:
   return sorted(_REGISTRY)
 
 
+# ------------------------------------------------------------ any model (user models)
+
+_CUSTOM: dict[str, Any] = {}
+
+
+class _NoTrainFlag(nn.Module):
+  """Wraps a linen module whose ``__call__`` takes no ``train=`` flag (the composed train
+  step passes one); its params move under ``inner/``."""
+
+  inner: nn.Module
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    return self.inner(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class _NoTrainFlagApply:
+  """The same for an object with linen-style ``init``/``apply`` but no ``train=``."""
+
+  model: Any
+
+  def init(self, rng, x, train: bool = False):
+    del train
+    return self.model.init(rng, x)
+
+  def apply(self, variables, x, train: bool = False, **kwargs):
+    del train
+    return self.model.apply(variables, x, **kwargs)
+
+
+def _takes(fn: Callable, name: str) -> bool:
+  try:
+    params = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+  return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def as_model(obj: Any, where: str = "model"):
+  """A user model with linen's ``init(rng, x)`` / ``apply(variables, x, train=...)``.
+
+  Accepts a linen module, an ``nnx.Module`` instance (seen through :class:`NnxModel`),
+  or any object with linen-style ``init``/``apply``; a forward without ``train=`` is
+  wrapped so that the flag is dropped.
+  """
+  if isinstance(obj, nnx.Module):
+    module = obj
+    return NnxModel(lambda rngs: module)
+  if isinstance(obj, nn.Module):
+    return obj if _takes(type(obj).__call__, "train") else _NoTrainFlag(obj)
+  if callable(getattr(obj, "init", None)) and callable(getattr(obj, "apply", None)):
+    return obj if _takes(obj.apply, "train") else _NoTrainFlagApply(obj)
+  raise TypeError(f"{where}: expected a flax linen Module, an nnx.Module, or an object with "
+                  f"init(rng, x) and apply(variables, x); got {type(obj).__name__}: {obj!r}")
+
+
+def _names(fn: Callable, name: str) -> bool:
+  try:
+    return name in inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+def load_factory(spec: str) -> Callable:
+  """``"package.module:factory"`` (or ``"path/to/file.py:factory"``) -> the factory.
+
+  The current directory is importable (as with ``python -m``), so a module next to
+  where ``jaxopt-dnn`` runs is found.
+  """
+  import importlib
+  import importlib.util
+  import os
+  import sys
+
+  mod_name, sep, attr = str(spec).rpartition(":")
+  if not sep or not mod_name or not attr:
+    raise ValueError(f"model factory {spec!r}: expected 'package.module:function'")
+  try:
+    if mod_name.endswith(".py"):
+      if not os.path.isfile(mod_name):
+        raise FileNotFoundError(f"model factory {spec!r}: no file {mod_name!r}")
+      mspec = importlib.util.spec_from_file_location(
+          os.path.splitext(os.path.basename(mod_name))[0], mod_name)
+      module = importlib.util.module_from_spec(mspec)
+      mspec.loader.exec_module(module)
+    else:
+      if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+      module = importlib.import_module(mod_name)
+  except ModuleNotFoundError as e:
+    raise ValueError(f"model factory {spec!r}: cannot import {mod_name!r} ({e})") from None
+  fn = getattr(module, attr, None)
+  if fn is None:
+    raise ValueError(f"model factory {spec!r}: module {mod_name!r} has no {attr!r}")
+  if not callable(fn):
+    raise TypeError(f"model factory {spec!r}: {attr!r} is a {type(fn).__name__}, not callable")
+  return fn
+
+
+def resolve_model(spec: str, num_classes: int = 10, **kwargs) -> tuple[Any, Any, Any]:
+  """Calls a ``"package.module:factory"`` factory: ``(model, loss_fn or None, metric or None)``.
+
+  The factory is called with ``num_classes=`` when it names that parameter (and with the
+  recipe's ``model_kwargs``), and returns a model, or a tuple ``(model, loss_fn)`` /
+  ``(model, loss_fn, metric)``, or a dict with those keys (a ``(model, sample_inputs)``
+  pair is taken as the model alone). ``loss_fn(logits, labels)``
+  returns a scalar; ``metric(logits, labels)`` one score per example.
+  """
+  fn = load_factory(spec)
+  call_kw = {k: v for k, v in kwargs.items() if _takes(fn, k)}
+  dropped = sorted(set(kwargs) - set(call_kw))
+  if dropped:
+    raise TypeError(f"model factory {spec!r} does not accept model_kwargs {dropped}")
+  if _names(fn, "num_classes"):   # named, not swallowed by **kwargs into a constructor
+    call_kw["num_classes"] = num_classes
+  out = fn(**call_kw)
+  if isinstance(out, dict):
+    unknown = sorted(set(out) - {"model", "loss_fn", "metric"})
+    if unknown or "model" not in out:
+      raise ValueError(f"model factory {spec!r} returned a dict with keys {sorted(out)}; "
+                       "expected 'model' and optionally 'loss_fn', 'metric'")
+    out = (out["model"], out.get("loss_fn"), out.get("metric"))
+  if not isinstance(out, (tuple, list)):
+    out = (out,)
+  if not 1 <= len(out) <= 3:
+    raise ValueError(f"model factory {spec!r} returned {len(out)} values; expected model, "
+                     "(model, loss_fn) or (model, loss_fn, metric)")
+  if len(out) == 2 and isinstance(out[1], (tuple, list)) and all(
+      hasattr(a, "shape") for a in out[1]):
+    out = (out[0],)   # (model, sample_inputs): the dataset gives the inputs
+  model, loss_fn, metric = (tuple(out) + (None, None))[:3]
+  for what, f in (("loss_fn", loss_fn), ("metric", metric)):
+    if f is not None and not callable(f):
+      raise TypeError(f"model factory {spec!r}: its {what} is a {type(f).__name__}, not callable")
+  return as_model(model, f"model factory {spec!r}"), loss_fn, metric
+
+
+def register_model(name: str, model: Any) -> str:
+  """Makes a model object available to recipes as ``"custom:<name>"`` (this process)."""
+  key = f"custom:{name}"
+  _CUSTOM[key] = as_model(model)
+  return key
+
+
 def get_model(name: str, num_classes: int = 10, **kwargs):
-  """A reference model by name (``"mlp"``, ``"cnn"``, ``"cnn_bn"``, ``"resnet"``,
+  """A reference model by name (``"mlp"``, ``"cnn"``, ``"cnn_bn"``, ``"cnn1d"``, ``"resnet"``,
   ``"transformer"``, ``"nnx_cnn"``); ``kwargs`` go to its constructor.
 
   Every returned object has linen's ``init(rng, x)`` / ``apply(variables, x, train=...)``.
   """
+  if isinstance(name, str) and name in _CUSTOM:
+    return _CUSTOM[name]
+  if isinstance(name, str) and ":" in name and name not in _REGISTRY:
+    return resolve_model(name, num_classes, **kwargs)[0]
   if not isinstance(name, str) or name not in _REGISTRY:
     close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""

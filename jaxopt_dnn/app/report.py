@@ -12,10 +12,13 @@ import numpy as np
 COLUMNS = (
     # key, header, format
     ("name", "variant", "{}"),
-    ("accuracy", "test acc %", "{:.2f}"),
+    ("accuracy", "test acc % [95% CI]", "{:.2f}"),
+    ("delta", "vs base (pts)", "{:+.2f}"),
     ("train_time_s", "train s", "{:.1f}"),
     ("step_time_ms", "step ms", "{:.2f}"),
-    ("latency_ms", "latency ms/batch", "{:.2f}"),
+    ("latency_ms", "latency ms/batch (min-max)", "{:.2f}"),
+    ("latency_ratio", "lat x", "{:.2f}"),
+    ("served", "served", "{}"),
     ("params", "params", "{:,}"),
     ("nonzeros", "nonzeros", "{:,}"),
     ("disk_bytes", "disk bytes", "{:,}"),
@@ -24,22 +27,51 @@ COLUMNS = (
     ("int8_dots", "int8 dots", "{}"),
 )
 
+# Columns of what training costs: a variant that trains nothing (PTQ) shows a dash.
+TRAIN_COLUMNS = ("train_time_s", "step_time_ms")
+DASH = "\u2013"
+
 
 def rows(results: Sequence[Any]) -> list[dict]:
-  """Result objects (or dicts) -> display rows; ``disk x`` is relative to the first."""
+  """Result objects (or dicts) -> display rows; ``disk x`` and ``lat x`` are relative to
+  the first row (the baseline)."""
   out = [r.row() if hasattr(r, "row") else dict(r) for r in results]
   base = out[0]["disk_bytes"] if out else 1
+  base_lat = out[0].get("latency_ms") if out else None
   for r in out:
     r["disk_ratio"] = r["disk_bytes"] / base
+    lat = r.get("latency_ms")
+    r["latency_ratio"] = lat / base_lat if lat is not None and base_lat else None
   return out
+
+
+def _pct(row: dict) -> bool:
+  return row.get("metric", "accuracy") == "accuracy"
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
   v = row.get(key)
   if v is None:
-    return "n/a"
+    return DASH if key in TRAIN_COLUMNS or key == "delta" else "n/a"
   if key == "accuracy":
-    v = v * 100
+    scale = 100 if _pct(row) else 1
+    text = fmt.format(v * scale)
+    ci = row.get("accuracy_ci")
+    if ci:
+      text += f" [{ci[0] * scale:.1f}, {ci[1] * scale:.1f}]"
+    return text
+  if key == "delta":
+    if row.get("delta_ci") is None:
+      return DASH
+    if row.get("delta_ci") == [0.0, 0.0] and v == 0:
+      return "ref"
+    scale = 100 if _pct(row) else 1
+    return fmt.format(v * scale) + (" *" if row.get("differs") else "")
+  if key == "latency_ms":
+    text = fmt.format(v)
+    if row.get("latency_min_ms") is not None:
+      text += f" ({row['latency_min_ms']:.2f}-{row['latency_max_ms']:.2f})"
+    return text
   if key == "flops_per_example":
     v = v / 1e6
   return fmt.format(v)
@@ -71,20 +103,30 @@ def markdown(results: Sequence[Any], *, title: str = "jaxopt-dnn compress",
 
 
 NOTES = (
-    "accuracy: of the serving function on the test split (int8 variants run real "
-    "s8 x s8 -> s32 dots/convs; `int8 dots` counts the integer ones in the compiled HLO, "
-    "where XLA may widen a tiny s8 conv to s32).",
+    "test acc: the serving function's accuracy on the test split, with a 95% percentile-"
+    "bootstrap interval over the test examples (2000 resamples). `vs base`: accuracy minus "
+    "the baseline's, in points; `*` marks a variant whose difference from the baseline is "
+    "beyond the interval: the 95% interval of a paired bootstrap of the difference (the "
+    "same resampled test examples for both) excludes 0.",
+    "latency: serving one test batch, all variants timed in alternating rounds (forward, then "
+    "reverse order; each round's value is the median of its calls): the median over rounds "
+    "and the min-max over rounds; `lat x` is relative to the first row.",
+    "int8 variants run real s8 x s8 -> s32 dots/convs; `int8 dots` counts the integer ones "
+    "in the compiled HLO (XLA may widen a tiny s8 conv to s32).",
     "disk bytes: the orbax checkpoint of the serving variables, sparse leaves packed as "
     "bitmask + kept values; `disk x` is relative to the first row.",
-    "Masks give no speedup on dense CPUs: a pruned model's latency and FLOPs equal the "
-    "dense one's. The wins are size on disk, int8, and smaller (distilled/shrunk) models.",
-    "step ms: mean of the steady-state train steps (first, compiling step "
-    "excluded); latency: median of 20 calls on one test batch.",
+    "Masks give no speedup on dense CPUs: a `masked` model's latency and FLOPs equal the "
+    "dense one's. Channel pruning is served `shrunk` (sparsity.shrink_channels removes the "
+    "pruned channels, so the layers are smaller): that, int8, and a smaller distilled "
+    "student are what can run faster.",
+    "train s / step ms: wall time of the variant's training and mean of its steady-state "
+    "steps (first, compiling step excluded); \u2013: the variant trains nothing (PTQ).",
 )
 
 
 def plot(results: Sequence[Any], path: str) -> str:
-  """Accuracy vs size on disk, one labelled point per variant (PNG)."""
+  """Accuracy (with its 95% interval as an error bar) vs size on disk, one labelled point
+  per variant (PNG)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -93,18 +135,24 @@ def plot(results: Sequence[Any], path: str) -> str:
   fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
   placed: list[tuple[float, float]] = []
   for r in rs:
-    xy = (r["disk_bytes"] / 1024, r["accuracy"] * 100)
-    ax.scatter(*xy, s=40)
+    scale = 100 if _pct(r) else 1
+    xy = (r["disk_bytes"] / 1024, r["accuracy"] * scale)
+    ci = r.get("accuracy_ci")
+    yerr = None if not ci else [[xy[1] - ci[0] * scale], [ci[1] * scale - xy[1]]]
+    ax.errorbar(*xy, yerr=yerr, fmt="o", ms=6, capsize=3,
+                mfc="none" if r.get("differs") else None)
     # Points that (nearly) coincide get their labels stacked instead of overprinted.
     near = sum(1 for px, py in placed
-               if abs(np.log(xy[0] / px)) < 0.15 and abs(xy[1] - py) < 0.05)
+               if abs(np.log(xy[0] / px)) < 0.15 and abs(xy[1] - py) < 0.05 * scale)
     placed.append(xy)
-    ax.annotate(r["name"], xy, textcoords="offset points", xytext=(5, 4 - 11 * near),
-                fontsize=8)
+    ax.annotate(r["name"] + (" *" if r.get("differs") else ""), xy, textcoords="offset points",
+                xytext=(5, 4 - 11 * near), fontsize=8)
   ax.set_xscale("log")
   ax.set_xlabel("size on disk (KiB, log scale)")
-  ax.set_ylabel("test accuracy (%)")
-  ax.set_title("accuracy vs size on disk")
+  metric = rs[0].get("metric", "accuracy") if rs else "accuracy"
+  ax.set_ylabel(f"test {metric}" + (" (%)" if metric == "accuracy" else "")
+                + ", 95% bootstrap interval")
+  ax.set_title(f"{metric} vs size on disk (* : differs from the baseline)")
   ax.grid(True, which="both", alpha=0.3)
   fig.tight_layout()
   fig.savefig(path)
@@ -118,7 +166,9 @@ def write_all(results: Sequence[Any], out: str, *, meta: dict | None = None) -> 
   paths = {"json": os.path.join(out, "results.json"), "md": os.path.join(out, "results.md"),
            "png": os.path.join(out, "accuracy_vs_size.png")}
   with open(paths["json"], "w") as f:
-    json.dump({**(meta or {}), "results": [
+    json.dump({**(meta or {}), "intervals": "95% percentile bootstrap over test examples "
+               "(2000 resamples); delta_ci: paired bootstrap of the difference to the "
+               "baseline; differs: delta_ci excludes 0", "results": [
         {**r, "recipe": getattr(res, "recipe", None)} for r, res in zip(rows(results), results)]},
         f, indent=2)
   with open(paths["md"], "w") as f:

@@ -183,6 +183,7 @@ class Plan:
   predicted: float
   measured: float | None = None
   budget_bits_per_weight: float | None = None
+  stored: dict[str, dict[str, Any]] | None = dataclasses.field(default=None, repr=False)
 
   @property
   def bits_per_weight(self) -> float:
@@ -194,14 +195,24 @@ class Plan:
   def bytes(self) -> int:
     return math.ceil(sum(self.layer_bits[p][c] for p, c in self.choices.items()) / 8)
 
-  def apply(self, apply_fn: Any, variables: PyTree, batches: Iterable[Any]) -> PyTree:
-    """The params tree with the plan realised: QArray leaves (bf16 for 16-bit layers)."""
+  def apply(self, apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
+            reuse: bool = True) -> PyTree:
+    """The params tree with the plan realised: QArray leaves (bf16 for 16-bit layers).
+
+    With ``reuse`` (default) and a plan from :func:`search`, each layer's leaf is the one
+    its candidate produced during the sensitivity pass (for GPTQ/AWQ: calibrated
+    sequentially under that candidate everywhere); ``reuse=False`` runs the method again
+    on each candidate's layers only.
+    """
     fwd = _Forward(apply_fn, variables)
-    batches = [_as_inputs(b) for b in batches]
-    stored: dict[str, Any] = {}
-    for name, cand in self.candidates.items():
-      paths = [p for p, c in self.choices.items() if c == name]
-      stored.update(realize(self.method, cand, fwd, apply_fn, batches, paths))
+    if reuse and self.stored is not None:
+      stored = {p: self.stored[c][p] for p, c in self.choices.items()}
+    else:
+      batches = [_as_inputs(b) for b in batches]
+      stored = {}
+      for name, cand in self.candidates.items():
+        paths = [p for p, c in self.choices.items() if c == name]
+        stored.update(realize(self.method, cand, fwd, apply_fn, batches, paths))
     return _tree.map_with_path_str(lambda p, x: stored.get(p, x), fwd.params)
 
   def verify(self, apply_fn: Any, variables: PyTree, batches: Iterable[Any],
@@ -249,6 +260,15 @@ class Sensitivity:
   bits: dict[str, dict[str, int]]
   sizes: dict[str, int]
   method: str
+  stored: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict, repr=False)
+
+  def uniform(self, name: str) -> Plan:
+    """The plan that puts candidate ``name`` on every layer (for comparisons)."""
+    if name not in self.candidates:
+      raise ValueError(f"unknown candidate {name!r}; have {sorted(self.candidates)}")
+    return Plan({layer: name for layer in self.layers}, dict(self.candidates), self.values,
+                self.bits, self.sizes, self.method,
+                sum(self.values[layer][name] for layer in self.layers), stored=self.stored)
 
 
 def sensitivity(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
@@ -280,15 +300,16 @@ def sensitivity(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
   score = jax.jit(lambda p, r, *x: metric(fwd(p, *x), r))
   values: dict[str, dict[str, float]] = {p: {} for p in layers}
   bits: dict[str, dict[str, int]] = {p: {} for p in layers}
+  kept: dict[str, dict[str, Any]] = {}
   for cand in cands:
-    stored = realize(method, cand, fwd, apply_fn, batches, layers)
+    stored = kept[cand.name] = realize(method, cand, fwd, apply_fn, batches, layers)
     for p in layers:
       bits[p][cand.name] = stored_bits(stored[p])
       swapped = _tree.map_with_path_str(
           lambda q, x, p=p: _float(stored[p], jnp.asarray(x).dtype) if q == p else x, fwd.params)
       values[p][cand.name] = float(np.mean([float(score(swapped, r, *b))
                                             for r, b in zip(refs, batches)]))
-  return Sensitivity(layers, by_name, values, bits, sizes, method)
+  return Sensitivity(layers, by_name, values, bits, sizes, method, kept)
 
 
 def plan_for_budget(sens: Sensitivity, bits_per_weight: float) -> Plan | None:
@@ -305,7 +326,7 @@ def plan_for_budget(sens: Sensitivity, bits_per_weight: float) -> Plan | None:
   picks, total = solved
   return Plan({p: names[k] for p, k in zip(sens.layers, picks)}, dict(sens.candidates),
               sens.values, sens.bits, sens.sizes, sens.method, total,
-              budget_bits_per_weight=bits_per_weight)
+              budget_bits_per_weight=bits_per_weight, stored=sens.stored)
 
 
 def search(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,

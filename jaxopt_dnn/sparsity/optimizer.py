@@ -111,11 +111,13 @@ def prune_optimizer(tx: optax.GradientTransformation, schedule: Callable[[Any], 
     return {rx: s * (v / peak if peak > 0 else 0.0) for rx, v in sparsity_arg.items()}
 
   def init_fn(params):
-    # Validates rules / shapes eagerly (e.g. N:M divisibility) with a dense start.
-    shape_masks = compute(params, scheduled(jnp.float32(0.0)), jax.random.key(seed))
+    # Which leaves get a mask, read off the traced mask computation (nothing is computed;
+    # rules / shapes, e.g. N:M divisibility, are still validated): a dense start.
+    shape_masks = jax.eval_shape(
+        lambda p: compute(p, scheduled(jnp.float32(0.0)), jax.random.key(seed)), params)
     masks = jax.tree.map(
-        lambda mk, p: jnp.ones(jnp.shape(p), jnp.bool_) if not _m.is_dense(mk) else mk,
-        shape_masks, params)
+        lambda mk, p: (_m.dense_marker() if _m.is_dense(mk)
+                       else jnp.ones(jnp.shape(p), jnp.bool_)), shape_masks, params)
     return PruneState(jnp.zeros((), jnp.int32), masks, tx.init(params), jax.random.key(seed))
 
   def update_fn(updates, state, params=None):
