@@ -151,7 +151,7 @@ CLI_RECIPES = [
 def test_cli_bad_recipe_files_are_one_line(tmp_path, capsys, name, content, needle):
   out = tmp_path / "out"
   rc, err = _cli(capsys, "compress", "--recipe", _recipe_file(tmp_path, name, content),
-                 "--out", out, "--steps", 1)
+                 "--out", out, "--steps", 1, "--dataset", "digits")
   _assert_one_line(rc, err, needle)
   assert not out.exists() and not (tmp_path / "PWNED").exists()
 
@@ -197,7 +197,8 @@ def test_cli_bad_arguments_fail_before_writing(tmp_path, capsys, args, needle):
     except ImportError:
       pass
   try:
-    rc, err = _cli(capsys, "compress", *args, *([] if "--out" in args else ["--out", out]))
+    rc, err = _cli(capsys, "compress", *args, *([] if "--out" in args else ["--out", out]),
+                   *([] if "--dataset" in args else ["--dataset", "digits"]))
   except SystemExit as e:   # argparse's own usage errors
     rc, err = e.code, capsys.readouterr().err
   _assert_one_line(rc, err, needle)
