@@ -21,3 +21,8 @@ from jaxopt_dnn.quant.qarray import is_qarray
 from jaxopt_dnn.quant.rules import QuantRule
 from jaxopt_dnn.quant.rules import dequantize_params
 from jaxopt_dnn.quant.rules import quantize_params
+from jaxopt_dnn.quant.capture import Capture
+from jaxopt_dnn.quant.gptq import gptq
+from jaxopt_dnn.quant.gptq import gptq_solve
+from jaxopt_dnn.quant.smooth import smooth
+from jaxopt_dnn.quant.awq import awq

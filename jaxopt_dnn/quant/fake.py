@@ -20,6 +20,13 @@ bit for bit. Statistics (``absmax``, percentile, MSE-optimal clipping; see
 :mod:`jaxopt_dnn.quant.calibrate`) are reduced over every axis except ``axis`` (the
 channel axes; ``None`` = one scale per tensor) and kept in float32.
 
+Group-wise (sub-channel) scales: ``group_size = g`` along ``group_axis`` (a kernel's
+contraction axis, ``-2`` for Flax ``Dense``) computes one scale per group of ``g``
+consecutive entries of that axis (and per channel of ``axis``): the statistic above is
+reduced over each group instead of the whole axis. ``scale_dtype`` (``bfloat16`` /
+``float16``) rounds the scale to 16 bits *before* the codes are computed, so
+``|x - fake_quant(x)| <= s / 2`` holds for the stored scale.
+
 Gradient (straight-through estimator): ``d fake_quant(x) / dx = 1`` where
 ``qmin <= round(x / s) + z <= qmax`` and ``0`` outside; ``s`` and ``z`` get no gradient.
 """
@@ -34,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_dnn.quant.ranges import estimate_absmax, estimate_minmax
-from jaxopt_dnn.quant.qarray import QArray, pack_int4
+from jaxopt_dnn.quant.qarray import QArray, expand_groups, pack_int4
 
 METHODS = ("absmax", "percentile", "mse")
 _TINY = float(np.finfo(np.float32).tiny)   # 2^-126: 1/s stays finite under flush-to-zero
@@ -110,10 +117,50 @@ def check_array(x: Any, name: str = "x") -> None:
                        f"{idx}: {np.asarray(x)[idx]})")
 
 
+def check_group(group_size: Any, group_axis: Any, chan: tuple[int, ...], ndim: int,
+                name: str = "x") -> tuple[int | None, int | None]:
+  """Validates ``group_size`` / ``group_axis``; returns ``(g, non-negative axis)``."""
+  if group_size is None:
+    return None, None
+  if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) \
+      or group_size < 1:
+    raise ValueError(f"{name}: group_size must be a positive int or None, got {group_size!r}")
+  if isinstance(group_axis, bool) or not isinstance(group_axis, (int, np.integer)) \
+      or not -ndim <= group_axis < ndim:
+    raise ValueError(f"{name}: group_axis {group_axis!r} out of range for an array of "
+                     f"rank {ndim}")
+  ga = int(group_axis) % ndim
+  if ga in chan:
+    raise ValueError(f"{name}: group_axis {group_axis} is also a channel axis {chan}")
+  return int(group_size), ga
+
+
+def _split_groups(x: jax.Array, g: int, ga: int) -> jax.Array:
+  """``(..., n, ...) -> (..., ceil(n/g), g, ...)`` along ``ga``, zero-padded at the end."""
+  n = x.shape[ga]
+  G = -(-n // g)
+  if G * g != n:
+    x = jnp.pad(x, [(0, G * g - n) if i == ga else (0, 0) for i in range(x.ndim)])
+  return x.reshape(x.shape[:ga] + (G, g) + x.shape[ga + 1:])
+
+
 def compute_qparams(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True,
-                    method: str = "absmax", percentile: float = 99.99, name: str = "x"):
-  """Scale (float32, keepdims shape) and zero point (int32 or None) for ``x``."""
+                    method: str = "absmax", percentile: float = 99.99, name: str = "x",
+                    group_size: int | None = None, group_axis: int = -2):
+  """Scale (float32, keepdims shape) and zero point (int32 or None) for ``x``.
+
+  With ``group_size``, the scale has ``ceil(n / group_size)`` entries along
+  ``group_axis`` (see the module docstring); otherwise reduced axes have size 1.
+  """
   bits = check_bits(bits, name)
+  if group_size is not None:
+    chan = channel_axes(axis, jnp.ndim(x), name)
+    g, ga = check_group(group_size, group_axis, chan, jnp.ndim(x), name)
+    xg = _split_groups(jnp.asarray(x, jnp.float32), g, ga)
+    gchan = tuple(a if a < ga else a + 1 for a in chan) + (ga,)
+    s, z = compute_qparams(xg, bits=bits, axis=gchan, symmetric=symmetric, method=method,
+                           percentile=percentile, name=name)
+    return s.squeeze(ga + 1), None if z is None else z.squeeze(ga + 1)
   if method not in METHODS:
     raise ValueError(f"{name}: method must be one of {METHODS}, got {method!r}")
   percentile = check_percentile(percentile, f"{name}: percentile")
@@ -194,7 +241,8 @@ def fake_quant_with(x: jax.Array, scale: jax.Array, zero_point: jax.Array | None
 
 def fake_quant(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True,
                method: str = "absmax", percentile: float = 99.99, scale=None,
-               zero_point=None, name: str = "x") -> jax.Array:
+               zero_point=None, name: str = "x", group_size: int | None = None,
+               group_axis: int = -2, scale_dtype: Any = None) -> jax.Array:
   """Quantize-dequantize in float: ``(clip(round(x/s) + z, qmin, qmax) - z) * s``.
 
   Args:
@@ -205,6 +253,9 @@ def fake_quant(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True
     symmetric: zero point 0 and range ``[-(2^(b-1)-1), 2^(b-1)-1]`` if True.
     method: range estimator, ``absmax`` | ``percentile`` | ``mse``.
     scale, zero_point: use these instead of estimating them from ``x``.
+    group_size, group_axis: one scale per ``group_size`` consecutive entries along
+      ``group_axis`` (sub-channel scales); ``None`` = whole axis.
+    scale_dtype: round the scale to this float dtype first (e.g. ``jnp.bfloat16``).
 
   Returns:
     Array of ``x``'s shape and dtype on the quantization grid; gradient is the STE.
@@ -213,6 +264,18 @@ def fake_quant(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True
   _check_not_empty(x, name)
   _check_given_scale(scale, name)
   bits = check_bits(bits, name)
+  if group_size is not None or scale_dtype is not None:
+    chan = channel_axes(axis, jnp.ndim(x), name)
+    g, ga = check_group(group_size, group_axis, chan, jnp.ndim(x), name)
+    if scale is None:
+      scale, zero_point = compute_qparams(x, bits=bits, axis=axis, symmetric=symmetric,
+                                          method=method, percentile=percentile, name=name,
+                                          group_size=g, group_axis=ga if g else -2)
+    scale = _round_scale(scale, scale_dtype)
+    n = x.shape[ga] if g else 0
+    return fake_quant_with(x, expand_groups(scale.astype(jnp.float32), g, ga, n),
+                           None if zero_point is None else
+                           expand_groups(zero_point, g, ga, n), bits=bits)
   if scale is None:
     scale, zero_point = compute_qparams(x, bits=bits, axis=axis, symmetric=symmetric,
                                         method=method, percentile=percentile, name=name)
@@ -222,13 +285,27 @@ def fake_quant(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True
   return fake_quant_with(x, scale, zero_point, bits=bits)
 
 
+def _round_scale(scale, scale_dtype):
+  """Scale rounded to ``scale_dtype`` (kept >= the dtype's tiny so it never flushes)."""
+  if scale_dtype is None:
+    return jnp.asarray(scale, jnp.float32)
+  dt = jnp.dtype(scale_dtype)
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise TypeError(f"scale_dtype must be a float dtype, got {scale_dtype!r}")
+  tiny = float(jnp.finfo(dt).tiny)
+  return jnp.maximum(jnp.asarray(scale, jnp.float32), tiny).astype(dt)
+
+
 def quantize(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True,
              method: str = "absmax", percentile: float = 99.99, scale=None,
-             zero_point=None, name: str = "x") -> QArray:
+             zero_point=None, name: str = "x", group_size: int | None = None,
+             group_axis: int = -2, scale_dtype: Any = None) -> QArray:
   """Quantizes ``x`` to a :class:`QArray` (int8, or int4 packed two per byte).
 
   Same arguments and numerics as :func:`fake_quant`; ``dequantize(quantize(x))`` equals
-  ``fake_quant(x)`` bit for bit.
+  ``fake_quant(x)`` bit for bit. With ``group_size`` the scale (and zero point) has
+  ``ceil(n / group_size)`` entries along ``group_axis``; ``scale_dtype`` stores the
+  scale in 16 bits (the codes use the rounded scale).
   """
   check_array(x, name)
   _check_not_empty(x, name)
@@ -238,6 +315,19 @@ def quantize(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True,
   if method not in METHODS:
     raise ValueError(f"{name}: method must be one of {METHODS}, got {method!r}")
   percentile = check_percentile(percentile, f"{name}: percentile")
+  g, ga = check_group(group_size, group_axis, chan, jnp.ndim(x), name)
+  if g is not None or scale_dtype is not None:
+    if scale is None:
+      scale, zero_point = compute_qparams(x, bits=bits, axis=chan or None,
+                                          symmetric=symmetric, method=method,
+                                          percentile=percentile, name=name,
+                                          group_size=g, group_axis=ga if g else -2)
+    scale = _round_scale(scale, scale_dtype)
+    n = x.shape[ga] if g else 0
+    value = _codes(x, expand_groups(scale.astype(jnp.float32), g, ga, n),
+                   None if zero_point is None else expand_groups(zero_point, g, ga, n), bits)
+    return QArray(value, scale, zero_point, bits=bits, channel_axes=chan,
+                  shape=jnp.shape(x), dtype=x.dtype, name=name, group_size=g, group_axis=ga)
   if scale is None:   # one compiled program per leaf instead of ~10 eager primitives
     value, scale, zero_point = _quantize_own_range(x, bits, chan, symmetric, method,
                                                    float(percentile))

@@ -45,7 +45,7 @@ def _check_weight(w: QArray, op: str) -> None:
 
 def _scale_keep(w: QArray, contracted, op: str):
   """Weight scale with contracted axes squeezed: ``(kept axes, squeezed scale)``."""
-  s = jnp.broadcast_to(w.scale, w.scale.shape)
+  s = jnp.asarray(w.scale).astype(jnp.float32)   # 16-bit stored scales compute in f32
   for a in contracted:
     if s.shape[a] != 1:
       raise ValueError(f"{op}: weight scale varies along contracted axis {a} "

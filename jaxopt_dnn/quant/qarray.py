@@ -9,6 +9,18 @@ A ``QArray`` stores integers ``q`` and a float32 ``scale`` (plus an optional int
 axis kept as size 1 (``keepdims``), so they broadcast against ``q``. ``channel_axes``
 are the axes that keep their own scale (``()`` means one scale for the whole tensor).
 
+Group-wise (sub-channel) scales: with ``group_size = g`` along ``group_axis = a`` (the
+contraction / input axis of a kernel, ``-2`` for a Flax ``Dense`` kernel ``(in, out)``),
+axis ``a`` of length ``n`` is cut into ``G = ceil(n / g)`` consecutive groups (the last
+one shorter when ``g`` does not divide ``n``) and ``scale`` has length ``G`` on that axis:
+
+    dequantize(q)[..., i, ...] = q[..., i, ...] * scale[..., i // g, ...]   (i along a)
+
+``scale`` may be stored as ``bfloat16``/``float16`` (``scale_dtype``); the codes are
+computed with the rounded scale, so the error bound ``|x - dequantize(q)| <= scale / 2``
+holds for the stored scale. An int4 ``g = 64`` kernel with 16-bit scales costs
+``4 + 16/64 = 4.25`` bits per weight.
+
 int4 values (``bits=4``, range ``[-8, 7]``) are stored packed two per byte in a
 ``uint8`` array along axis 0: ``byte[i] = (q[2i] & 0xF) | (q[2i+1] & 0xF) << 4``
 (axis 0 padded to even length). A checkpoint of int4 weights is therefore ~1/8 of
@@ -37,6 +49,8 @@ class _Meta:
   shape: tuple[int, ...]
   dtype: str
   name: str = dataclasses.field(default="", compare=False)  # path, for error messages
+  group_size: int | None = None
+  group_axis: int | None = None
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -51,20 +65,33 @@ class QArray:
     bits: 4 or 8.
     channel_axes: axes with their own scale (non-negative ints); ``()`` = per tensor.
     shape, dtype: the original array's shape and float dtype.
+    group_size, group_axis: sub-channel groups (``None`` = not group-wise); the scale
+      has ``ceil(shape[group_axis] / group_size)`` entries along ``group_axis``.
   """
 
   __slots__ = ("value", "scale", "zero_point", "_meta")
 
   def __init__(self, value, scale, zero_point=None, *, bits: int, channel_axes=(),
-               shape=None, dtype="float32", name: str = ""):
+               shape=None, dtype="float32", name: str = "", group_size: int | None = None,
+               group_axis: int | None = None):
+    where = f"QArray{'(' + name + ')' if name else ''}"
     if bits not in (4, 8):
-      raise ValueError(f"QArray{'(' + name + ')' if name else ''}: bits must be 4 or 8, got {bits!r}")
+      raise ValueError(f"{where}: bits must be 4 or 8, got {bits!r}")
     self.value = value
     self.scale = scale
     self.zero_point = zero_point
     shape = tuple(np.shape(value)) if shape is None else tuple(int(d) for d in shape)
+    if group_size is not None:
+      if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) \
+          or group_size < 1:
+        raise ValueError(f"{where}: group_size must be a positive int, got {group_size!r}")
+      if group_axis is None or not -len(shape) <= group_axis < len(shape):
+        raise ValueError(f"{where}: group_axis {group_axis!r} out of range for shape {shape}")
+      group_size, group_axis = int(group_size), int(group_axis) % len(shape)
+    else:
+      group_axis = None
     self._meta = _Meta(int(bits), tuple(int(a) for a in channel_axes), shape,
-                       str(np.dtype(dtype)), name)
+                       str(np.dtype(dtype)), name, group_size, group_axis)
 
   bits = property(lambda self: self._meta.bits)
   channel_axes = property(lambda self: self._meta.channel_axes)
@@ -72,6 +99,8 @@ class QArray:
   dtype = property(lambda self: np.dtype(self._meta.dtype))
   name = property(lambda self: self._meta.name)
   ndim = property(lambda self: len(self._meta.shape))
+  group_size = property(lambda self: self._meta.group_size)
+  group_axis = property(lambda self: self._meta.group_axis)
 
   def tree_flatten_with_keys(self):
     k = jax.tree_util.DictKey   # not GetAttrKey: ".value" is how NNX Variables flatten
@@ -88,13 +117,14 @@ class QArray:
   def with_name(self, name: str) -> "QArray":
     return QArray(self.value, self.scale, self.zero_point, bits=self.bits,
                   channel_axes=self.channel_axes, shape=self.shape, dtype=self.dtype,
-                  name=name)
+                  name=name, group_size=self.group_size, group_axis=self.group_axis)
 
   def __repr__(self):
     zp = "" if self.zero_point is None else ", asymmetric"
     where = f"{self.name}: " if self.name else ""
+    g = "" if self.group_size is None else f", group_size={self.group_size} (axis {self.group_axis})"
     return (f"QArray({where}int{self.bits}{list(self.shape)}, channel_axes="
-            f"{self.channel_axes}{zp}, dtype={self.dtype})")
+            f"{self.channel_axes}{g}{zp}, dtype={self.dtype})")
 
   def _float_misuse(self, *_, **__):
     raise TypeError(
@@ -139,6 +169,23 @@ def int_values(q: QArray) -> jax.Array:
   return q.value
 
 
+def expand_groups(t: jax.Array, group_size: int | None, group_axis: int | None,
+                  n: int) -> jax.Array:
+  """Repeats a per-group tensor ``group_size`` times along ``group_axis``, cut to ``n``."""
+  if group_size is None:
+    return t
+  t = jnp.repeat(t, group_size, axis=group_axis)
+  return jax.lax.slice_in_dim(t, 0, n, axis=group_axis)
+
+
+def full_scale(q: QArray) -> jax.Array:
+  """The float32 scale broadcastable to ``q.shape`` (group scales repeated)."""
+  s = jnp.asarray(q.scale).astype(jnp.float32)
+  if q.group_size is None:
+    return s
+  return expand_groups(s, q.group_size, q.group_axis, q.shape[q.group_axis])
+
+
 def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
   """``(q - zero_point) * scale`` in float32, cast to ``dtype`` (default: original)."""
   if not isinstance(q, QArray):
@@ -148,5 +195,6 @@ def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
                     f"reals), got {jnp.dtype(dtype)}")
   v = int_values(q).astype(jnp.float32)
   if q.zero_point is not None:
-    v = v - q.zero_point.astype(jnp.float32)
-  return (v * q.scale).astype(dtype or q.dtype)
+    zp = q.zero_point.astype(jnp.float32)
+    v = v - expand_groups(zp, q.group_size, q.group_axis, q.shape[q.group_axis or 0])
+  return (v * full_scale(q)).astype(dtype or q.dtype)

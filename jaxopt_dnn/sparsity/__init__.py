@@ -28,3 +28,4 @@ from jaxopt_dnn.sparsity.report import SparsityReport
 from jaxopt_dnn.sparsity.report import sparsity_report
 from jaxopt_dnn.sparsity.schedules import constant_schedule
 from jaxopt_dnn.sparsity.schedules import polynomial_schedule
+from jaxopt_dnn.sparsity.oneshot import oneshot

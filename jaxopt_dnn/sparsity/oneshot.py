@@ -1,0 +1,239 @@
+"""One-shot (post-training) pruning from calibration data: Wanda, SparseGPT, magnitude.
+
+For a kernel ``W`` (``(K, N)``, inputs first as in Flax) and its calibration inputs
+``X`` (``(T, K)``):
+
+* **Wanda** (Sun et al. 2023): score ``S_ij = |W_ij| * ||X_j||_2`` (``||X_j||_2`` over
+  all calibration rows); in every output column ``j`` the ``round(s * K)`` inputs with
+  the smallest score are removed (ties: the lower input index first). No weight update.
+* **magnitude**: the same comparison groups with ``S_ij = |W_ij|``.
+* **SparseGPT** (Frantar & Alistarh 2023): with ``H = 2 X^T X + lambda I`` and the upper
+  Cholesky factor ``U`` of ``H^-1``, inputs are visited in blocks of ``B = 128``; in each
+  block the weights with the smallest ``w_ij^2 / U_ii^2`` are chosen (per output, so that
+  every output column ends with exactly ``round(s * K)`` zeros), then each input row is
+  zeroed where masked and the error is pushed onto the later rows,
+  ``w_l -= U[i, l] (w_i - m_i w_i) / U[i, i]`` (the OBS update of GPTQ).
+* **N:M** (``n`` kept of every ``m`` consecutive inputs, e.g. 2:4) along the contraction
+  axis, per output column; the groups follow the flattened contracted axes, so ``m``
+  must divide the last contracted axis. SparseGPT chooses each group's mask when the
+  sweep reaches it.
+
+Sparsity is exact for every chosen leaf. Layers are solved sequentially by default:
+each round of layers is calibrated on the inputs produced by the already-pruned layers
+before it (see :mod:`jaxopt_dnn.quant.capture`).
+
+The returned masks follow the library's mask-tree convention (same structure as the
+params, a bool keep-mask per pruned leaf, the 0-d dense marker elsewhere), so they go
+straight into :func:`~jaxopt_dnn.sparsity.prune_optimizer` (a short fine-tune keeps
+them), :func:`~jaxopt_dnn.sparsity.apply_masks` and :func:`~jaxopt_dnn.sparsity.pack`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopt_dnn import _tree
+from jaxopt_dnn.quant.capture import kernel_2d, run_sequential, set_leaves
+from jaxopt_dnn.quant.gptq import inverse_cholesky_upper, prepare_hessian
+from jaxopt_dnn.quant.qarray import is_qarray
+from jaxopt_dnn.sparsity.masks import dense_marker
+
+METHODS = ("wanda", "sparsegpt", "magnitude")
+
+
+def _keep_lowest_removed(score: jax.Array, k) -> jax.Array:
+  """Keep-mask removing the ``k`` smallest entries of each column of ``score`` (K, N);
+  ties are broken by position (stable sort)."""
+  order = jnp.argsort(score, axis=0, stable=True)
+  rank = jnp.argsort(order, axis=0, stable=True)
+  return rank >= k
+
+
+def _nm_keep(score: jax.Array, n: int, m: int) -> jax.Array:
+  """Keep-mask of the ``n`` largest of every ``m`` consecutive rows (per column)."""
+  k, cols = score.shape
+  g = score.reshape(k // m, m, cols)
+  order = jnp.argsort(g, axis=1, stable=True)
+  rank = jnp.argsort(order, axis=1, stable=True)
+  return (rank >= m - n).reshape(k, cols)
+
+
+@functools.partial(jax.jit, static_argnames=("k_remove", "n", "m"))
+def score_mask(score: jax.Array, *, k_remove: int = 0, n: int | None = None,
+               m: int | None = None) -> jax.Array:
+  """Keep-mask from a ``(K, N)`` score: per column remove ``k_remove`` lowest, or N:M."""
+  if n is not None:
+    return _nm_keep(score, n, m)
+  return _keep_lowest_removed(score, k_remove)
+
+
+def wanda_score(w: jax.Array, sq: jax.Array) -> jax.Array:
+  """``|W_ij| * ||X_j||_2`` for ``w`` (K, N) and ``sq[j] = sum_t X_tj^2``."""
+  return jnp.abs(w) * jnp.sqrt(sq)[:, None]
+
+
+@functools.partial(jax.jit, static_argnames=("sparsity", "n", "m", "block_size"))
+def sparsegpt_solve(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5,
+                    n: int | None = None, m: int | None = None, damp: float = 0.01,
+                    block_size: int = 128):
+  """SparseGPT on one ``(K, N)`` kernel with its ``(K, K)`` Hessian.
+
+  Returns:
+    ``(pruned and updated kernel (K, N) float32, keep-mask (K, N) bool)``. Each output
+    column has exactly ``round(sparsity * K)`` zeros (or ``m - n`` per group of ``m``).
+  """
+  k, cols = w.shape
+  h, w = prepare_hessian(h.astype(jnp.float32), w.astype(jnp.float32), damp)
+  u = inverse_cholesky_upper(h)
+  B = block_size if m is None else max(block_size // m, 1) * m
+  kp = -(-k // B) * B
+  wt = jnp.pad(w.T, ((0, 0), (0, kp - k)))                       # (N, Kp)
+  u = jnp.pad(u, ((0, kp - k), (0, kp - k))) + jnp.diag(
+      jnp.concatenate([jnp.zeros(k), jnp.ones(kp - k)]))
+  d = jnp.diag(u)
+  valid = jnp.arange(kp) < k
+
+  def block(bi, carry):
+    wt, keep = carry
+    i1 = bi * B
+    w1 = jax.lax.dynamic_slice_in_dim(wt, i1, B, axis=1)
+    u1 = jax.lax.dynamic_slice(u, (i1, i1), (B, B))
+    d1 = jax.lax.dynamic_slice_in_dim(d, i1, B)
+    v1 = jax.lax.dynamic_slice_in_dim(valid, i1, B)
+    if n is None:   # unstructured: this block's share of the exact per-column count
+      kb = (jnp.round(sparsity * jnp.minimum(i1 + B, k)) - jnp.round(sparsity * jnp.minimum(i1, k)))
+      score = jnp.where(v1[None, :], w1 ** 2 / d1[None, :] ** 2, jnp.inf)
+      order = jnp.argsort(score, axis=1, stable=True)
+      rank = jnp.argsort(order, axis=1, stable=True)
+      keep1 = rank >= kb.astype(rank.dtype)
+    else:
+      keep1 = jnp.ones((cols, B), bool)
+
+    def col(i, c):
+      w1, e1, keep1 = c
+      if n is not None:   # N:M: choose the group's mask when the sweep reaches it
+        grp = jax.lax.dynamic_slice_in_dim(w1, (i // m) * m, m, axis=1)
+        dg = jax.lax.dynamic_slice_in_dim(d1, (i // m) * m, m)
+        sc = grp ** 2 / dg[None, :] ** 2
+        order = jnp.argsort(sc, axis=1, stable=True)
+        rank = jnp.argsort(order, axis=1, stable=True)
+        new = jax.lax.dynamic_update_slice_in_dim(keep1, rank >= (m - n), (i // m) * m, axis=1)
+        keep1 = jnp.where(i % m == 0, new, keep1)
+      wc = w1[:, i]
+      q = jnp.where(keep1[:, i], wc, 0.0)
+      err = (wc - q) / u1[i, i]
+      w1 = w1 - err[:, None] * u1[i][None, :]
+      w1 = w1.at[:, i].set(q)
+      return w1, e1.at[:, i].set(err), keep1
+
+    z = jnp.zeros((cols, B), jnp.float32)
+    w1, e1, keep1 = jax.lax.fori_loop(0, B, col, (w1, z, keep1))
+    wt = wt - e1 @ jax.lax.dynamic_slice_in_dim(u, i1, B, axis=0)
+    wt = jax.lax.dynamic_update_slice_in_dim(wt, w1, i1, axis=1)
+    keep = jax.lax.dynamic_update_slice_in_dim(keep, keep1, i1, axis=1)
+    return wt, keep
+
+  keep0 = jnp.ones((cols, kp), bool)
+  wt, keep = jax.lax.fori_loop(0, kp // B, block, (wt, keep0))
+  keep = keep[:, :k].T
+  return jnp.where(keep, wt[:, :k].T, 0.0), keep
+
+
+def _check(sparsity, n, m, method):
+  if method not in METHODS:
+    raise ValueError(f"oneshot: method must be one of {METHODS}, got {method!r}")
+  if (n is None) != (m is None):
+    raise ValueError(f"oneshot: give both n and m for N:M sparsity, got n={n!r}, m={m!r}")
+  if n is not None:
+    if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+      raise ValueError(f"oneshot: need integers 0 < n < m, got n={n!r}, m={m!r}")
+    return
+  if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) \
+      or not 0.0 <= sparsity < 1.0:
+    raise ValueError(f"oneshot: sparsity must be a float in [0, 1), got {sparsity!r}")
+
+
+def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any], *,
+            method: str = "wanda", sparsity: float = 0.5, n: int | None = None,
+            m: int | None = None, rules: Any = None, damp: float = 0.1,
+            sequential: bool = True, block_size: int = 128,
+            max_batches: int | None = None, log: Callable[[str], Any] | None = None):
+  """One-shot pruning of a linen or NNX model's kernels from calibration batches.
+
+  Args:
+    apply_fn: ``apply_fn(variables, *inputs)``, or ``apply_fn(module, *inputs)`` for NNX
+      (``variables`` is then the ``nnx.Module``).
+    variables: ``{"params": ...}`` (linen) or an ``nnx.Module``.
+    batches: calibration inputs (an iterable of tuples of model inputs).
+    method: ``"wanda"`` | ``"sparsegpt"`` | ``"magnitude"``.
+    sparsity: fraction of each chosen kernel removed (per output column, exact).
+    n, m: N:M sparsity along the contraction axis instead (``n=2, m=4`` for 2:4).
+    rules: which kernels (a regex, a sequence of regexes, or a predicate
+      ``(path, leaf) -> bool`` over params paths); default every ``Dense`` /
+      ``DenseGeneral`` (``nnx.Linear`` / ``LinearGeneral``) kernel, never biases, norm
+      scales or embeddings.
+    damp: SparseGPT's relative Hessian damping (0.1: measured on all-MiniLM-L6-v2 with
+      32 calibration sentences, 50% min-cosine 0.835 at 0.01 vs 0.865 at 0.1; 2:4 0.723
+      vs 0.787).
+    sequential: calibrate each round on the outputs of the already-pruned layers.
+    block_size: SparseGPT's block (also the adaptive mask-selection block).
+    max_batches: use at most this many batches.
+    log: called with one line per layer.
+
+  Returns:
+    ``(params, masks)``: the params tree (``variables["params"]`` or the NNX pure dict)
+    with pruned kernels, and a mask tree of the same structure (bool keep-masks for
+    pruned kernels, :func:`~jaxopt_dnn.sparsity.dense_marker` elsewhere).
+  """
+  from flax import nnx
+
+  _check(sparsity, n, m, method)
+  params = nnx.to_pure_dict(nnx.state(variables, nnx.Param)) \
+      if isinstance(variables, nnx.Module) else (
+          variables["params"] if isinstance(variables, dict) and "params" in variables
+          else None)
+  if rules is None:
+    select = lambda p, x: not is_qarray(x) and _tree.is_float_array(x)  # noqa: E731
+  else:
+    if params is None:
+      raise TypeError("oneshot: variables must be {'params': ...} or an nnx.Module")
+    chosen = {p for p, _, v in _tree.select(params, rules) if v is not None}
+    select = lambda p, x: p in chosen  # noqa: E731
+
+  def layer(o, w, st):
+    if n is not None:
+      last = o.shape[o.n_in - 1]
+      if last % m:
+        raise ValueError(f"oneshot: {o.kernel} {o.shape}: m={m} must divide the contracted "
+                         f"axis of length {last} for N:M groups along the contraction")
+    w2 = kernel_2d(w, o.n_in)
+    k_remove = 0 if n is not None else int(np.round(sparsity * o.k))
+    if method == "sparsegpt":
+      new, keep = sparsegpt_solve(w2, st.hessian, sparsity=float(sparsity), n=n, m=m,
+                                  damp=float(damp), block_size=block_size)
+    else:
+      score = jnp.abs(w2) if method == "magnitude" else wanda_score(w2, st.sq)
+      keep = score_mask(score, k_remove=k_remove, n=n, m=m)
+      new = jnp.where(keep, w2, 0.0)
+    if log is not None:
+      log(f"oneshot[{method}]: {o.kernel} {o.shape} zeros {int((~keep).sum())}/{keep.size}")
+    return new.reshape(o.shape).astype(w.dtype), keep.reshape(o.shape)
+
+  cap, out = run_sequential("oneshot", apply_fn, variables, batches, select, layer,
+                            sequential=sequential, max_batches=max_batches,
+                            as_float=lambda r: r[0], hessian=(method == "sparsegpt"))
+  if rules is not None:
+    missing = sorted(set(chosen) - set(out))
+    if missing:
+      raise ValueError(f"oneshot: rules chose {missing}, which no captured Dense/"
+                       "DenseGeneral (nnx.Linear/LinearGeneral) consumes")
+  new_params = set_leaves(cap.params, {p: r[0] for p, r in out.items()})
+  masks = _tree.map_with_path_str(
+      lambda p, x: out[p][1] if p in out else dense_marker(), cap.params, is_leaf=is_qarray)
+  return new_params, masks

@@ -1,0 +1,143 @@
+"""One-shot pruning (Wanda, SparseGPT, magnitude): references, exact sparsity, N:M, masks."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxopt_dnn import sparsity
+from jaxopt_dnn.sparsity.oneshot import sparsegpt_solve
+
+
+class Mlp(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.gelu(nn.Dense(64, name="fc1")(x))
+    h = nn.LayerNorm()(h)
+    return nn.Dense(16, name="fc2")(h)
+
+
+def _batches(n=3, seed=0):
+  rng = np.random.default_rng(seed)
+  mix = rng.standard_normal((24, 24)).astype(np.float32)
+  scale = np.exp(rng.standard_normal(24)).astype(np.float32)      # outlier channels
+  return [(jnp.asarray((rng.standard_normal((32, 24)) @ mix * 0.3
+                        + rng.standard_normal((32, 24))).astype(np.float32) * scale),)
+          for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def mlp():
+  model, b = Mlp(), _batches()
+  return model, model.init(jax.random.key(0), b[0][0]), b
+
+
+def test_wanda_mask_equals_reference_ranking(mlp):
+  model, variables, batches = mlp
+  params, masks = sparsity.oneshot(model.apply, variables, batches, method="wanda",
+                                   sparsity=0.5, sequential=False)
+  X = np.concatenate([np.asarray(b[0]) for b in batches])
+  W = np.asarray(variables["params"]["fc1"]["kernel"])
+  score = np.abs(W) * np.linalg.norm(X, axis=0)[:, None]
+  ref = np.ones_like(W, bool)
+  for j in range(W.shape[1]):
+    ref[np.argsort(score[:, j], kind="stable")[:12], j] = False
+  np.testing.assert_array_equal(np.asarray(masks["fc1"]["kernel"]), ref)
+  np.testing.assert_array_equal(np.asarray(params["fc1"]["kernel"]), np.where(ref, W, 0))
+  assert sparsity.is_dense(masks["fc1"]["bias"]) and sparsity.is_dense(masks["LayerNorm_0"]["scale"])
+  assert params["fc1"]["bias"] is variables["params"]["fc1"]["bias"]
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
+def test_exact_sparsity_and_nm(mlp, method):
+  model, variables, batches = mlp
+  p, mk = sparsity.oneshot(model.apply, variables, batches, method=method, sparsity=0.5)
+  for name, k in (("fc1", 24), ("fc2", 64)):
+    keep = np.asarray(mk[name]["kernel"])
+    assert (~keep).sum() == round(0.5 * k) * keep.shape[1]
+    assert (~keep).sum(0).tolist() == [round(0.5 * k)] * keep.shape[1]   # per output column
+    assert np.all(np.asarray(p[name]["kernel"])[~keep] == 0)
+  sparsity.check_mask_tree(p, mk)
+  p, mk = sparsity.oneshot(model.apply, variables, batches, method=method, n=2, m=4)
+  for name in ("fc1", "fc2"):
+    keep = np.asarray(mk[name]["kernel"])
+    groups = keep.reshape(-1, 4, keep.shape[1]).sum(1)      # along the contraction axis
+    assert np.all(groups == 2)
+    assert np.all(np.asarray(p[name]["kernel"])[~keep] == 0)
+
+
+def sparsegpt_reference(W, H, s, B, damp=0.01):
+  """Column-by-column SparseGPT in float64 (per-output exact count per block)."""
+  W = W.astype(np.float64).T.copy()
+  H = H.astype(np.float64) + damp * np.mean(np.diag(H)) * np.eye(H.shape[0])
+  U = np.linalg.cholesky(np.linalg.inv(H)).T
+  K = W.shape[1]
+  keep = np.ones_like(W, bool)
+  for i1 in range(0, K, B):
+    i2 = min(i1 + B, K)
+    kb = int(np.round(s * i2) - np.round(s * i1))
+    sc = W[:, i1:i2] ** 2 / np.diag(U)[i1:i2] ** 2
+    for r in range(W.shape[0]):
+      keep[r, i1 + np.argsort(sc[r], kind="stable")[:kb]] = False
+    for i in range(i1, i2):
+      q = np.where(keep[:, i], W[:, i], 0.0)
+      err = (W[:, i] - q) / U[i, i]
+      W[:, i:] -= np.outer(err, U[i, i:])
+      W[:, i] = q
+  return W.T, keep.T
+
+
+def test_sparsegpt_matches_reference_and_beats_wanda():
+  rng = np.random.default_rng(2)
+  k, n = 96, 20
+  X = (rng.standard_normal((400, k)) @ rng.standard_normal((k, k)) * 0.3
+       + rng.standard_normal((400, k))).astype(np.float32)
+  W = rng.standard_normal((k, n)).astype(np.float32)
+  H = 2.0 * X.T.astype(np.float64) @ X
+  new, keep = sparsegpt_solve(jnp.asarray(W), jnp.asarray(H, jnp.float32), sparsity=0.5,
+                              block_size=32)
+  rw, rk = sparsegpt_reference(W, H, 0.5, 32)
+  assert np.mean(np.asarray(keep) != rk) < 0.01
+  np.testing.assert_allclose(np.asarray(new), rw, atol=2e-3)
+  wanda = np.abs(W) * np.linalg.norm(X, axis=0)[:, None]
+  wk = np.ones_like(W, bool)
+  for j in range(n):
+    wk[np.argsort(wanda[:, j], kind="stable")[:48], j] = False
+  err = lambda d: np.sum((X @ W - X @ d) ** 2)  # noqa: E731
+  assert err(np.asarray(new)) < 0.8 * err(np.where(wk, W, 0))
+
+
+def test_masks_work_with_prune_optimizer_and_pack(mlp):
+  model, variables, batches = mlp
+  p, mk = sparsity.oneshot(model.apply, variables, batches, method="sparsegpt", n=2, m=4)
+  tx = sparsity.prune_optimizer(optax.sgd(0.1), sparsity.constant_schedule(0.5),
+                                update_until=-1)           # never recompute: keep these
+  state = tx.init(p)._replace(masks=mk)
+  x = batches[0][0]
+  loss = lambda q: jnp.mean(model.apply({"params": q}, x) ** 2)  # noqa: E731
+  for _ in range(3):
+    g = jax.grad(loss)(p)
+    u, state = tx.update(g, state, p)
+    p = optax.apply_updates(p, u)
+  keep = np.asarray(mk["fc1"]["kernel"])
+  assert np.all(np.asarray(p["fc1"]["kernel"])[~keep] == 0)
+  np.testing.assert_array_equal(np.asarray(sparsity.apply_masks(p, mk)["fc2"]["kernel"]),
+                                np.asarray(p["fc2"]["kernel"]))
+  packed = sparsity.pack(p, mk)
+  assert sparsity.tree_bytes(packed) < sparsity.tree_bytes(p)
+
+
+def test_oneshot_bad_args(mlp):
+  model, variables, batches = mlp
+  with pytest.raises(ValueError, match="method"):
+    sparsity.oneshot(model.apply, variables, batches, method="obs")
+  with pytest.raises(ValueError, match="sparsity"):
+    sparsity.oneshot(model.apply, variables, batches, sparsity=1.5)
+  with pytest.raises(ValueError, match="n and m"):
+    sparsity.oneshot(model.apply, variables, batches, n=2)
+  with pytest.raises(ValueError, match="m=5"):
+    sparsity.oneshot(model.apply, variables, batches, n=2, m=5)
+  with pytest.raises(ValueError, match="nothing"):
+    sparsity.oneshot(model.apply, variables, batches, rules=["nothing"])
