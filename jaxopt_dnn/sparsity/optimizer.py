@@ -94,9 +94,8 @@ def prune_optimizer(tx: optax.GradientTransformation, schedule: Callable[[Any], 
   if update_every < 1:
     raise ValueError(f"update_every must be >= 1, got {update_every}")
   if update_until is not None and (
-      not isinstance(update_until, (int, np.integer)) or isinstance(update_until, bool)
-      or update_until < 0):
-    raise TypeError(f"update_until must be None or an int >= 0, got {update_until!r}")
+      not isinstance(update_until, (int, np.integer)) or isinstance(update_until, bool)):
+    raise TypeError(f"update_until must be None or an int, got {update_until!r}")
   if method == "nm":
     if not (isinstance(n, int) and isinstance(m, int)) or not 0 < n <= m:
       raise ValueError(f"N:M needs integers 0 < n <= m, got n={n!r}, m={m!r}")
