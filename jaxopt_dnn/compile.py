@@ -272,7 +272,14 @@ def load_exported(path: str | os.PathLike) -> Served:
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"no exported function at {path}")
-  return Served(jax.export.deserialize(bytearray(path.read_bytes())))
+  data = path.read_bytes()
+  try:
+    exported = jax.export.deserialize(bytearray(data))
+  except Exception as e:  # noqa: BLE001 - flatbuffers/MLIR raise anything on garbage
+    raise ValueError(f"{path} is not a serialized jax.export function written by "
+                     f"compile.export ({len(data)} bytes; {type(e).__name__}: "
+                     f"{' '.join(str(e).split())[:160]})") from None
+  return Served(exported)
 
 
 # ----------------------------------------------------------------------------- cache

@@ -77,6 +77,17 @@ def loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array
                      f"{s_shape[:-1]} nor probabilities {s_shape}")
   _check_scalar("temperature", temperature, 0.0, np.inf, True)
   _check_scalar("alpha", alpha, 0.0, 1.0, False)
+  if l_shape != s_shape:
+    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+      raise TypeError(f"distill.loss: labels of shape {l_shape} must be integer class labels, "
+                      f"got dtype {jnp.result_type(labels)}")
+    if not isinstance(labels, jax.core.Tracer) and np.size(labels):
+      lab = np.asarray(labels)
+      k = s_shape[-1]
+      if lab.min() < 0 or lab.max() >= k:
+        bad = lab.max() if lab.max() >= k else lab.min()
+        raise ValueError(f"distill.loss: label {int(bad)} is out of range for {k} classes "
+                         f"(labels must be in [0, {k - 1}])")
   teacher_logits = jax.lax.stop_gradient(teacher_logits)
   soft = kl_divergence(student_logits, teacher_logits, temperature)
   s32 = student_logits.astype(jnp.promote_types(student_logits.dtype, jnp.float32))

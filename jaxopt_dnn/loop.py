@@ -129,10 +129,9 @@ def _truncate_jsonl(path: str, last_step: int) -> None:
   """Drops records logged after ``last_step`` (they will be replayed)."""
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
+  keep = [rec for rec in checkpoint.read_jsonl(path) if rec.get("step", 0) <= last_step]
   with open(path, "w") as f:
-    f.writelines(keep)
+    f.writelines(json.dumps(rec) + "\n" for rec in keep)
 
 
 def run(state: PyTree, train_step: Callable, batch_fn: Callable[[int], Any],
@@ -168,9 +167,13 @@ def run(state: PyTree, train_step: Callable, batch_fn: Callable[[int], Any],
   if config.checkpoint_dir is not None:
     mngr = checkpoint.manager(config.checkpoint_dir, max_to_keep=config.max_to_keep,
                     save_every=config.save_every, async_save=config.async_checkpoints)
+    restored = None
     if config.resume and mngr.latest_step() is not None:
-      state, saved_meta, resumed_from = checkpoint.restore(config.checkpoint_dir, state,
-                                                           _mngr=mngr)
+      # The newest step that reads back intact; damaged newer ones are reported, moved aside.
+      restored = checkpoint.restore_latest_intact(config.checkpoint_dir, state, mngr=mngr,
+                                                  quarantine=True)
+    if restored is not None:
+      state, saved_meta, resumed_from = restored
       for k in ("batch_size", "seed"):
         if saved_meta.get(k, meta[k]) != meta[k]:
           mngr.close()
@@ -179,6 +182,9 @@ def run(state: PyTree, train_step: Callable, batch_fn: Callable[[int], Any],
                            "order would differ; use a fresh checkpoint_dir or resume=False)")
       if config.metrics_path:
         _truncate_jsonl(config.metrics_path, resumed_from)
+    elif config.resume and config.metrics_path and mngr.latest_step() is None \
+        and os.path.exists(config.metrics_path):
+      _truncate_jsonl(config.metrics_path, 0)   # every step was damaged: all are replayed
   start = int(state.step)
   bar = _Progress(config.progress, config.steps, start, console)
   log = open(config.metrics_path, "a") if config.metrics_path else None

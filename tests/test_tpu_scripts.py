@@ -87,8 +87,8 @@ def test_setup_installs_on_all_workers_from_git_or_wheel():
   assert "--worker=all" in scp and "--worker=all" in ssh
   assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "n1"]
   text = remote_command(ssh)
-  assert "'jax[tpu]'" in text and "gcsfs" in text
-  assert "'jaxopt-dnn @ git+https://example.com/me/jaxopt_dnn@v0.1'" in text
+  assert r"jax\[tpu\]" in text and "gcsfs" in text
+  assert r"jaxopt-dnn\ @\ git+https://example.com/me/jaxopt_dnn@v0.1" in text
   assert "--python 3.12" in text  # JAX needs Python >= 3.11
   wheel_scp, _, ssh = dry("setup.sh", "--wheel", "dist/jaxopt_dnn-0.1.0-py3-none-any.whl")
   assert wheel_scp[5:7] == ["dist/jaxopt_dnn-0.1.0-py3-none-any.whl", "jaxopt-dnn:"]
@@ -101,7 +101,7 @@ def test_launch_runs_the_same_command_on_every_worker():
   assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "n1"]
   assert "--worker=all" in ssh
   text = remote_command(ssh)
-  assert "$HOME/jaxopt_venv/bin/python $HOME/train_tpu.py" in text
+  assert '"$HOME/jaxopt_venv/bin/python" $HOME/train_tpu.py' in text
   assert '--out "$HOME/jaxopt_run" --steps 100 --fsdp 2' in text
   assert "JAX_COMPILATION_CACHE_DIR=/tmp/c" in text and "pipefail" in text
   # Nothing about the coordinator: on a TPU VM initialize_distributed() auto-detects.
@@ -136,6 +136,94 @@ def test_delete_node_or_queued_resource():
   (cmd,) = dry("delete.sh", "--name", "n1", "--queued", "--yes")
   assert cmd[3:6] == ["queued-resources", "delete", "n1-qr"]
   assert "--force" in cmd and "--quiet" in cmd
+
+
+# Names a careless or hostile user may pass: each would run `touch PWNED` (or break the
+# command) if it reached the worker's shell unquoted.
+HOSTILE = ["r$(touch${IFS}PWNED)", "a`touch PWNED`b", "x;touch PWNED", "sp ace",
+           "q'uo\"te", "$(touch PWNED)", "nl\ntouch PWNED", "${IFS}&&touch PWNED|",
+           "*", "~root", "-n", "100%"]
+_RECORD = '#!/bin/bash\n{ printf "%s\\0" "$0" "$@"; printf "\\1"; } >> "$HOME/calls"\n'
+
+
+def _sandbox(tmp_path):
+  home = tmp_path / "home"
+  (home / ".local/bin").mkdir(parents=True)
+  (tmp_path / "bin").mkdir()
+  tools = {home / ".local/bin/uv": _RECORD + 'if [ "$1" = venv ]; then mkdir -p "${@: -1}/bin"; '
+                                             'cp "$0" "${@: -1}/bin/python"; fi\n',
+           tmp_path / "bin/python3": _RECORD,
+           home / "jaxopt_venv/bin/python": _RECORD + 'printf "%s" "$HOSTILE_ENV" > "$HOME/env"\n'}
+  for path, text in tools.items():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+  return home
+
+
+def _run_remote(tmp_path, home, text):
+  """Runs a remote --command as the worker would (bash -c), in a sandbox HOME whose
+  python/uv only record their arguments; returns the recorded calls."""
+  env = {"HOME": str(home), "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+  p = subprocess.run(["bash", "-c", text], cwd=tmp_path, env=env, capture_output=True,
+                     text=True, timeout=30)
+  assert p.returncode == 0, (p.stderr, text)
+  pwned = [str(f) for f in tmp_path.rglob("PWNED")]
+  assert not pwned, f"the remote command executed an injected command: {pwned}\n{text}"
+  raw = (home / "calls").read_bytes().decode()
+  return [c.split("\0")[:-1] for c in raw.split("\1")[:-1]]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_launch_quotes_hostile_values_for_the_workers_shell(tmp_path, name):
+  home = _sandbox(tmp_path)
+  cmds = dry("launch.sh", "--out", f"$HOME/{name}", "--recipe", f"{tmp_path}/{name}.json",
+             "--env", f"HOSTILE_ENV={name}", "--", "--steps", name, "--metrics", name)
+  scp, ssh = cmds[-2], cmds[-1]
+  if "\n" not in name:  # printed as $'...' (one line), which shlex does not read
+    assert scp[5] == f"{tmp_path}/{name}.json"
+  assert scp[6] in ("jaxopt-dnn:jaxopt_recipe.json", f"jaxopt-dnn:{name}.json")
+  calls = _run_remote(tmp_path, home, remote_command(ssh))
+  recipe = scp[6].split(":", 1)[1]
+  assert calls == [[f"{home}/jaxopt_venv/bin/python", f"{home}/train_tpu.py",
+                    "--out", f"{home}/{name}", "--recipe", f"{home}/{recipe}",
+                    "--steps", name, "--metrics", name]]
+  assert (home / "env").read_text() == name
+  # The remote --out/--recipe cannot be turned into an option or another directory.
+  assert dry("launch.sh", "--env", f"{name}=1", ok=False).returncode == 2
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_setup_quotes_hostile_values_for_the_workers_shell(tmp_path, name):
+  home = _sandbox(tmp_path)
+  env_venv = f"$HOME/{name}"
+  p = subprocess.run(["bash", str(SCRIPTS / "setup.sh"), "--dry-run", "--python", name,
+                      "--pip", name, "--ref", name],
+                     text=True, capture_output=True, timeout=30,
+                     env={**{k: v for k, v in os.environ.items() if not k.startswith("TPU_")},
+                          "TPU_VENV": env_venv})
+  assert p.returncode == 0, p.stderr
+  ssh = shlex.split(p.stdout.splitlines()[-1])
+  calls = _run_remote(tmp_path, home, remote_command(ssh))
+  uv, venv = f"{home}/.local/bin/uv", f"{home}/{name}"
+  assert calls[0][1:] == ["-m", "pip", "install", "--user", "--quiet", "--upgrade", "uv"]
+  assert calls[1] == [uv, "venv", "--python", name, venv]
+  assert calls[2] == [uv, "pip", "install", "--python", f"{venv}/bin/python", "--upgrade",
+                      "jax[tpu]", "gcsfs",
+                      f"jaxopt-dnn @ git+https://github.com/OWNER/jaxopt_dnn@{name}", name]
+  assert calls[3][0] == f"{venv}/bin/python" and calls[3][1] == "-c"
+  # A wheel must carry a wheel's (plain) file name: a hostile one is refused up front.
+  p = dry("setup.sh", "--wheel", f"dist/{name}.whl", ok=False)
+  assert p.returncode == 2 and "--wheel" in p.stderr and not p.stdout
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_fetch_results_and_names_refuse_hostile_values(name):
+  p = dry("fetch_results.sh", "--from", f"$HOME/{name}", ok=False)
+  assert p.returncode == 2 and "--from" in p.stderr and not p.stdout
+  for script in ("launch.sh", "setup.sh", "fetch_results.sh"):
+    p = dry(script, "--name", name, ok=False)
+    assert p.returncode == 2 and "--name" in p.stderr and not p.stdout
 
 
 @pytest.mark.slow

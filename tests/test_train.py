@@ -239,7 +239,7 @@ def test_sigkill_mid_save_then_resume_is_bit_identical(tmp_path):
   resumed = _child(tmp_path, str(ck), tmp_path / "run", 0)
   out, err = resumed.communicate(timeout=240)
   assert resumed.returncode == 0, err[-2000:]
-  assert "resumed_from 10" in out
+  assert "resumed_from 10" in out, err[-3000:]
   a, b = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "run.npz")
   assert len(a.files) == len(b.files) > 5
   for k in a.files:

@@ -36,8 +36,29 @@ quote_arg() {
   local a="$1"
   if [[ "$a" =~ ^[A-Za-z0-9_./:=@,+%^-]+$ ]]; then
     printf '%s' "$a"
+  elif [[ "$a" == *[[:cntrl:]]* ]]; then
+    printf '%q' "$a"  # $'...' keeps a newline or other control character on one line
   else
     printf "'%s'" "${a//\'/\'\\\'\'}"
+  fi
+}
+
+# Quotes one value for the worker's shell (printf %q), so that nothing in it is expanded,
+# substituted or split there. The one deliberate exception: a leading literal '$HOME' (or
+# '~') followed by '/' or the end becomes "$HOME", which the worker's shell expands to its
+# own home directory (the documented `--out '$HOME/run1'` form); the rest is quoted.
+# shellcheck disable=SC2016,SC2088  # a literal $HOME / ~, matched and emitted on purpose
+remote_quote() {
+  local a="$1" rest
+  case "$a" in
+    '$HOME' | '~') printf '"$HOME"'; return ;;
+    '$HOME/'* | '~/'*) rest="${a#*/}" ;;
+    *) printf '%q' "$a"; return ;;
+  esac
+  if [[ "$rest" =~ ^[A-Za-z0-9_./:=@,+%^-]*$ ]]; then
+    printf '"$HOME/%s"' "$rest"   # nothing in rest is special inside double quotes
+  else
+    printf '"$HOME"/%q' "$rest"
   fi
 }
 
@@ -85,8 +106,11 @@ parse_flags() {
   done
 }
 
-# The location flags every gcloud tpu command takes.
+# The location flags every gcloud tpu command takes (and a check of the node name, which
+# also appears in scp's NAME:PATH arguments).
 location_flags() {
+  [[ "$TPU_NAME" =~ ^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$ ]] ||
+    die "--name must be lowercase letters, digits and hyphens, starting with a letter, got $(quote_arg "$TPU_NAME")"
   LOCATION=(--zone="$TPU_ZONE")
   if [[ -n "$TPU_PROJECT" ]]; then
     LOCATION+=(--project="$TPU_PROJECT")

@@ -40,13 +40,19 @@ hosts="$(hosts_for "$TPU_ACCELERATOR")"
 FROM="${FROM:-\$HOME/jaxopt_run}"
 TO="${TO:-results/$TPU_NAME}"
 
+if [[ "$FROM" != gs://* ]]; then
+  # scp does not expand $HOME / ~ on the worker: paths relative to the home directory.
+  rel="${FROM#\$HOME/}"
+  rel="${rel#\~/}"
+  # scp may hand the remote path to the worker's shell: only plain paths are accepted.
+  [[ "$rel" =~ ^[A-Za-z0-9_./+-]+$ && "$rel" != -* ]] ||
+    die "--from must be gs://... or a plain path on the worker (letters, digits, _ . / + -), got $(quote_arg "$FROM")"
+fi
+
 run mkdir -p "$TO/logs"
 if [[ "$FROM" == gs://* ]]; then
   run gcloud storage cp --recursive "$FROM" "$TO/"
 else
-  # scp does not expand $HOME / ~ on the worker: paths relative to the home directory.
-  rel="${FROM#\$HOME/}"
-  rel="${rel#\~/}"
   run gcloud compute tpus tpu-vm scp --recurse "$TPU_NAME:$rel" "$TO/" "${LOCATION[@]}" \
     --worker=0
 fi

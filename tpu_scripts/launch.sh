@@ -45,7 +45,8 @@ handle_flag() {
     --out) OUT="${2:?--out needs a value}"; NSHIFT=2 ;;
     --recipe) RECIPE="${2:?--recipe needs a value}"; NSHIFT=2 ;;
     --env)
-      [[ "${2:-}" == *=* ]] || die "--env needs KEY=VALUE, got '${2:-}'"
+      [[ "${2:-}" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] ||
+        die "--env needs KEY=VALUE (KEY a variable name), got $(quote_arg "${2:-}")"
       ENVS+=("$2"); NSHIFT=2 ;;
     --background) BACKGROUND=1; NSHIFT=1 ;;
     --)
@@ -69,22 +70,33 @@ if [[ -n "$RECIPE" ]]; then
   if [[ ! -f "$RECIPE" ]] && ((!DRY_RUN)); then
     die "recipe file not found: $RECIPE"
   fi
-  run gcloud compute tpus tpu-vm scp "$RECIPE" "$TPU_NAME:$(basename "$RECIPE")" \
+  # The copy on the workers keeps the file's name when it is a plain one; any other name
+  # (spaces, quotes, $, ...) is copied as jaxopt_recipe.<ext>, so no remote path needs quoting.
+  remote_recipe="$(basename "$RECIPE")"
+  if [[ ! "$remote_recipe" =~ ^[A-Za-z0-9_][A-Za-z0-9_.+-]*$ ]]; then
+    case "$remote_recipe" in
+      *.json) remote_recipe=jaxopt_recipe.json ;;
+      *.yaml | *.yml) remote_recipe=jaxopt_recipe.yaml ;;
+      *) die "--recipe must be a .json or .yaml file, got $(quote_arg "$RECIPE")" ;;
+    esac
+  fi
+  run gcloud compute tpus tpu-vm scp "$RECIPE" "$TPU_NAME:$remote_recipe" \
     "${LOCATION[@]}" --worker=all
-  args+=(--recipe "\$HOME/$(basename "$RECIPE")")
+  args+=(--recipe "\$HOME/$remote_recipe")
 fi
 args+=(${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
 
-# Quote for the worker's shell; keep $HOME expandable there.
+# Every value is quoted for the worker's shell (remote_quote: printf %q); only a leading
+# $HOME is left for the worker to expand, on purpose.
 quoted=""
 for a in "${args[@]}"; do
-  if [[ "$a" == \$HOME* ]]; then quoted+="\"$a\" "; else quoted+="$(quote_arg "$a") "; fi
+  quoted+="$(remote_quote "$a") "
 done
 envs="PYTHONUNBUFFERED=1"
 for e in ${ENVS[@]+"${ENVS[@]}"}; do
-  envs+=" $(quote_arg "$e")"
+  envs+=" $(remote_quote "$e")"
 done
-train="env $envs $TPU_VENV/bin/python \$HOME/train_tpu.py ${quoted% }"
+train="env $envs $(remote_quote "$TPU_VENV/bin/python") \$HOME/train_tpu.py ${quoted% }"
 if ((BACKGROUND)); then
   remote="cd \$HOME; nohup $train > \$HOME/train_tpu.log 2>&1 < /dev/null & echo started on \$(hostname)"
 else

@@ -54,6 +54,9 @@ if [[ -n "$WHEEL" ]]; then
   if [[ ! -f "$WHEEL" ]] && ((!DRY_RUN)); then
     die "wheel not found: $WHEEL"
   fi
+  # pip needs the wheel's own file name, which is plain (name-version-tags.whl).
+  [[ "$(basename "$WHEEL")" =~ ^[A-Za-z0-9_][A-Za-z0-9_.+!-]*\.whl$ ]] ||
+    die "--wheel must be a wheel file named NAME-VERSION-TAGS.whl, got $(quote_arg "$WHEEL")"
   run gcloud compute tpus tpu-vm scp "$WHEEL" "$TPU_NAME:" "${LOCATION[@]}" --worker=all
   package="\$HOME/$(basename "$WHEEL")"
 else
@@ -62,23 +65,23 @@ fi
 run gcloud compute tpus tpu-vm scp "$here/train_tpu.py" "$TPU_NAME:train_tpu.py" \
   "${LOCATION[@]}" --worker=all
 
-# The command each worker runs (its own bash; $HOME expands there).
+# The command each worker runs (its own bash). Every value is quoted for it with
+# remote_quote (printf %q); only a leading $HOME (the wheel's path, the default $TPU_VENV)
+# is left for the worker to expand, on purpose.
 pip_args=("jax[tpu]" "gcsfs" "$package" ${EXTRA_PIP[@]+"${EXTRA_PIP[@]}"})
 quoted=""
 for a in "${pip_args[@]}"; do
-  if [[ "$a" == \$HOME/* ]]; then
-    quoted+="\"$a\" "  # keep $HOME expandable on the worker
-  else
-    quoted+="$(quote_arg "$a") "
-  fi
+  quoted+="$(remote_quote "$a") "
 done
+venv="$(remote_quote "$TPU_VENV")"
+py="$(remote_quote "$TPU_VENV/bin/python")"
 steps=(
   "set -euo pipefail"
   "python3 -m pip install --user --quiet --upgrade uv"
   "UV=\$HOME/.local/bin/uv"
-  "if [ ! -x $TPU_VENV/bin/python ]; then \$UV venv --python $PYTHON_VERSION $TPU_VENV; fi"
-  "\$UV pip install --python $TPU_VENV/bin/python --upgrade ${quoted% }"
-  "$TPU_VENV/bin/python -c 'import jax, jaxopt_dnn; print(\"worker ready: jax\", jax.__version__, \"jaxopt_dnn\", jaxopt_dnn.__version__)'"
+  "if [ ! -x $py ]; then \$UV venv --python $(remote_quote "$PYTHON_VERSION") $venv; fi"
+  "\$UV pip install --python $py --upgrade ${quoted% }"
+  "$py -c 'import jax, jaxopt_dnn; print(\"worker ready: jax\", jax.__version__, \"jaxopt_dnn\", jaxopt_dnn.__version__)'"
 )
 remote="$(join_steps "${steps[@]}")"
 run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${LOCATION[@]}" --worker=all --command="$remote"

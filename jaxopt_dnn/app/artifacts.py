@@ -30,10 +30,72 @@ def _nbytes(node: Any) -> int:
 
 def load_raw(directory: str) -> tuple[dict, dict]:
   """``(stored tree as nested dicts, metadata)`` of a checkpoint directory."""
-  if not os.path.isdir(directory):
+  if not os.path.exists(directory):
     raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
-  state, meta, _ = checkpoint.restore(directory)
+  if not os.path.isdir(directory):
+    raise ValueError(f"{directory!r} is a file, not a checkpoint directory")
+  state, meta, _ = checkpoint.restore(directory)   # CheckpointCorruptedError: "corrupted"
+  if not isinstance(state, dict):
+    raise checkpoint.CheckpointCorruptedError(directory, "?", "the stored state is not a tree")
   return state, meta
+
+
+def _stored_recipe(directory: str, meta: dict) -> Recipe:
+  """The recipe stored in a checkpoint's metadata, or a clear error naming it."""
+  try:
+    text = meta["recipe"]
+    if not isinstance(text, str):
+      raise TypeError(f"it is a {type(text).__name__}, not JSON text")
+    return Recipe.from_json(text)
+  except (TypeError, ValueError, KeyError) as e:
+    raise ValueError(f"checkpoint {directory!r}: the stored recipe is invalid "
+                     f"({' '.join(str(e).split())[:300]})") from None
+
+
+# A serving model may hold at most this many parameters per stored entry (folded batch
+# norm drops a few, nothing adds many): a tampered model_kwargs cannot ask for a huge model.
+_MAX_PARAMS_PER_STORED = 2
+
+
+def _stored_entries(tree: Any, meta: dict) -> int:
+  shapes = meta.get("packed_shapes", {})
+  total = 0
+  for path, node in _flat_stored(tree):
+    if _is_packed(node):
+      shape = shapes.get(path)
+      total += int(np.prod(shape)) if isinstance(shape, list) else 8 * np.size(node["bits"])
+    else:
+      total += int(np.size(node))
+  return total
+
+
+def _check_serving_meta(directory: str, tree: Any, meta: dict, recipe: Recipe) -> tuple:
+  """``(input_shape, num_classes)`` checked, and the recipe's model bounded by the stored
+  arrays, all before anything is built."""
+  from jaxopt_dnn.app import models
+
+  shape, k = meta.get("input_shape"), meta.get("num_classes")
+  if not (isinstance(shape, list) and 1 <= len(shape) <= 4
+          and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 65536
+                  for d in shape) and int(np.prod(shape)) <= 2 ** 24):
+    raise ValueError(f"checkpoint {directory!r}: stored input_shape {shape!r} is invalid")
+  if not (isinstance(k, int) and not isinstance(k, bool) and 2 <= k <= 2 ** 20):
+    raise ValueError(f"checkpoint {directory!r}: stored num_classes {k!r} is invalid")
+  stored = _stored_entries(tree, meta)
+  try:
+    model = models.get_model(recipe.model, k, **dict(recipe.model_kwargs))
+    abstract = jax.eval_shape(model.init, jax.random.key(0),
+                              jax.ShapeDtypeStruct((1, *shape), np.float32))
+  except Exception as e:  # noqa: BLE001 - any model constructor/shape error
+    raise ValueError(f"checkpoint {directory!r}: the stored recipe's model {recipe.model!r} "
+                     f"with model_kwargs {dict(recipe.model_kwargs)} cannot be built for input "
+                     f"{shape}: {' '.join(str(e).split())[:200]}") from None
+  need = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.get("params", abstract)))
+  if need > _MAX_PARAMS_PER_STORED * stored + 1024:
+    raise ValueError(f"checkpoint {directory!r}: the stored recipe asks for a model of {need:,} "
+                     f"parameters but the checkpoint stores only {stored:,} values (tampered "
+                     f"or mismatched recipe/model_kwargs)")
+  return shape, k
 
 
 def _describe_leaf(node: Any, shape: tuple[int, ...] | None) -> tuple[str, str, str, int, int]:
@@ -54,7 +116,7 @@ def describe(directory: str) -> str:
   shapes = {k: tuple(v) for k, v in meta.get("packed_shapes", {}).items()}
   lines = [f"checkpoint: {directory}"]
   if "recipe" in meta:
-    r = Recipe.from_json(meta["recipe"])
+    r = _stored_recipe(directory, meta)
     lines.append(f"recipe: {r.name} (model={r.model}, prune={r.prune.method}"
                  f"{'@' + str(r.prune.sparsity) if r.prune.method != 'none' else ''}, "
                  f"quant={r.quant.mode}, precision={r.precision.policy})")
@@ -80,9 +142,14 @@ def _dense(node: Any, shape: tuple[int, ...], dtype) -> np.ndarray:
   """A stored leaf as a dense array of ``shape`` (unpacking ``{bits, values}``)."""
   if _is_packed(node):
     size = int(np.prod(shape))
-    keep = np.unpackbits(np.asarray(node["bits"]), count=size).astype(bool)
-    out = np.zeros(size, np.asarray(node["values"]).dtype)
-    out[keep] = np.asarray(node["values"])
+    bits, values = np.asarray(node["bits"]), np.asarray(node["values"])
+    if bits.size != -(-size // 8):
+      raise ValueError(f"{bits.size} mask bytes for {size} entries")
+    keep = np.unpackbits(bits, count=size).astype(bool)
+    if values.ndim != 1 or values.size != int(keep.sum()):
+      raise ValueError(f"the mask keeps {int(keep.sum())} entries, values has {values.shape}")
+    out = np.zeros(size, values.dtype)
+    out[keep] = values
     return out.reshape(shape)
   return np.asarray(node).reshape(shape).astype(dtype)
 
@@ -95,10 +162,11 @@ def load_serving(directory: str):
   if "recipe" not in meta or "input_shape" not in meta:
     raise ValueError(f"{directory!r} is not a serving checkpoint written by compress "
                      "(no recipe/input_shape in its metadata)")
-  recipe = Recipe.from_json(meta["recipe"])
-  sample = np.zeros((1, *meta["input_shape"]), np.float32)
+  recipe = _stored_recipe(directory, meta)
+  shape, num_classes = _check_serving_meta(directory, tree, meta, recipe)
+  sample = np.zeros((1, *shape), np.float32)
   template_build = compose.build(recipe.replace(init_from=None, distill={"teacher": None}),
-                                 sample, num_classes=int(meta["num_classes"]))
+                                 sample, num_classes=num_classes)
   template = template_build.serving(template_build.state, [sample])
   flat, treedef = jax.tree_util.tree_flatten_with_path(template.variables)
   stored = dict(_flat_stored(tree))
@@ -108,7 +176,11 @@ def load_serving(directory: str):
     if key not in stored:
       raise ValueError(f"checkpoint {directory!r} has no entry {key!r} that recipe "
                        f"{recipe.name!r} needs (incompatible recipe?); it has {sorted(stored)[:8]}")
-    leaves.append(_dense(stored[key], np.shape(leaf), np.asarray(leaf).dtype))
+    try:
+      leaves.append(_dense(stored[key], np.shape(leaf), np.asarray(leaf).dtype))
+    except ValueError as e:
+      raise ValueError(f"checkpoint {directory!r}: stored {key!r} does not fit the shape "
+                       f"{np.shape(leaf)} that recipe {recipe.name!r} builds ({e})") from None
   variables = jax.tree.unflatten(treedef, leaves)
   return template.fn, variables, sample, recipe
 

@@ -203,6 +203,11 @@ def _as_images(x: np.ndarray, where: str) -> np.ndarray:
     x = x[..., None]
   if x.ndim < 2:
     raise ValueError(f"{where}: x must have a leading example axis and features, got shape {x.shape}")
+  bad = ~np.isfinite(x)
+  if bad.any():
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(f"{where}: {int(bad.sum())} features are NaN or infinite (first at index "
+                     f"{first}: {x[first]}); clean the data before training")
   return x
 
 
@@ -237,6 +242,16 @@ def from_arrays(x_train, y_train, x_test=None, y_test=None, *, name: str = "arra
   k = found if num_classes is None else int(num_classes)
   if found > k:
     raise ValueError(f"{name}: label {found - 1} >= num_classes={k}")
+  if num_classes is None and len(labels):
+    present = np.unique(labels)
+    missing = k - len(present)
+    if missing > max(1, k // 10):   # 0..9 plus a stray 1000 would make 1001 classes
+      others = present[:-1]
+      span = f"{int(others.min())}..{int(others.max())}" if len(others) else "none"
+      raise ValueError(
+          f"{name}: labels must be the class indices 0..K-1, but label {int(present[-1])} "
+          f"implies {k} classes of which {missing} never occur (other labels: {span}); "
+          "fix the labels or pass num_classes explicitly")
   if k < 2:
     raise ValueError(f"{name}: need at least 2 classes, found {k}")
   if x_test is None:
@@ -259,22 +274,41 @@ def load_npz(path: str | os.PathLike, *, num_classes: int | None = None,
       (the message lists the arrays found).
   """
   path = os.fspath(path)
+  if os.path.isdir(path):
+    raise ValueError(f"dataset {path!r} is a directory, expected an .npz file")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"dataset file not found: {path!r}")
+  with open(path, "rb") as f:
+    magic = f.read(6)
+  if magic.startswith(b"\x93NUMPY"):
+    raise ValueError(f"{path!r} holds a single .npy array, expected an .npz archive "
+                     "(numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...))")
+  if not magic.startswith(b"PK"):
+    raise ValueError(f"{path!r} is not an .npz archive (a zip file; it starts with "
+                     f"{magic!r}); write it with numpy.savez")
+  import zipfile
   try:
     with np.load(path, allow_pickle=False) as z:
       arrays = {k: z[k] for k in z.files}
-  except (ValueError, OSError) as e:
+  except ValueError as e:
+    if "pickle" in str(e):
+      raise ValueError(f"{path!r} holds object (pickled) arrays, which are refused; store "
+                       "plain numeric arrays") from None
+    raise ValueError(f"{path!r} is not a readable .npz archive of plain arrays: {e}") from None
+  except (OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
     raise ValueError(f"{path!r} is not a readable .npz archive of plain arrays: {e}") from None
   if not isinstance(arrays, dict):
     raise ValueError(f"{path!r} holds a single array, expected an .npz archive")
   name = os.path.splitext(os.path.basename(path))[0]
   full = ("x_train", "y_train", "x_test", "y_test")
-  if all(k in arrays for k in full):
-    return from_arrays(*(arrays[k] for k in full), name=name, num_classes=num_classes)
-  if "x" in arrays and "y" in arrays:
-    return from_arrays(arrays["x"], arrays["y"], name=name, num_classes=num_classes,
-                       test_fraction=test_fraction, seed=seed)
+  try:
+    if all(k in arrays for k in full):
+      return from_arrays(*(arrays[k] for k in full), name=name, num_classes=num_classes)
+    if "x" in arrays and "y" in arrays:
+      return from_arrays(arrays["x"], arrays["y"], name=name, num_classes=num_classes,
+                         test_fraction=test_fraction, seed=seed)
+  except (ValueError, TypeError) as e:
+    raise type(e)(f"dataset file {path!r}: {e}") from None
   raise ValueError(f"{path!r}: expected arrays x_train, y_train, x_test, y_test (or x, y); "
                    f"found {sorted(arrays) or 'none'}")
 

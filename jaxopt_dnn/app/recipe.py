@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
+import math
 import os
 import types
 import typing
@@ -151,15 +153,30 @@ class Recipe:
     path = os.fspath(path)
     if not os.path.exists(path):
       raise FileNotFoundError(f"recipe file {path!r} does not exist")
-    with open(path) as f:
-      text = f.read()
+    if not os.path.isfile(path):
+      raise ValueError(f"recipe file {path!r} is not a regular file (a directory?)")
+    if not path.endswith((".yaml", ".yml", ".json")):
+      raise ValueError(f"recipe file {path!r}: expected a .json, .yaml or .yml file")
+    try:
+      with open(path, encoding="utf-8") as f:
+        text = f.read()
+    except UnicodeDecodeError as e:
+      raise ValueError(f"recipe file {path!r} is not UTF-8 text (byte {e.start}: "
+                       f"{e.object[e.start:e.start + 1]!r})") from None
     if path.endswith((".yaml", ".yml")):
       import yaml
-      d = yaml.safe_load(text)
-    elif path.endswith(".json"):
-      d = json.loads(text)
+      try:
+        d = yaml.safe_load(text)
+      except yaml.YAMLError as e:
+        what = " ".join(str(e).split())
+        if "python/" in what:
+          what = "Python-specific tags (!!python/...) are not allowed: " + what
+        raise ValueError(f"recipe file {path!r} is not valid YAML: {what}") from None
     else:
-      raise ValueError(f"recipe file {path!r}: expected a .json, .yaml or .yml file")
+      try:
+        d = json.loads(text)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"recipe file {path!r} is not valid JSON: {e}") from None
     if not isinstance(d, dict):
       raise ValueError(f"recipe file {path!r} must hold a mapping, got {type(d).__name__}")
     return cls.from_dict(d)
@@ -191,11 +208,53 @@ _CHOICES = {
 def _validate(r: Recipe) -> None:
   for section in (r, r.optimizer, r.prune, r.quant, r.precision, r.mesh, r.distill):
     cls = type(section).__name__
+    hints = _hints(type(section))
     for f in dataclasses.fields(section):
-      choices = _CHOICES.get((cls, f.name))
       v = getattr(section, f.name)
+      ann = hints[f.name]
+      if dataclasses.is_dataclass(ann):
+        if not isinstance(v, ann):
+          raise TypeError(f"recipe.{f.name} must be a {ann.__name__} or a mapping, "
+                          f"got {type(v).__name__}: {v!r}")
+        continue
+      if not _type_ok(v, ann):   # the constructor checks types like from_dict does
+        raise TypeError(f"{cls}.{f.name} must be {getattr(ann, '__name__', ann)}, "
+                        f"got {type(v).__name__}: {v!r}")
+      if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"{cls}.{f.name} must be finite, got {v!r}")
+      choices = _CHOICES.get((cls, f.name))
       if choices and v not in choices:
         raise ValueError(f"{cls}.{f.name}={v!r} is not one of {list(choices)}")
+  for k, v in r.model_kwargs:
+    if not _json_like(v):
+      raise TypeError(f"recipe.model_kwargs[{k!r}] must be a number, string, bool, None or a "
+                      f"list of them, got {type(v).__name__}: {v!r}")
+  if r.seed < 0 or r.seed >= 2 ** 32:
+    raise ValueError(f"recipe.seed must be in [0, 2**32), got {r.seed}")
+  for name in ("steps", "batch_size"):   # the step counter is int32
+    if getattr(r, name) >= 2 ** 31:
+      raise ValueError(f"recipe.{name} must be < 2**31, got {getattr(r, name)}")
+  o = r.optimizer
+  if not o.learning_rate > 0:
+    raise ValueError(f"optimizer.learning_rate must be > 0, got {o.learning_rate}")
+  if o.warmup_steps < 0:
+    raise ValueError(f"optimizer.warmup_steps must be >= 0, got {o.warmup_steps}")
+  for name in ("end_factor", "weight_decay", "momentum"):
+    if getattr(o, name) < 0:
+      raise ValueError(f"optimizer.{name} must be >= 0, got {getattr(o, name)}")
+  if r.prune.update_every < 1:
+    raise ValueError(f"prune.update_every must be >= 1, got {r.prune.update_every}")
+  if not 1 <= r.prune.n <= r.prune.m:
+    raise ValueError(f"prune.n/m must satisfy 1 <= n <= m, got n={r.prune.n}, m={r.prune.m}")
+  if r.quant.calibration_batches < 1:
+    raise ValueError(f"quant.calibration_batches must be >= 1, got "
+                     f"{r.quant.calibration_batches}")
+  if not r.precision.initial_scale > 0:
+    raise ValueError(f"precision.initial_scale must be > 0, got {r.precision.initial_scale}")
+  if r.mesh.data < 1 and r.mesh.data != -1:
+    raise ValueError(f"mesh.data must be >= 1 or -1 (all remaining devices), got {r.mesh.data}")
+  if r.mesh.fsdp < 1:
+    raise ValueError(f"mesh.fsdp must be >= 1, got {r.mesh.fsdp}")
   if r.steps < 0:
     raise ValueError(f"recipe.steps must be >= 0 (0: no training), got {r.steps}")
   if r.batch_size < 1:
@@ -213,6 +272,19 @@ def _validate(r: Recipe) -> None:
     raise ValueError(f"distill.alpha must be in [0, 1], got {r.distill.alpha}")
   if r.distill.temperature <= 0:
     raise ValueError(f"distill.temperature must be > 0, got {r.distill.temperature}")
+
+
+@functools.cache
+def _hints(cls) -> dict:
+  return typing.get_type_hints(cls)
+
+
+def _json_like(v: Any) -> bool:
+  if v is None or isinstance(v, (bool, int, str)):
+    return True
+  if isinstance(v, float):
+    return math.isfinite(v)
+  return isinstance(v, tuple) and all(_json_like(x) for x in v)
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:

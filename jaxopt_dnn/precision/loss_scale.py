@@ -63,6 +63,21 @@ def _as_scalar(x: Any, dtype):
   return x
 
 
+def _check_scale(x: Any, where: str) -> None:
+  """A concrete loss scale must be finite and > 0 (0 gives NaN gradients, a negative one
+  flips their sign). Traced values and the placeholders pytree utilities unflatten with
+  are not checked."""
+  if isinstance(x, bool):
+    raise TypeError(f"{where} must be a number, got {x!r}")
+  if isinstance(x, (int, float, np.number, np.ndarray)) or (
+      isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)):
+    if np.ndim(x) != 0:
+      raise ValueError(f"{where} must be a scalar, got shape {np.shape(x)}")
+    v = float(np.asarray(x))
+    if not (np.isfinite(v) and v > 0):
+      raise ValueError(f"{where} must be finite and > 0, got {v}")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class NoOpLossScale:
   """No scaling (float32 / bfloat16 training): ``scale``/``unscale`` are identities."""
@@ -99,6 +114,7 @@ class StaticLossScale(_ScalesByLossScale):
   loss_scale: Any
 
   def __post_init__(self):
+    _check_scale(self.loss_scale, "StaticLossScale.loss_scale")
     object.__setattr__(self, "loss_scale", _as_scalar(self.loss_scale, jnp.float32))
 
   def adjust(self, grads_finite: jax.Array) -> StaticLossScale:
@@ -129,6 +145,7 @@ class DynamicLossScale(_ScalesByLossScale):
   counter: Any = 0
 
   def __post_init__(self):
+    _check_scale(self.loss_scale, "DynamicLossScale.loss_scale")
     if not isinstance(self.period, (int, np.integer)) or self.period < 1:
       raise ValueError(f"DynamicLossScale.period must be a positive int, got {self.period!r}")
     if not float(self.factor) > 1.0:

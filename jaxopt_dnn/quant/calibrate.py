@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import flax.errors
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,6 +60,8 @@ def calibrate(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[An
   """
   if method not in ("absmax", "percentile", "mse"):
     raise ValueError(f"calibrate: method must be absmax|percentile|mse, got {method!r}")
+  from jaxopt_dnn.quant.fake import check_percentile
+  percentile = check_percentile(percentile, "calibrate: percentile")
   run = intercept.calibration_runner(apply_fn, variables, method=method, rules=rules,
                                      percentile=percentile)
   per_op: dict[str, list[np.ndarray]] = {}
@@ -67,7 +70,14 @@ def calibrate(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[An
     if max_batches is not None and i >= max_batches:
       break
     _check_batch(batch, i)
-    stats = jax.device_get(run(batch if isinstance(batch, tuple) else (batch,)))
+    args = batch if isinstance(batch, tuple) else (batch,)
+    try:
+      stats = jax.device_get(run(args))
+    except (TypeError, ValueError, flax.errors.FlaxError) as e:   # shape errors: which batch
+      shapes = [tuple(np.shape(a)) for a in args]
+      msg = " ".join(str(e).split())
+      raise ValueError(f"calibrate: batch {i} (shapes {shapes}) does not fit the model: "
+                       f"{msg[:300]}") from e
     for op, v in stats.items():
       if not np.isfinite(v):
         raise ValueError(f"calibrate: op {op!r} saw a non-finite activation range {v} "

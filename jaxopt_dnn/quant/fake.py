@@ -53,6 +53,33 @@ def check_bits(bits: Any, where: str = "bits") -> int:
   return int(bits)
 
 
+def check_percentile(percentile: Any, where: str = "percentile") -> float:
+  """A percentile of ``|x|`` (or of ``x``, for asymmetric ranges) in ``(50, 100]``."""
+  if isinstance(percentile, bool) or not isinstance(percentile, (int, float, np.number)):
+    raise TypeError(f"{where}: percentile must be a number in (50, 100], got "
+                    f"{type(percentile).__name__}: {percentile!r}")
+  p = float(percentile)
+  if not 50.0 < p <= 100.0:
+    raise ValueError(f"{where}: percentile must be in (50, 100] (e.g. 99.99), got {percentile!r}")
+  return p
+
+
+def _check_given_scale(scale: Any, name: str) -> None:
+  """A scale passed in (concrete) must be finite and > 0 everywhere."""
+  if scale is None or isinstance(scale, jax.core.Tracer):
+    return
+  s = np.asarray(scale, np.float64)
+  bad = ~(np.isfinite(s) & (s > 0))
+  if bad.any():
+    raise ValueError(f"{name}: scale must be finite and > 0, got "
+                     f"{s.ravel()[np.argmax(bad.ravel())]!r} ({int(bad.sum())} bad of {s.size})")
+
+
+def _check_not_empty(x: Any, name: str) -> None:
+  if 0 in tuple(jnp.shape(x)):
+    raise ValueError(f"{name}: cannot quantize an empty array (shape {tuple(jnp.shape(x))})")
+
+
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
   """Integer range: ``(-(2^(b-1)-1), 2^(b-1)-1)`` symmetric, ``(-2^(b-1), 2^(b-1)-1)`` not."""
   hi = 2 ** (bits - 1) - 1
@@ -136,6 +163,7 @@ def compute_qparams(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool =
     return s.squeeze(ga + 1), None if z is None else z.squeeze(ga + 1)
   if method not in METHODS:
     raise ValueError(f"{name}: method must be one of {METHODS}, got {method!r}")
+  percentile = check_percentile(percentile, f"{name}: percentile")
   chan = channel_axes(axis, jnp.ndim(x), name)
   red = tuple(a for a in range(jnp.ndim(x)) if a not in chan)
   qmin, qmax = qrange(bits, symmetric)
@@ -205,6 +233,7 @@ _fq_in_range.defvjp(lambda x, s, qmin, qmax: (_fq(x, s, None, qmin, qmax), s),
 def fake_quant_with(x: jax.Array, scale: jax.Array, zero_point: jax.Array | None = None, *,
                     bits: int = 8) -> jax.Array:
   """Quantize-dequantize ``x`` with a given scale (and zero point); STE gradient."""
+  _check_given_scale(scale, "fake_quant_with")
   qmin, qmax = qrange(bits, zero_point is None)
   return _fq(x, jax.lax.stop_gradient(jnp.asarray(scale, jnp.float32)),
              None if zero_point is None else jax.lax.stop_gradient(zero_point), qmin, qmax)
@@ -232,6 +261,8 @@ def fake_quant(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True
     Array of ``x``'s shape and dtype on the quantization grid; gradient is the STE.
   """
   check_array(x, name)
+  _check_not_empty(x, name)
+  _check_given_scale(scale, name)
   bits = check_bits(bits, name)
   if group_size is not None or scale_dtype is not None:
     chan = channel_axes(axis, jnp.ndim(x), name)
@@ -277,10 +308,13 @@ def quantize(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True,
   scale in 16 bits (the codes use the rounded scale).
   """
   check_array(x, name)
+  _check_not_empty(x, name)
+  _check_given_scale(scale, name)
   bits = check_bits(bits, name)
   chan = channel_axes(axis, jnp.ndim(x), name)
   if method not in METHODS:
     raise ValueError(f"{name}: method must be one of {METHODS}, got {method!r}")
+  percentile = check_percentile(percentile, f"{name}: percentile")
   g, ga = check_group(group_size, group_axis, chan, jnp.ndim(x), name)
   if g is not None or scale_dtype is not None:
     if scale is None:

@@ -190,6 +190,9 @@ def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
   """``(q - zero_point) * scale`` in float32, cast to ``dtype`` (default: original)."""
   if not isinstance(q, QArray):
     raise TypeError(f"dequantize expects a QArray, got {type(q).__name__}")
+  if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+    raise TypeError(f"dequantize: dtype must be a floating dtype (the values are scaled "
+                    f"reals), got {jnp.dtype(dtype)}")
   v = int_values(q).astype(jnp.float32)
   if q.zero_point is not None:
     zp = q.zero_point.astype(jnp.float32)

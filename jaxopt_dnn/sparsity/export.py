@@ -118,16 +118,29 @@ def _is_packed(x) -> bool:
 
 
 def unpack(tree: PyTree) -> PyTree:
-  """Inverse of :func:`pack`: dense arrays with zeros where the mask was False."""
-  def one(x):
+  """Inverse of :func:`pack`: dense arrays with zeros where the mask was False.
+
+  Raises:
+    ValueError: a packed leaf whose ``bits`` or ``values`` do not fit its shape (names
+      the leaf).
+  """
+  def one(path, x):
     if not _is_packed(x):
       return x
     size = int(np.prod(x.shape))
-    keep = np.unpackbits(np.asarray(x.bits), count=size).astype(bool)
+    bits, values = np.asarray(x.bits), np.asarray(x.values)
+    if bits.dtype != np.uint8 or bits.ndim != 1 or bits.size != -(-size // 8):
+      raise ValueError(f"unpack: leaf {path!r}: bits must be {-(-size // 8)} uint8 bytes for "
+                       f"shape {x.shape}, got {bits.dtype}{list(bits.shape)}")
+    keep = np.unpackbits(bits, count=size).astype(bool)
+    nnz = int(keep.sum())
+    if values.ndim != 1 or values.size != nnz:
+      raise ValueError(f"unpack: leaf {path!r}: the bitmask keeps {nnz} entries but values has "
+                       f"shape {values.shape}")
     dense = np.zeros(size, x.dtype)
-    dense[keep] = np.asarray(x.values)
+    dense[keep] = values
     return dense.reshape(x.shape)
-  return jax.tree.map(one, tree, is_leaf=_is_packed)
+  return _tree.map_with_path_str(one, tree, is_leaf=_is_packed)
 
 
 def tree_bytes(tree: PyTree) -> int:

@@ -58,6 +58,17 @@ def _check_sparsity(value: Any, where: str) -> None:
     raise ValueError(f"sparsity for {where} must be a number in [0, 1), got {value!r}")
 
 
+def _check_finite(chosen, where: str) -> None:
+  """NaN ranks above every magnitude (it would be kept): concrete leaves must be finite."""
+  for path, x, c in chosen:
+    if c and not isinstance(x, jax.core.Tracer):
+      bad = ~np.isfinite(np.asarray(x, np.float32))
+      if bad.any():
+        raise ValueError(f"{where}: leaf {path!r} has {int(bad.sum())} NaN/inf entries (first at "
+                         f"{tuple(int(i) for i in np.argwhere(bad)[0])}); magnitudes cannot "
+                         "rank them")
+
+
 def _chosen(params: PyTree, rules: Rules, argname: str = "rules") -> list[tuple[str, Any, bool]]:
   """``[(path, leaf, chosen)]``; integer/bool leaves chosen by a rule are a TypeError."""
   out = []
@@ -299,6 +310,7 @@ def magnitude_masks(params: PyTree, sparsity: SparsityArg, *, scope: str = "laye
     A mask tree (see module docstring).
   """
   chosen = _chosen(params, rules)
+  _check_finite(chosen, "magnitude_masks")
   return _masks_from_scores(params, chosen, sparsity, scope, distribution,
                             lambda i, p, x: jnp.abs(x))
 
@@ -331,6 +343,7 @@ def nm_masks(params: PyTree, n: int, m: int, *, axis: int | Sequence[int] = -2,
   if not (isinstance(n, int) and isinstance(m, int)) or not 0 < n <= m:
     raise ValueError(f"N:M needs integers 0 < n <= m, got n={n!r}, m={m!r}")
   chosen = _chosen(params, rules)
+  _check_finite(chosen, "nm_masks")
   out = []
   for path, x, c in chosen:
     if not c:
@@ -390,6 +403,7 @@ def channel_masks(params: PyTree, sparsity: SparsityArg, *, rules: Rules = None,
   the norm and :func:`~jaxopt_dnn.sparsity.shrink_channels` stays exact.
   """
   chosen = _chosen(params, rules)
+  _check_finite(chosen, "channel_masks")
   per_leaf = leaf_sparsities(chosen, sparsity, distribution)
   out: list[Any] = [dense_marker() for _ in chosen]
   index = {p: i for i, (p, _, _) in enumerate(chosen)}

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxopt_dnn.sparsity import masks as _m
@@ -87,8 +88,14 @@ def prune_optimizer(tx: optax.GradientTransformation, schedule: Callable[[Any], 
     An ``optax.GradientTransformation`` whose state is a :class:`PruneState`; its
     ``update`` requires ``params``.
   """
+  if not isinstance(update_every, (int, np.integer)) or isinstance(update_every, bool):
+    raise TypeError(f"update_every must be an int >= 1, got {type(update_every).__name__}: "
+                    f"{update_every!r}")
   if update_every < 1:
     raise ValueError(f"update_every must be >= 1, got {update_every}")
+  if update_until is not None and (
+      not isinstance(update_until, (int, np.integer)) or isinstance(update_until, bool)):
+    raise TypeError(f"update_until must be None or an int, got {update_until!r}")
   if method == "nm":
     if not (isinstance(n, int) and isinstance(m, int)) or not 0 < n <= m:
       raise ValueError(f"N:M needs integers 0 < n <= m, got n={n!r}, m={m!r}")
