@@ -160,3 +160,25 @@ def test_nnx_module_in_place_of_apply_fn():
     jd.auto.search(net, params, [(x,)], candidates=["int3"], method="rtn")
   with pytest.raises(ValueError, match="method"):
     jd.auto.search(net, params, [(x,)], method="magic")
+
+
+@pytest.mark.slow
+def test_plan_command_writes_table_json_and_pareto_plot(tmp_path, capsys):
+  import json
+  from jaxopt_dnn.app import cli
+  out = tmp_path / "plan"
+  rc = cli.main(["plan", "--dataset", "digits", "--steps", "60", "--budgets", "5,9",
+                 "--candidates", "int4,int8,16-bit", "--out", str(out)])
+  assert rc == 0
+  res = json.loads((out / "plan.json").read_text())
+  assert [p["name"] for p in res["uniform"]] == ["int4", "int8", "16-bit"]
+  assert all(p["bits_per_weight"] <= b for p, b in zip(res["auto"], (5, 9)))
+  assert (out / "pareto.png").stat().st_size > 10_000
+  assert "bits/weight" in (out / "plan.md").read_text()
+  assert "s[int4]" in capsys.readouterr().out
+  # bad input: one line, exit 2, nothing written
+  bad = tmp_path / "bad"
+  assert cli.main(["plan", "--candidates", "int3", "--out", str(bad)]) == 2
+  assert cli.main(["plan", "--budgets", "x", "--out", str(bad)]) == 2
+  assert not bad.exists()
+  assert "int3" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The ``jaxopt-dnn`` command line: ``compress``, ``inspect`` and ``export``.
+"""The ``jaxopt-dnn`` command line: ``compress``, ``inspect``, ``export`` and ``plan``.
 
 ``jaxopt-dnn compress`` with no arguments trains a 1-D CNN baseline on MNIST-1D (generated
 on the spot) and every compression variant, and prints the comparison table with error
@@ -215,6 +215,35 @@ def cmd_export(args) -> int:
   return 0
 
 
+def _floats(text: str, flag: str) -> list[float]:
+  try:
+    return [float(t) for t in text.split(",") if t.strip()]
+  except ValueError:
+    raise ValueError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_plan(args) -> int:
+  from jaxopt_dnn import auto
+  from jaxopt_dnn.app import plan
+
+  budgets = _floats(args.budgets, "--budgets")
+  if not budgets or any(not (b > 0) or b != b or b == float("inf") for b in budgets):
+    raise ValueError(f"--budgets must be positive bits per weight, got {args.budgets!r}")
+  candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
+  for c in candidates:
+    auto.Candidate.parse(c)          # a bad name fails here, before anything is written
+  if args.steps < 1:
+    raise ValueError(f"--steps must be >= 1, got {args.steps}")
+  out = args.out or os.path.join("runs", "plan-" + datetime.datetime.now().strftime(
+      "%Y%m%d-%H%M%S"))
+  _check_out_dir(out)
+  paths = plan.run(dataset=args.dataset, model=args.model, steps=args.steps, budgets=budgets,
+                   candidates=candidates, method=args.method, out=out,
+                   log=lambda s: print(s, flush=True))
+  print("wrote " + ", ".join(paths.values()))
+  return 0
+
+
 class _Parser(argparse.ArgumentParser):
   """argparse whose usage errors are one line on stderr (exit 2), like every user error."""
 
@@ -260,6 +289,21 @@ def build_parser() -> argparse.ArgumentParser:
   e.set_defaults(func=cmd_export)
   e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                  help="show tracebacks of user errors")
+  pl = sub.add_parser("plan", help="per-layer sensitivity and automatic plans under bit "
+                      "budgets vs uniform settings (table + Pareto plot)")
+  pl.add_argument("--dataset", default="mnist1d", help="as for compress (default mnist1d)")
+  pl.add_argument("--model", help="a zoo model (default: cnn1d for mnist1d, cnn for images)")
+  pl.add_argument("--steps", type=int, default=1000, help="baseline training steps")
+  pl.add_argument("--budgets", default="4.5,5,6,8.5",
+                  help="bits per weight (scales counted), comma-separated")
+  pl.add_argument("--candidates", default="int4-g32,int4,int8,16-bit",
+                  help="per-layer choices: int4-gN (group size N), int4, int8, 16-bit")
+  pl.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq"],
+                  help="how candidates are realised")
+  pl.add_argument("--out", help="output directory (default ./runs/plan-<timestamp>)")
+  pl.set_defaults(func=cmd_plan)
+  pl.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                  help="show tracebacks of user errors")
   return p
 
 
