@@ -30,7 +30,10 @@ def _register(cls, data_fields: tuple[str, ...], meta_fields: tuple[str, ...]):
 
   Every field is carried (children or aux), so ``unflatten(flatten(x)) == x`` field by
   field (jmp lost ``min_loss_scale`` here). Unflatten bypasses ``__init__`` so that
-  placeholder leaves (tracers, ``None``, sharding objects) are accepted.
+  placeholder leaves (tracers, ``None``, sharding objects, zeros) are accepted: this is
+  why it is not ``jax.tree_util.register_dataclass``, whose unflatten calls ``__init__``
+  and so the validation (``jax.tree.map(jnp.zeros_like, scale)`` would raise "must be
+  > 0"; checked on jax 0.10.2).
   """
   def flatten_with_keys(obj):
     children = [(jax.tree_util.GetAttrKey(f), getattr(obj, f)) for f in data_fields]
@@ -195,8 +198,7 @@ def select_tree(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
   s_true, s_false = jax.tree.structure(on_true), jax.tree.structure(on_false)
   if s_true != s_false:
     raise ValueError(f"select_tree: structures differ: {s_true} vs {s_false}")
-  return jax.tree.map(lambda a, b: jax.lax.select(pred, jnp.asarray(a), jnp.asarray(b)),
-                      on_true, on_false)
+  return optax.tree_utils.tree_where(pred, on_true, on_false)
 
 
 def value_and_grad(loss_fn: Callable[..., Any], *, has_aux: bool = False,
