@@ -14,11 +14,11 @@ def test_readme_python_examples_run():
     namespace: dict = {}
     exec(compile(code, f"README.md python block {i}", "exec"), namespace)
     spaces.append(namespace)
-  trained = spaces[0]["state"]
-  assert int(trained.step) == 300
-  k = spaces[0]["state"].params["Dense_0"]["kernel"]
+  quick = next(ns for ns in spaces if "trainer" in ns)      # the Trainer quick start
+  assert int(quick["state"].step) == 300
+  k = quick["state"].params["Dense_0"]["kernel"]
   assert int((k == 0).sum()) == k.size // 2
-  assert "packed" in spaces[1] and "qparams" in spaces[1]
+  assert any("packed" in ns and "qparams" in ns for ns in spaces)
 
 
 def test_readme_has_exactly_two_setup_commands():

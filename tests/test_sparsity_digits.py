@@ -1,9 +1,12 @@
 """End to end: gradual magnitude pruning of the digits CNN with prune_optimizer(adam)."""
 
+import jax
+
 import optax
 import pytest
 
 from jaxopt_dnn.app import models, train
+from jaxopt_dnn import parallel
 from jaxopt_dnn import sparsity as sp
 from jaxopt_dnn.trainer import Trainer
 
@@ -12,9 +15,11 @@ STEPS = 600
 
 
 def _fit(tx, digits):
-  import jax
   model = models.CNN()
-  trainer = Trainer(model, train.classification_loss, tx)
+  # one device: 600 conv steps on 8 virtual devices sharing 2 cores can starve XLA:CPU's
+  # all-reduce rendezvous (40 s timeout); this test is about pruning, not sharding.
+  trainer = Trainer(model, train.classification_loss, tx,
+                    mesh=parallel.make_mesh(devices=jax.devices()[:1]))
   state = trainer.init(jax.random.key(0), digits.x_train[:1])
   result = train.fit(state, trainer.step, digits, train.TrainConfig(steps=STEPS, progress=False),
                      eval_fn=train.classifier_eval(model.apply, digits.x_test, digits.y_test))
