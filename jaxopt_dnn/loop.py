@@ -200,7 +200,6 @@ def run(state: PyTree, train_step: Callable, batch_fn: Callable[[int], Any],
   t0 = t_last = time.perf_counter()
   first_step_s = 0.0
   t_first_done = t0
-  last_log = start
   done = start
   try:
     for s in range(start, config.steps):
@@ -233,7 +232,7 @@ def run(state: PyTree, train_step: Callable, batch_fn: Callable[[int], Any],
         rec["time_s"] = now - t0
         emit(rec)
         bar.update(done, _fmt(rec))
-        pending, t_last, last_log, examples = [], now, done, 0
+        pending, t_last, examples = [], now, 0
       else:
         bar.update(done)
       if eval_fn is not None and config.eval_every and done % config.eval_every == 0 \

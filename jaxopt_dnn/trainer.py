@@ -213,7 +213,7 @@ def _policy(value: Any) -> precision_lib.Policy | None:
   return policy
 
 
-def _loss_scale(value: Any, policy) -> Any:
+def _loss_scale(value: Any) -> Any:
   if value is None:
     return None
   if isinstance(value, str):
@@ -430,7 +430,7 @@ class Trainer:
     self.prune = _config(prune, PruneConfig, "prune")
     self.quant = _config(quant, QuantConfig, "quant") or QuantConfig()
     self.policy = _policy(precision)
-    self.loss_scale = _loss_scale(loss_scale, self.policy)
+    self.loss_scale = _loss_scale(loss_scale)
     self.eval_kwargs = dict(eval_kwargs or {})
     self.init_kwargs = dict(self.eval_kwargs if init_kwargs is None else init_kwargs)
     self.donate = donate
