@@ -313,11 +313,6 @@ def _data_to_keys(tree: PyTree, impls: tuple) -> PyTree:
                                       for x, i in zip(leaves, impls)])
 
 
-def _cast_like(new: PyTree, old: PyTree) -> PyTree:
-  """``new`` with ``old``'s dtypes (statistics keep their stored dtype across steps)."""
-  return jax.tree.map(lambda n, o: n.astype(o.dtype) if hasattr(n, "astype") else n, new, old)
-
-
 def _split_loss(out: Any) -> tuple[jax.Array, dict]:
   if isinstance(out, tuple):
     if len(out) != 2 or not isinstance(out[1], Mapping):
@@ -678,7 +673,7 @@ class Trainer:
     cols = dict(state.collections)
     for k, v in upd.items():
       if k in cols:
-        cols[k] = _cast_like(v, cols[k])
+        cols[k] = optax.tree_utils.tree_cast_like(v, cols[k])   # stats keep their dtype
     metrics = {"loss": loss, **aux}
     if finite is not None:
       metrics["grads_finite"] = finite.astype(jnp.float32)
