@@ -182,3 +182,50 @@ def test_plan_command_writes_table_json_and_pareto_plot(tmp_path, capsys):
   assert cli.main(["plan", "--budgets", "x", "--out", str(bad)]) == 2
   assert not bad.exists()
   assert "int3" in capsys.readouterr().err
+
+
+def test_candidate_names_set_scale_storage_and_int8_is_per_channel(mlp):
+  model, variables, batches, _ = mlp
+  c = jd.auto.Candidate.parse("int4-g32-fp8")
+  assert (c.bits, c.group_size, c.scale_dtype) == (4, 32, "float8_e4m3fn")
+  assert jd.auto.Candidate.parse("int8").quant_kwargs == {"bits": 8, "group_size": None}
+  sens = jd.auto.sensitivity(model.apply, variables, batches, method="rtn",
+                             candidates=["int4-g16", "int4-g16-fp8", "int8"])
+  k = variables["params"]["fc1"]["kernel"]
+  n = k.size
+  bits = sens.bits["fc1/kernel"]
+  assert bits["int4-g16"] == 4 * n + 16 * n // 16
+  assert bits["int4-g16-fp8"] == 4 * n + 8 * n // 16 + 32          # + one f32 super scale
+  assert bits["int8"] == 8 * n + 32 * k.shape[1]                    # one scale per output
+  # fp8 scales cost half, and quantize almost as well
+  v = sens.values["fc1/kernel"]
+  assert v["int4-g16-fp8"] < 1.5 * v["int4-g16"]
+
+
+def test_crossfit_sensitivity_calibrates_and_measures_on_different_halves(mlp):
+  model, variables, batches, _ = mlp
+  sens = jd.auto.sensitivity(model.apply, variables, batches, method="gptq",
+                             candidates=["int4"])
+  insample = jd.auto.sensitivity(model.apply, variables, batches, method="gptq",
+                                 candidates=["int4"], crossfit=False)
+  layers = sens.layers
+  rules = [(f"^{layer}$", {"bits": 4, "group_size": None}) for layer in layers]
+  p = variables["params"]
+
+  def measured(fit, on, layer="fc1"):
+    q = quant.gptq(model.apply, variables, [batches[i] for i in fit], bits=4,
+                   group_size=None, rules=rules)[layer]["kernel"]
+    swapped = {**p, layer: {**p[layer], "kernel": np.asarray(quant.dequantize(q))}}
+    return [float(jd.auto.output_distortion(model.apply({"params": swapped}, *batches[i]),
+                                            model.apply(variables, *batches[i]))) for i in on]
+
+  direct = np.mean(measured([0, 2], [1, 3]) + measured([1, 3], [0, 2]))
+  assert sens.values["fc1/kernel"]["int4"] == pytest.approx(direct, rel=1e-4)
+  assert insample.values["fc1/kernel"]["int4"] == pytest.approx(
+      np.mean(measured([0, 1, 2, 3], [0, 1, 2, 3])), rel=1e-4)
+  # GPTQ fits its calibration batches: in-sample it looks better than on unseen batches
+  assert insample.values["fc1/kernel"]["int4"] < sens.values["fc1/kernel"]["int4"]
+  assert sens.stored is None and insample.stored is not None
+  with pytest.raises(ValueError, match="two calibration batches"):
+    jd.auto.sensitivity(model.apply, variables, batches[:1], method="gptq",
+                        candidates=["int4"], crossfit=True)

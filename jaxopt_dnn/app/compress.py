@@ -162,9 +162,9 @@ class VariantResult:
 def _weights(storage: Any) -> tuple[int, int]:
   """Parameter count and nonzeros of the ``params`` collection.
 
-  A quantized leaf counts once, by its integer values: its ``scale`` / ``zero_point``
-  children (siblings of a ``value`` leaf) are metadata, not parameters. A LayerNorm /
-  BatchNorm ``scale`` is a parameter and is counted.
+  A quantized leaf counts once, by its integer values: its ``scale`` / ``zero_point`` /
+  ``super_scale`` children (siblings of a ``value`` leaf) are metadata, not parameters.
+  A LayerNorm / BatchNorm ``scale`` is a parameter and is counted.
   """
   params = storage["params"]
   leaves = _leaves(params)
@@ -172,7 +172,7 @@ def _weights(storage: Any) -> tuple[int, int]:
   total = nnz = 0
   for path, x in leaves:
     head, _, name = path.rpartition("/")
-    if name in ("scale", "zero_point") and head + "/" in values:
+    if name in ("scale", "zero_point", "super_scale") and head + "/" in values:
       continue
     if isinstance(x, PackedArray):
       total += int(np.prod(x.shape))

@@ -18,6 +18,7 @@ from jaxopt_dnn.quant.ops import int8_einsum
 from jaxopt_dnn.quant.qarray import QArray
 from jaxopt_dnn.quant.qarray import dequantize
 from jaxopt_dnn.quant.qarray import is_qarray
+from jaxopt_dnn.quant.qarray import round_scale
 from jaxopt_dnn.quant.rules import QuantRule
 from jaxopt_dnn.quant.rules import dequantize_params
 from jaxopt_dnn.quant.rules import quantize_params

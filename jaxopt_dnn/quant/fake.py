@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_dnn.quant.ranges import estimate_absmax, estimate_minmax
-from jaxopt_dnn.quant.qarray import QArray, expand_groups, pack_int4
+from jaxopt_dnn.quant.qarray import QArray, expand_groups, pack_int4, round_scale
 
 METHODS = ("absmax", "percentile", "mse")
 _TINY = float(np.finfo(np.float32).tiny)   # 2^-126: 1/s stays finite under flush-to-zero
@@ -271,7 +271,7 @@ def fake_quant(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True
       scale, zero_point = compute_qparams(x, bits=bits, axis=axis, symmetric=symmetric,
                                           method=method, percentile=percentile, name=name,
                                           group_size=g, group_axis=ga if g else -2)
-    scale = _round_scale(scale, scale_dtype)
+    scale = _rounded(scale, scale_dtype)
     n = x.shape[ga] if g else 0
     return fake_quant_with(x, expand_groups(scale.astype(jnp.float32), g, ga, n),
                            None if zero_point is None else
@@ -285,15 +285,14 @@ def fake_quant(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True
   return fake_quant_with(x, scale, zero_point, bits=bits)
 
 
-def _round_scale(scale, scale_dtype):
-  """Scale rounded to ``scale_dtype`` (kept >= the dtype's tiny so it never flushes)."""
-  if scale_dtype is None:
-    return jnp.asarray(scale, jnp.float32)
-  dt = jnp.dtype(scale_dtype)
-  if not jnp.issubdtype(dt, jnp.floating):
-    raise TypeError(f"scale_dtype must be a float dtype, got {scale_dtype!r}")
-  tiny = float(jnp.finfo(dt).tiny)
-  return jnp.maximum(jnp.asarray(scale, jnp.float32), tiny).astype(dt)
+def _rounded(scale, scale_dtype):
+  """The float32 scale as ``scale_dtype`` stores it (:func:`qarray.round_scale`)."""
+  return _effective(*round_scale(scale, scale_dtype))
+
+
+def _effective(stored, sup):
+  stored = stored.astype(jnp.float32)
+  return stored if sup is None else stored * sup
 
 
 def quantize(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True,
@@ -322,12 +321,13 @@ def quantize(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True,
                                           symmetric=symmetric, method=method,
                                           percentile=percentile, name=name,
                                           group_size=g, group_axis=ga if g else -2)
-    scale = _round_scale(scale, scale_dtype)
+    stored, sup = round_scale(scale, scale_dtype)
     n = x.shape[ga] if g else 0
-    value = _codes(x, expand_groups(scale.astype(jnp.float32), g, ga, n),
+    value = _codes(x, expand_groups(_effective(stored, sup), g, ga, n),
                    None if zero_point is None else expand_groups(zero_point, g, ga, n), bits)
-    return QArray(value, scale, zero_point, bits=bits, channel_axes=chan,
-                  shape=jnp.shape(x), dtype=x.dtype, name=name, group_size=g, group_axis=ga)
+    return QArray(value, stored, zero_point, bits=bits, channel_axes=chan,
+                  shape=jnp.shape(x), dtype=x.dtype, name=name, group_size=g, group_axis=ga,
+                  super_scale=sup)
   if scale is None:   # one compiled program per leaf instead of ~10 eager primitives
     value, scale, zero_point = _quantize_own_range(x, bits, chan, symmetric, method,
                                                    float(percentile))

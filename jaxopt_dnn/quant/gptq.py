@@ -39,32 +39,33 @@ import jax.numpy as jnp
 from jaxopt_dnn.quant import fake
 from jaxopt_dnn.quant import rules as _rules
 from jaxopt_dnn.quant.capture import OpInfo, kernel_2d, run_sequential, set_leaves
-from jaxopt_dnn.quant.qarray import QArray, is_qarray, pack_int4
+from jaxopt_dnn.quant.qarray import QArray, is_qarray, pack_int4, round_scale
 
 
-def _scale(amax, qmax, sdt):
-  """``absmax / qmax`` (1 where the range is 0), rounded to ``sdt``, as float32."""
+def _scale(amax, qmax, sdt, sup=None):
+  """``absmax / qmax`` (1 where the range is 0), rounded to ``sdt`` (8-bit floats:
+  relative to the tensor's ``sup``), as float32."""
   s = jnp.where(amax > 0, jnp.maximum(amax / qmax, 1e-30), 1.0)
-  if sdt is not None:
-    s = jnp.maximum(s, float(jnp.finfo(sdt).tiny)).astype(sdt)
-  return s.astype(jnp.float32)
+  stored, sup = round_scale(s, sdt, super_scale=sup)
+  s = stored.astype(jnp.float32)
+  return s if sup is None else s * sup
 
 
 _CLIP_GRID = 16
 
 
-def _search_scale(wg, hd, qmax, sdt, clip):
+def _search_scale(wg, hd, qmax, sdt, clip, sup=None):
   """Scale of each row of ``wg`` (N, g): absmax / qmax, or with ``clip`` the clipping
   ratio ``r in [clip, 1]`` minimizing ``sum_j hd_j (w_j - q_r(w_j))^2`` (``hd``: the
   Hessian diagonal, i.e. the input's energy per column)."""
   amax = jnp.max(jnp.abs(wg), axis=1)
   if clip is None:
-    return _scale(amax, qmax, sdt)
-  best_s = _scale(amax, qmax, sdt)
+    return _scale(amax, qmax, sdt, sup)
+  best_s = _scale(amax, qmax, sdt, sup)
   best_e = jnp.full(amax.shape, jnp.inf)
   for t in range(_CLIP_GRID):
     r = 1.0 - (1.0 - clip) * t / (_CLIP_GRID - 1)
-    s = _scale(amax * r, qmax, sdt)
+    s = _scale(amax * r, qmax, sdt, sup)
     q = jnp.clip(jnp.round(wg / s[:, None]), -qmax, qmax) * s[:, None]
     e = jnp.sum(hd[None, :] * (wg - q) ** 2, axis=1)
     better = e < best_e
@@ -134,12 +135,17 @@ def gptq_solve(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: int | N
   kp = -(-k // unit) * unit
   # scales from the original weights (per channel, or static groups for act_order)
   hd = jnp.diag(h)
+  # 8-bit scales: one power-of-two super scale for the kernel, 2x headroom for the
+  # scales taken from updated weights during the sweep
+  sup = None if sdt is None or sdt.itemsize > 1 else \
+      round_scale(jnp.max(jnp.abs(w)) / qmax, sdt, headroom=2.0)[1]
+  search = functools.partial(_search_scale, qmax=qmax, sdt=sdt, clip=clip, sup=sup)
   if g is None:
-    static = _search_scale(w.T, hd, qmax, sdt, clip)[None]                    # (1, N)
+    static = search(w.T, hd)[None]                                            # (1, N)
   else:
     wpad = jnp.pad(w, ((0, kp - k), (0, 0))).reshape(kp // g, g, n)
     hdp = jnp.pad(hd, (0, kp - k)).reshape(kp // g, g)
-    static = jax.vmap(lambda a, b: _search_scale(a.T, b, qmax, sdt, clip))(wpad, hdp)
+    static = jax.vmap(lambda a, b: search(a.T, b))(wpad, hdp)
   if act_order:
     perm = jnp.argsort(-jnp.diag(h), stable=True)
   else:
@@ -161,7 +167,7 @@ def gptq_solve(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: int | N
     u1 = jax.lax.dynamic_slice(u, (i1, i1), (B, B))
     if dynamic and g > B:   # a group may start at this block: scale from updated weights
       grp = jax.lax.dynamic_slice_in_dim(wt, i1, g, axis=1)
-      new = _search_scale(grp, jax.lax.dynamic_slice_in_dim(hdiag, i1, g), qmax, sdt, clip)
+      new = search(grp, jax.lax.dynamic_slice_in_dim(hdiag, i1, g))
       sc = jnp.where(i1 % g == 0, sc.at[i1 // g].set(new), sc)
 
     def col(i, c):
@@ -170,8 +176,7 @@ def gptq_solve(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: int | N
       if dynamic and g <= B:   # the sweep reaches a group: scale from the current block
         def start(sc):
           grp = jax.lax.dynamic_slice_in_dim(w1, (i // g) * g, g, axis=1)
-          new = _search_scale(grp, jax.lax.dynamic_slice_in_dim(hdiag, i1 + (i // g) * g, g),
-                              qmax, sdt, clip)
+          new = search(grp, jax.lax.dynamic_slice_in_dim(hdiag, i1 + (i // g) * g, g))
           return sc.at[j // g].set(new)
         sc = jax.lax.cond(j % g == 0, start, lambda sc: sc, sc)
       if g is None:
@@ -223,17 +228,20 @@ def to_qarray(codes: jax.Array, scales: jax.Array, shape: tuple[int, ...], n_in:
   q = codes.reshape(shape)
   value = pack_int4(q) if bits == 4 else q.astype(jnp.int8)
   out_axes = tuple(range(n_in, len(shape)))
-  sdt = jnp.float32 if scale_dtype is None else scale_dtype
   if group_size is None:
     sc = scales.reshape((1,) * n_in + tuple(shape[n_in:]))
-    return QArray(value, sc.astype(sdt), None, bits=bits, channel_axes=out_axes, shape=shape,
-                  dtype=dtype, name=name)
+    stored, sup = round_scale(sc, scale_dtype)
+    return QArray(value, stored, None, bits=bits, channel_axes=out_axes, shape=shape,
+                  dtype=dtype, name=name, super_scale=sup)
   ga = n_in - 1
   g_last = -(-shape[ga] // group_size)
   total = math.prod(shape[:ga]) * g_last
   sc = scales[:total].reshape(tuple(shape[:ga]) + (g_last,) + tuple(shape[n_in:]))
-  return QArray(value, sc.astype(sdt), None, bits=bits, channel_axes=out_axes, shape=shape,
-                dtype=dtype, name=name, group_size=group_size, group_axis=ga)
+  # exact: the solve's scales are on this grid (8-bit: its super scale >= this one, both
+  # powers of two)
+  stored, sup = round_scale(sc, scale_dtype)
+  return QArray(value, stored, None, bits=bits, channel_axes=out_axes, shape=shape,
+                dtype=dtype, name=name, group_size=group_size, group_axis=ga, super_scale=sup)
 
 
 def op_rules(params: Any, rules: Any, *, bits: int, group_size: int | None,

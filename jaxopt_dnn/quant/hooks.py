@@ -95,7 +95,8 @@ def _transpose_q(q: QArray | None, perm) -> QArray | None:
   inv = {p: i for i, p in enumerate(perm)}
   return QArray(jnp.transpose(codes, perm), jnp.transpose(q.scale, perm), None, bits=8,
                 channel_axes=sorted(inv[a] for a in q.channel_axes),
-                shape=tuple(q.shape[p] for p in perm), dtype=q.dtype, name=q.name)
+                shape=tuple(q.shape[p] for p in perm), dtype=q.dtype, name=q.name,
+                super_scale=q.super_scale)
 
 
 def _bind(eqn, invals):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxopt_dnn import _hlo
-from jaxopt_dnn.quant.qarray import QArray, int_values
+from jaxopt_dnn.quant.qarray import QArray, int_values, stored_scale
 
 
 def quantize_activation(x: jax.Array, scale: jax.Array, bits: int = 8) -> jax.Array:
@@ -45,7 +45,7 @@ def _check_weight(w: QArray, op: str) -> None:
 
 def _scale_keep(w: QArray, contracted, op: str):
   """Weight scale with contracted axes squeezed: ``(kept axes, squeezed scale)``."""
-  s = jnp.asarray(w.scale).astype(jnp.float32)   # 16-bit stored scales compute in f32
+  s = stored_scale(w)   # 16/8-bit stored scales compute in f32
   for a in contracted:
     if s.shape[a] != 1:
       raise ValueError(f"{op}: weight scale varies along contracted axis {a} "

@@ -21,6 +21,11 @@ computed with the rounded scale, so the error bound ``|x - dequantize(q)| <= sca
 holds for the stored scale. An int4 ``g = 64`` kernel with 16-bit scales costs
 ``4 + 16/64 = 4.25`` bits per weight.
 
+8-bit scales (``float8_e4m3fn``, "double quantization" of the scales): the stored
+scale is relative to one float32 ``super_scale`` per tensor (a power of two putting the
+largest scale near the top of the fp8 range), ``scale = stored * super_scale``; an int4
+``g = 32`` kernel then costs ``4 + 8/32 = 4.25`` bits per weight (plus 32 bits).
+
 int4 values (``bits=4``, range ``[-8, 7]``) are stored packed two per byte in a
 ``uint8`` array along axis 0: ``byte[i] = (q[2i] & 0xF) | (q[2i+1] & 0xF) << 4``
 (axis 0 padded to even length). A checkpoint of int4 weights is therefore ~1/8 of
@@ -62,6 +67,8 @@ class QArray:
       int4 along axis 0 (bits=4).
     scale: float32, original shape with reduced axes of size 1.
     zero_point: ``None`` (symmetric) or int32 of the scale's shape.
+    super_scale: ``None``, or a float32 scalar multiplying ``scale`` (8-bit float
+      scales, see :func:`round_scale`).
     bits: 4 or 8.
     channel_axes: axes with their own scale (non-negative ints); ``()`` = per tensor.
     shape, dtype: the original array's shape and float dtype.
@@ -69,17 +76,18 @@ class QArray:
       has ``ceil(shape[group_axis] / group_size)`` entries along ``group_axis``.
   """
 
-  __slots__ = ("value", "scale", "zero_point", "_meta")
+  __slots__ = ("value", "scale", "zero_point", "super_scale", "_meta")
 
   def __init__(self, value, scale, zero_point=None, *, bits: int, channel_axes=(),
                shape=None, dtype="float32", name: str = "", group_size: int | None = None,
-               group_axis: int | None = None):
+               group_axis: int | None = None, super_scale=None):
     where = f"QArray{'(' + name + ')' if name else ''}"
     if bits not in (4, 8):
       raise ValueError(f"{where}: bits must be 4 or 8, got {bits!r}")
     self.value = value
     self.scale = scale
     self.zero_point = zero_point
+    self.super_scale = super_scale
     shape = tuple(np.shape(value)) if shape is None else tuple(int(d) for d in shape)
     if group_size is not None:
       if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) \
@@ -105,19 +113,21 @@ class QArray:
   def tree_flatten_with_keys(self):
     k = jax.tree_util.DictKey   # not GetAttrKey: ".value" is how NNX Variables flatten
     return (((k("value"), self.value), (k("scale"), self.scale),
-             (k("zero_point"), self.zero_point)), self._meta)
+             (k("zero_point"), self.zero_point), (k("super_scale"), self.super_scale)),
+            self._meta)
 
   @classmethod
   def tree_unflatten(cls, meta: _Meta, children):
     obj = object.__new__(cls)
-    obj.value, obj.scale, obj.zero_point = children
+    obj.value, obj.scale, obj.zero_point, obj.super_scale = children
     obj._meta = meta
     return obj
 
   def with_name(self, name: str) -> "QArray":
     return QArray(self.value, self.scale, self.zero_point, bits=self.bits,
                   channel_axes=self.channel_axes, shape=self.shape, dtype=self.dtype,
-                  name=name, group_size=self.group_size, group_axis=self.group_axis)
+                  name=name, group_size=self.group_size, group_axis=self.group_axis,
+                  super_scale=self.super_scale)
 
   def __repr__(self):
     zp = "" if self.zero_point is None else ", asymmetric"
@@ -178,9 +188,58 @@ def expand_groups(t: jax.Array, group_size: int | None, group_axis: int | None,
   return jax.lax.slice_in_dim(t, 0, n, axis=group_axis)
 
 
+def stored_scale(q: QArray) -> jax.Array:
+  """The float32 scale of ``q``'s scale shape (8-bit scales times their ``super_scale``)."""
+  s = jnp.asarray(q.scale).astype(jnp.float32)
+  if q.super_scale is not None:
+    s = s * jnp.asarray(q.super_scale, jnp.float32)
+  return s
+
+
+FP8_SCALE_DTYPES = ("float8_e4m3fn",)
+
+
+def round_scale(scale: jax.Array, dtype: Any = None, *, headroom: float = 1.0,
+                super_scale: jax.Array | None = None):
+  """``(stored, super_scale)`` with ``stored.astype(f32) * super_scale ~= scale``.
+
+  ``dtype=None``: float32, no super scale. 16-bit floats: ``max(scale, tiny)`` rounded
+  (a scale never flushes to 0). 8-bit floats (``float8_e4m3fn``): ``super_scale`` is the
+  power of two ``2^ceil(log2(headroom * max(scale) / 448))`` (float32 scalar) and
+  ``stored = clip(scale / super_scale, smallest subnormal, 448)`` rounded **up** to fp8
+  (3 mantissa bits): a scale grows by less than 1/8 of itself (more for a group ``2^14``
+  times smaller than the tensor's largest) and never shrinks, so ``absmax / scale``
+  stays within the integer range and no code clips. ``headroom > 1`` leaves room for
+  scales that grow after this call (GPTQ's updated weights). Codes must be computed from the returned
+  scale (``stored * super_scale``), so the ``<= scale / 2`` error bound holds for it.
+  A given ``super_scale`` is used as is (scales rounded piecewise against one tensor's).
+  """
+  scale = jnp.asarray(scale, jnp.float32)
+  if dtype is None:
+    return scale, None
+  dt = jnp.dtype(dtype)
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise TypeError(f"scale_dtype must be a float dtype, got {dtype!r}")
+  fi = jnp.finfo(dt)
+  if dt.itemsize >= 2:
+    return jnp.maximum(scale, float(fi.tiny)).astype(dt), None
+  if dt.name not in FP8_SCALE_DTYPES:
+    raise ValueError(f"8-bit scales must be one of {FP8_SCALE_DTYPES}, got {dt.name}")
+  if super_scale is None:
+    top = jnp.maximum(jnp.max(scale) * headroom, 1e-30)
+    sup = jnp.exp2(jnp.ceil(jnp.log2(top / float(fi.max)))).astype(jnp.float32)
+  else:
+    sup = jnp.asarray(super_scale, jnp.float32)
+  x = jnp.clip(scale / sup, float(fi.smallest_subnormal), float(fi.max))
+  r = x.astype(dt).astype(jnp.float32)
+  ulp = jnp.exp2(jnp.floor(jnp.log2(jnp.maximum(r, float(fi.smallest_normal)))) - fi.nmant)
+  r = jnp.minimum(jnp.where(r < x, r + ulp, r), float(fi.max))    # round up, never down
+  return r.astype(dt), sup
+
+
 def full_scale(q: QArray) -> jax.Array:
   """The float32 scale broadcastable to ``q.shape`` (group scales repeated)."""
-  s = jnp.asarray(q.scale).astype(jnp.float32)
+  s = stored_scale(q)
   if q.group_size is None:
     return s
   return expand_groups(s, q.group_size, q.group_axis, q.shape[q.group_axis])

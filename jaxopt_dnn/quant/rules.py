@@ -28,7 +28,7 @@ from jaxopt_dnn.quant import fake
 from jaxopt_dnn.quant.qarray import QArray, dequantize, is_qarray
 
 GRANULARITIES = ("channel", "tensor")
-SCALE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+SCALE_DTYPES = ("auto", "float32", "bfloat16", "float16", "float8_e4m3fn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,8 @@ class QuantRule:
       whole axis). The int8 serving path needs ``None`` (it rescales per output channel).
     group_axis: the contraction axis of the kernel that is cut into groups (``-2``).
     scale_dtype: ``"auto"`` (``bfloat16`` for int4 group-wise, else ``float32``),
-      ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+      ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"float8_e4m3fn"`` (8-bit scales
+      relative to one float32 super scale per tensor: int4 ``g32`` at 4.25 bits/weight).
   """
 
   pattern: str
