@@ -229,3 +229,57 @@ def test_crossfit_sensitivity_calibrates_and_measures_on_different_halves(mlp):
   with pytest.raises(ValueError, match="two calibration batches"):
     jd.auto.sensitivity(model.apply, variables, batches[:1], method="gptq",
                         candidates=["int4"], crossfit=True)
+
+
+def test_sparse_candidates_cost_nonzero_bits_and_keep_their_pattern(mlp):
+  model, variables, batches, _ = mlp
+  c = jd.auto.Candidate.parse("int4-g16+2:4")
+  assert c.prune_kwargs == {"n": 2, "m": 4} and c.bits == 4 and c.group_size == 16
+  assert jd.auto.Candidate.parse("16-bit+50%").prune_kwargs == {"sparsity": 0.5}
+  for bad in ("int4+4:4", "int8+0%", "int8+2-4"):
+    with pytest.raises(ValueError, match="sparsity|unknown candidate"):
+      jd.auto.Candidate.parse(bad)
+  cands = ["int4-g16", "int4-g16+2:4", "int8+50%", "16-bit"]
+  sens = jd.auto.sensitivity(model.apply, variables, batches, method="gptq", candidates=cands)
+  k = variables["params"]["fc1"]["kernel"]
+  n = k.size
+  bits = sens.bits["fc1/kernel"]
+  # nonzero bits: kept values + 2-bit indices per kept value (2:4) / a 1-bit mask
+  # (unstructured) + the scales
+  assert bits["int4-g16+2:4"] == 4 * n // 2 + 2 * n // 2 + 16 * n // 16
+  assert bits["int8+50%"] == 8 * (n // 2) + n + 32 * k.shape[1]
+  for layer in sens.layers:   # pruning half the weights costs quality
+    assert sens.values[layer]["int4-g16+2:4"] > sens.values[layer]["int4-g16"]
+  plan = jd.auto.search(model.apply, variables, batches, bits_per_weight=4.0, sens=sens,
+                        method="gptq", verify=True)
+  assert plan.bits_per_weight <= 4.0
+  assert any("+" in c for c in plan.choices.values())
+  realised = plan.apply(model.apply, variables, batches)
+  for path, choice in plan.choices.items():
+    head = path.split("/")[0]
+    leaf = realised[head]["kernel"]
+    w = np.asarray(quant.dequantize(leaf) if quant.is_qarray(leaf) else leaf, np.float32)
+    if choice == "int4-g16+2:4":      # exactly 2 of every 4 consecutive inputs survive GPTQ
+      assert np.all((w.reshape(-1, 4, w.shape[1]) != 0).sum(1) <= 2)
+    if choice == "int8+50%":
+      assert np.all((w == 0).sum(0) >= w.shape[0] // 2)
+
+
+def test_gptq_keep_zeros_keeps_a_pruned_pattern_and_compensates():
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(64, 16)).astype(np.float32)
+  x = rng.normal(size=(256, 64)).astype(np.float32) @ rng.normal(size=(64, 64)).astype(
+      np.float32) * 0.3
+  keep = np.abs(w) > np.median(np.abs(w), axis=0)
+  wp = np.where(keep, w, 0.0).astype(np.float32)
+  h = jnp.asarray(2 * x.T @ x)
+  codes, scales = quant.gptq_solve(jnp.asarray(wp), h, bits=4, group_size=None,
+                                   keep=jnp.asarray(keep))
+  assert np.all(np.asarray(codes)[~keep] == 0)
+  deq = np.asarray(codes, np.float32) * np.asarray(scales)
+  rtn = np.asarray(quant.dequantize(quant.quantize(jnp.asarray(wp), bits=4, axis=-1)))
+  loss = lambda d: float(np.sum((x @ (wp - d)) ** 2))   # noqa: E731
+  assert loss(deq) < 0.9 * loss(rtn)
+  # without the mask, GPTQ's updates refill the pruned weights
+  refilled, _ = quant.gptq_solve(jnp.asarray(wp), h, bits=4, group_size=None)
+  assert np.any(np.asarray(refilled)[~keep] != 0)

@@ -5,12 +5,12 @@
 """
 
 from jaxopt_dnn.auto.knapsack import solve as solve_knapsack
-from jaxopt_dnn.auto.search import DEFAULT_CANDIDATES
-from jaxopt_dnn.auto.search import Candidate
+from jaxopt_dnn.auto.candidates import DEFAULT_CANDIDATES
+from jaxopt_dnn.auto.candidates import Candidate
+from jaxopt_dnn.auto.candidates import stored_bits
 from jaxopt_dnn.auto.search import Plan
 from jaxopt_dnn.auto.search import Sensitivity
 from jaxopt_dnn.auto.search import output_distortion
 from jaxopt_dnn.auto.search import plan_for_budget
 from jaxopt_dnn.auto.search import search
 from jaxopt_dnn.auto.search import sensitivity
-from jaxopt_dnn.auto.search import stored_bits

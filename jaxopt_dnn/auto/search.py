@@ -31,67 +31,13 @@ from flax import nnx
 
 from jaxopt_dnn import _table, _tree
 from jaxopt_dnn import quant as quant_lib
+from jaxopt_dnn import sparsity as sparsity_lib
 from jaxopt_dnn.auto import knapsack
+from jaxopt_dnn.auto.candidates import DEFAULT_CANDIDATES, PRUNE_METHOD, Candidate
 
 PyTree = Any
 METHODS = ("rtn", "gptq", "awq")
 _RESOLUTION = 20000     # knapsack cost units over the model's 16-bit size
-
-
-_SCALE_SUFFIX = {"fp8": "float8_e4m3fn", "bf16": "bfloat16", "f32": "float32"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-  """One way to store a layer: ``bits`` 4 / 8 (QArray; ``group_size`` along the
-  contraction axis, ``None`` = one scale per output channel) or 16 (bfloat16).
-
-  ``scale_dtype``: the scales' storage (``None``: the quantizer's default, bfloat16 for
-  int4 group-wise, float32 otherwise; ``"float8_e4m3fn"``: 8-bit scales under one
-  float32 super scale per tensor, so ``int4-g32-fp8`` costs 4.25 bits per weight).
-  """
-  name: str
-  bits: int
-  group_size: int | None = None
-  scale_dtype: str | None = None
-
-  def __post_init__(self):
-    if self.bits not in (4, 8, 16):
-      raise ValueError(f"candidate {self.name!r}: bits must be 4, 8 or 16, got {self.bits!r}")
-    if self.group_size is not None and (not isinstance(self.group_size, int)
-                                        or self.group_size < 1):
-      raise ValueError(f"candidate {self.name!r}: group_size must be a positive int or None, "
-                       f"got {self.group_size!r}")
-
-  @classmethod
-  def parse(cls, spec: str | Candidate) -> Candidate:
-    """``"int4-g128"``, ``"int4-g64"``, ``"int8"`` (per channel), ``"int4"``, ``"16-bit"``;
-    a ``-fp8`` / ``-bf16`` / ``-f32`` suffix sets the scales' storage
-    (``"int4-g32-fp8"``)."""
-    if isinstance(spec, Candidate):
-      return spec
-    m = re.fullmatch(r"int([48])(?:-g(\d+))?(?:-(fp8|bf16|f32))?", str(spec).strip().lower())
-    if m:
-      return cls(str(spec), int(m.group(1)), int(m.group(2)) if m.group(2) else None,
-                 _SCALE_SUFFIX[m.group(3)] if m.group(3) else None)
-    if str(spec).strip().lower() in ("16-bit", "bf16", "16bit", "bfloat16"):
-      return cls(str(spec), 16)
-    raise ValueError(f"unknown candidate {spec!r}; use int4-g128, int4-g64, int4-g32-fp8, "
-                     "int8, int4, 16-bit")
-
-  @property
-  def quant_kwargs(self) -> dict[str, Any]:
-    """``bits`` / ``group_size`` / ``scale_dtype`` for ``quant.gptq`` / ``awq`` /
-    ``quantize_params`` and rules (``group_size=None`` given explicitly: per channel)."""
-    kw = {"bits": self.bits, "group_size": self.group_size}
-    if self.scale_dtype is not None:
-      kw["scale_dtype"] = self.scale_dtype
-    return kw
-
-
-DEFAULT_CANDIDATES = ("int4-g128", "int4-g64", "int4-g32-fp8", "int4-g16-fp8", "int8", "16-bit")
-"""int4 group 128 / 64 (bf16 scales: 4.125 / 4.25 bits per weight), int4 group 32 / 16
-with fp8 scales (4.25 / 4.5), int8 per channel (~8.05) and bfloat16."""
 
 
 def output_distortion(out: jax.Array, ref: jax.Array) -> jax.Array:
@@ -123,12 +69,24 @@ class _Forward:
         raise TypeError("variables must be a mapping with a 'params' collection (linen)")
       self.apply_fn, self.variables, self.params = apply_fn, variables, variables["params"]
 
+  def module(self, params):
+    """NNX: a module holding ``params``."""
+    state = jax.tree.map(lambda x: x, self._template)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(self._graphdef, state, self._rest)
+
   def __call__(self, params, *inputs):
     if self.nnx:
-      state = jax.tree.map(lambda x: x, self._template)
-      nnx.replace_by_pure_dict(state, params)
-      return nnx.merge(self._graphdef, state, self._rest)(*inputs)
+      return self.module(params)(*inputs)
     return self.apply_fn({**self.variables, "params": params}, *inputs)
+
+  def quant_args(self, params=None) -> tuple[Callable, Any]:
+    """``(apply_fn, variables)`` as ``quant.gptq`` / ``awq`` / ``sparsity.oneshot`` take
+    them (NNX: ``apply_fn(module, *inputs)`` and the module), holding ``params``."""
+    params = self.params if params is None else params
+    if self.nnx:
+      return (lambda m, *x: m(*x)), self.module(params)
+    return self.apply_fn, {**self.variables, "params": params}
 
 
 def _as_inputs(batch: Any) -> tuple:
@@ -145,35 +103,54 @@ def _default_layers(params: PyTree) -> list[str]:
           if _tree.is_float_array(x) and np.ndim(x) >= 2 and p.split("/")[-1] == "kernel"]
 
 
-def realize(method: str, cand: Candidate, fwd: _Forward, apply_fn: Any, batches: list,
-            paths: Sequence[str]) -> dict[str, Any]:
-  """``{path: stored leaf}`` (QArray, or a bfloat16 array) of ``paths`` under ``cand``."""
-  if not paths:
-    return {}
-  leaves = dict(_tree.leaves_with_paths(fwd.params))
-  if cand.bits == 16:
-    return {p: jnp.asarray(leaves[p]).astype(jnp.bfloat16) for p in paths}
-  rules = [(r, cand.quant_kwargs) for r in _exact(paths)]
+def _pruned(method: str, fwd: _Forward, batches: list, layers: Mapping[str, Candidate]):
+  """``fwd.params`` with each layer one-shot pruned as its (sparse) candidate says
+  (:data:`~jaxopt_dnn.auto.candidates.PRUNE_METHOD`: SparseGPT for GPTQ, Wanda for AWQ,
+  magnitude for RTN); one sequential pass per sparsity pattern."""
+  params = fwd.params
+  patterns: dict[str, list[str]] = {}
+  for p, c in layers.items():
+    patterns.setdefault(c.sparsity, []).append(p)
+  for paths in patterns.values():
+    params, _ = sparsity_lib.oneshot(*fwd.quant_args(params), batches,
+                                     method=PRUNE_METHOD[method], rules=_exact(paths),
+                                     **layers[paths[0]].prune_kwargs)
+  return params
+
+
+def _quantized(method: str, fwd: _Forward, params: PyTree, batches: list, rules: list,
+               keep_zeros: bool) -> dict[str, Any]:
+  """``{path: QArray}`` of the leaves ``rules`` choose, realised by ``method``."""
   if method == "rtn":
-    tree = quant_lib.quantize_params(fwd.params, rules, bits=cand.bits)
+    tree = quant_lib.quantize_params(params, rules)
   elif method in ("gptq", "awq"):
     fn = getattr(quant_lib, method, None)
     if fn is None:
       raise ValueError(f"method={method!r} needs quant.{method}, which this build lacks")
-    tree = fn(apply_fn, fwd.variables, batches, bits=cand.bits, group_size=cand.group_size,
-              rules=rules)
+    kw = {"keep_zeros": True} if keep_zeros and method == "gptq" else {}
+    tree = fn(*fwd.quant_args(params), batches, bits=4, group_size=None, rules=rules, **kw)
   else:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-  out = dict(_tree.leaves_with_paths(tree, is_leaf=quant_lib.is_qarray))
-  return {p: out[p] for p in paths}
+  return dict(_tree.leaves_with_paths(tree, is_leaf=quant_lib.is_qarray))
 
 
-def stored_bits(leaf: Any) -> int:
-  """Bits a stored leaf costs: every array of a QArray (values, scales, zero points)."""
-  if quant_lib.is_qarray(leaf):
-    return sum(int(np.prod(np.shape(a))) * jnp.dtype(a.dtype).itemsize * 8
-               for a in jax.tree.leaves(leaf))
-  return int(np.prod(np.shape(leaf))) * jnp.dtype(leaf.dtype).itemsize * 8
+def realize(method: str, fwd: _Forward, batches: list,
+            layers: Mapping[str, Candidate]) -> dict[str, Any]:
+  """``{path: stored leaf}`` (QArray, or a bfloat16 array) for each layer under its
+  candidate: sparse layers pruned first, then one (sequential, for GPTQ / AWQ) pass of
+  ``method`` over every quantized layer (a pruned weight keeps its 0)."""
+  if not layers:
+    return {}
+  sparse = {p: c for p, c in layers.items() if c.prune_kwargs is not None}
+  params = _pruned(method, fwd, batches, sparse) if sparse else fwd.params
+  leaves = dict(_tree.leaves_with_paths(params))
+  stored = {p: jnp.asarray(leaves[p]).astype(jnp.bfloat16)
+            for p, c in layers.items() if c.bits == 16}
+  rules = [(f"^{re.escape(p)}$", c.quant_kwargs) for p, c in layers.items() if c.bits != 16]
+  if rules:
+    out = _quantized(method, fwd, params, batches, rules, keep_zeros=bool(sparse))
+    stored.update({p: out[p] for p, c in layers.items() if c.bits != 16})
+  return stored
 
 
 def _float(leaf: Any, dtype) -> jax.Array:
@@ -234,30 +211,11 @@ class Plan:
     reuse = (self.method == "rtn") if reuse is None else reuse
     if reuse and self.stored is not None:
       stored = {p: self.stored[c][p] for p, c in self.choices.items()}
-    elif self.method == "rtn":
-      batches = [_as_inputs(b) for b in batches]
-      stored = {}
-      for name, cand in self.candidates.items():
-        paths = [p for p, c in self.choices.items() if c == name]
-        stored.update(realize(self.method, cand, fwd, apply_fn, batches, paths))
     else:
-      stored = self._realize_mixed(fwd, apply_fn, [_as_inputs(b) for b in batches])
+      batches = [_as_inputs(b) for b in batches]
+      stored = realize(self.method, fwd, batches,
+                       {p: self.candidates[c] for p, c in self.choices.items()})
     return _tree.map_with_path_str(lambda p, x: stored.get(p, x), fwd.params)
-
-  def _realize_mixed(self, fwd, apply_fn, batches) -> dict[str, Any]:
-    """One sequential GPTQ/AWQ pass with a rule per quantized layer."""
-    leaves = dict(_tree.leaves_with_paths(fwd.params))
-    stored = {p: jnp.asarray(leaves[p]).astype(jnp.bfloat16)
-              for p, c in self.choices.items() if self.candidates[c].bits == 16}
-    rules = [(f"^{re.escape(p)}$", self.candidates[c].quant_kwargs)
-             for p, c in self.choices.items() if self.candidates[c].bits != 16]
-    if rules:
-      fn = getattr(quant_lib, self.method)
-      tree = fn(apply_fn, fwd.variables, batches, bits=4, group_size=None, rules=rules)
-      out = dict(_tree.leaves_with_paths(tree, is_leaf=quant_lib.is_qarray))
-      stored.update({p: out[p] for p, c in self.choices.items()
-                     if self.candidates[c].bits != 16})
-    return stored
 
   def verify(self, apply_fn: Any, variables: PyTree, batches: Iterable[Any],
              metric: Callable | None = None) -> float:
@@ -364,9 +322,9 @@ def sensitivity(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
   for cand in cands:
     scores: dict[str, list[float]] = {p: [] for p in layers}
     for fit_on, measure_on in folds:
-      stored = realize(method, cand, fwd, apply_fn, [batches[i] for i in fit_on], layers)
+      stored = realize(method, fwd, [batches[i] for i in fit_on], {p: cand for p in layers})
       for p in layers:
-        bits[p][cand.name] = stored_bits(stored[p])
+        bits[p][cand.name] = cand.cost_bits(stored[p])
         swapped = _tree.map_with_path_str(
             lambda q, x, p=p: _float(stored[p], jnp.asarray(x).dtype) if q == p else x,
             fwd.params)
@@ -388,7 +346,14 @@ def plan_for_budget(sens: Sensitivity, bits_per_weight: float) -> Plan | None:
   cap = math.floor(bits_per_weight * sum(sens.sizes.values()) / unit + 1e-9)
   solved = knapsack.solve(costs, vals, cap)
   if solved is None:
-    return None
+    # the cost units are rounded up: at (or just above) the cheapest plan's exact bits the
+    # rounded knapsack may find nothing, but the cheapest plan itself fits
+    cheapest = [min(range(len(names)), key=lambda k: (sens.bits[p][names[k]], vals[i][k]))
+                for i, p in enumerate(sens.layers)]
+    if sum(sens.bits[p][names[k]] for p, k in zip(sens.layers, cheapest)) > \
+        bits_per_weight * sum(sens.sizes.values()):
+      return None
+    solved = cheapest, sum(vals[i][k] for i, k in enumerate(cheapest))
   picks, total = solved
   return Plan({p: names[k] for p, k in zip(sens.layers, picks)}, dict(sens.candidates),
               sens.values, sens.bits, sens.sizes, sens.method, total,

@@ -271,7 +271,7 @@ def fake_quant(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True
       scale, zero_point = compute_qparams(x, bits=bits, axis=axis, symmetric=symmetric,
                                           method=method, percentile=percentile, name=name,
                                           group_size=g, group_axis=ga if g else -2)
-    scale = _rounded(scale, scale_dtype)
+    scale = _rounded(scale, scale_dtype, bits, symmetric)
     n = x.shape[ga] if g else 0
     return fake_quant_with(x, expand_groups(scale.astype(jnp.float32), g, ga, n),
                            None if zero_point is None else
@@ -285,9 +285,15 @@ def fake_quant(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True
   return fake_quant_with(x, scale, zero_point, bits=bits)
 
 
-def _rounded(scale, scale_dtype):
+def _rounded(scale, scale_dtype, bits, symmetric):
   """The float32 scale as ``scale_dtype`` stores it (:func:`qarray.round_scale`)."""
-  return _effective(*round_scale(scale, scale_dtype))
+  return _effective(*round_scale(scale, scale_dtype, qmax=_steps(bits, symmetric)))
+
+
+def _steps(bits, symmetric):
+  """Quantization steps from 0 (symmetric) or across the range (asymmetric)."""
+  qmin, qmax = qrange(bits, symmetric)
+  return qmax if symmetric else qmax - qmin
 
 
 def _effective(stored, sup):
@@ -321,7 +327,7 @@ def quantize(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True,
                                           symmetric=symmetric, method=method,
                                           percentile=percentile, name=name,
                                           group_size=g, group_axis=ga if g else -2)
-    stored, sup = round_scale(scale, scale_dtype)
+    stored, sup = round_scale(scale, scale_dtype, qmax=_steps(bits, symmetric))
     n = x.shape[ga] if g else 0
     value = _codes(x, expand_groups(_effective(stored, sup), g, ga, n),
                    None if zero_point is None else expand_groups(zero_point, g, ga, n), bits)

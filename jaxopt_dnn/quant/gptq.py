@@ -46,7 +46,7 @@ def _scale(amax, qmax, sdt, sup=None):
   """``absmax / qmax`` (1 where the range is 0), rounded to ``sdt`` (8-bit floats:
   relative to the tensor's ``sup``), as float32."""
   s = jnp.where(amax > 0, jnp.maximum(amax / qmax, 1e-30), 1.0)
-  stored, sup = round_scale(s, sdt, super_scale=sup)
+  stored, sup = round_scale(s, sdt, qmax=qmax, super_scale=sup)
   s = stored.astype(jnp.float32)
   return s if sup is None else s * sup
 
@@ -103,7 +103,8 @@ def block_for(group_size: int | None, block_size: int) -> int:
                                              "scale_dtype", "clip"))
 def gptq_solve(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: int | None = 128,
                act_order: bool = True, damp: float = 0.01, block_size: int = 128,
-               scale_dtype: Any = None, clip: float | None = None):
+               scale_dtype: Any = None, clip: float | None = None,
+               keep: jax.Array | None = None):
   """Quantizes one ``(K, N)`` kernel with its ``(K, K)`` Hessian.
 
   Args:
@@ -118,6 +119,9 @@ def gptq_solve(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: int | N
     clip: if set (e.g. ``0.75``), each scale is ``r * absmax / qmax`` with the ratio
       ``r in [clip, 1]`` (16-point grid) minimizing the ``diag(H)``-weighted rounding
       error of its group; ``None``: ``r = 1``.
+    keep: optional bool ``(K, N)`` mask: where ``False`` the code is 0 (a pruned weight
+      stays pruned) and its whole value is error pushed onto the later rows, as
+      SparseGPT does with a fixed mask.
 
   Returns:
     ``(codes int8 (K, N), scales float32 (G, N))`` with ``G = ceil(K / group_size)``
@@ -154,6 +158,7 @@ def gptq_solve(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: int | N
   hp = h[perm][:, perm]
   u = inverse_cholesky_upper(hp)
   wt = jnp.pad(wt, ((0, 0), (0, kp - k)))
+  kt = None if keep is None else jnp.pad(keep[perm].T, ((0, 0), (0, kp - k)))
   u = jnp.pad(u, ((0, kp - k), (0, kp - k))) + jnp.diag(
       jnp.concatenate([jnp.zeros(k), jnp.ones(kp - k)]))
   orig_idx = jnp.concatenate([perm, jnp.arange(k, kp)])   # permuted position -> input index
@@ -164,6 +169,7 @@ def gptq_solve(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: int | N
     wt, codes, sc = carry
     i1 = bi * B
     w1 = jax.lax.dynamic_slice_in_dim(wt, i1, B, axis=1)           # (N, B)
+    k1 = None if kt is None else jax.lax.dynamic_slice_in_dim(kt, i1, B, axis=1)
     u1 = jax.lax.dynamic_slice(u, (i1, i1), (B, B))
     if dynamic and g > B:   # a group may start at this block: scale from updated weights
       grp = jax.lax.dynamic_slice_in_dim(wt, i1, g, axis=1)
@@ -187,6 +193,8 @@ def gptq_solve(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: int | N
         s = sc[jnp.minimum(orig_idx[j] // g, sc.shape[0] - 1)]
       wc = w1[:, i]
       q = jnp.clip(jnp.round(wc / s), -qmax, qmax)
+      if k1 is not None:
+        q = jnp.where(k1[:, i], q, 0.0)
       err = (wc - q * s) / u1[i, i]
       w1 = w1 - err[:, None] * u1[i][None, :]
       return w1, e1.at[:, i].set(err), q1.at[:, i].set(q), sc
@@ -273,7 +281,8 @@ def gptq(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any], *
          bits: int = 4, group_size: int | None = 128, rules: Any = None,
          act_order: bool = True, damp: float = 0.1, sequential: bool = True,
          block_size: int = 128, scale_dtype: str | None = None, clip: float | None = None,
-         max_batches: int | None = None, log: Callable[[str], Any] | None = None) -> Any:
+         max_batches: int | None = None, log: Callable[[str], Any] | None = None,
+         keep_zeros: bool = False) -> Any:
   """GPTQ post-training quantization of a linen or NNX model's kernels.
 
   Args:
@@ -299,6 +308,9 @@ def gptq(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any], *
       else float32).
     max_batches: use at most this many calibration batches.
     log: called with one line per layer (``print`` for progress).
+    keep_zeros: weights that are exactly 0 (e.g. pruned by :func:`sparsity.oneshot`)
+      keep code 0, their error compensated by the others (``keep`` of
+      :func:`gptq_solve`): the sparsity pattern survives quantization.
 
   Returns:
     The params tree (``variables["params"]``, or the NNX pure dict
@@ -315,14 +327,18 @@ def gptq(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any], *
                 group_size=group_size, rules=rules, sequential=sequential,
                 scale_dtype=scale_dtype, max_batches=max_batches, log=log,
                 solve=functools.partial(_gptq_layer, act_order=act_order, damp=float(damp),
-                                        block_size=block_size, clip=clip))
+                                        block_size=block_size, clip=clip,
+                                        keep_zeros=bool(keep_zeros)))
 
 
-def _gptq_layer(o: OpInfo, w: jax.Array, st, rule, *, act_order, damp, block_size, clip=None):
+def _gptq_layer(o: OpInfo, w: jax.Array, st, rule, *, act_order, damp, block_size, clip=None,
+                keep_zeros=False):
   g = layer_groups(o.shape, o.n_in, rule.group_size, o.kernel)
-  codes, scales = gptq_solve(kernel_2d(w, o.n_in), st.hessian, bits=rule.bits, group_size=g,
+  w2 = kernel_2d(w, o.n_in)
+  codes, scales = gptq_solve(w2, st.hessian, bits=rule.bits, group_size=g,
                              act_order=act_order, damp=damp, block_size=block_size,
-                             scale_dtype=_sdt(rule), clip=clip)
+                             scale_dtype=_sdt(rule), clip=clip,
+                             keep=(w2 != 0) if keep_zeros else None)
   return to_qarray(codes, scales, o.shape, o.n_in, bits=rule.bits, group_size=g,
                    dtype=w.dtype, name=o.kernel, scale_dtype=_sdt(rule))
 
