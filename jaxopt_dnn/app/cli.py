@@ -297,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
   pl.add_argument("--budgets", default="4.5,5,6,8.5",
                   help="bits per weight (scales counted), comma-separated")
   pl.add_argument("--candidates", default="int4-g32,int4,int8,16-bit",
-                  help="per-layer choices: int4-gN (group size N), int4, int8, 16-bit")
+                  help="per-layer choices: int4-gN (group size N; -fp8 for 8-bit scales), "
+                  "int4, int8, 16-bit; +2:4 or +50%% adds one-shot pruning")
   pl.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq"],
                   help="how candidates are realised")
   pl.add_argument("--out", help="output directory (default ./runs/plan-<timestamp>)")
