@@ -10,10 +10,11 @@ measured directly, with one compiled forward reused for every (layer, candidate)
 candidate is realised once for all layers (``method``: RTN, GPTQ or AWQ), then each
 layer's compressed kernel is swapped in alone (for GPTQ / AWQ, calibrated on one half of
 the batches and measured on the other: see :func:`sensitivity`). The plan minimises
-``sum_l s[l, c_l]`` (additive, first-order) subject to ``sum_l bits(l, c_l) <= budget * sum_l n_l``, an
-exact multiple-choice knapsack (:mod:`jaxopt_dnn.auto.knapsack`); ``bits(l, c)`` counts
-the stored values **and** scales of the realised leaf. ``verify=True`` realises the plan
-and measures it.
+``sum_l s[l, c_l]`` (additive, first-order) subject to
+``sum_l bits(l, c_l) <= budget * sum_l n_l``, an exact multiple-choice knapsack
+(:mod:`jaxopt_dnn.auto.knapsack`); ``bits(l, c)`` counts the stored values **and** scales
+of the realised leaf (nonzero values and their index metadata for a sparse candidate:
+:mod:`jaxopt_dnn.auto.candidates`). ``verify=True`` realises the plan and measures it.
 """
 
 from __future__ import annotations
