@@ -152,10 +152,11 @@ def test_nnx_module_in_place_of_apply_fn():
   net = Net(nnx.Rngs(0))
   params = nnx.to_pure_dict(nnx.state(net, nnx.Param))
   x = np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32)
-  plan = jd.auto.search(net, params, [(x,)], bits_per_weight=9.0, method="rtn",
-                        candidates=["int4", "int8", "16-bit"], verify=True)
-  assert set(plan.choices) == {"a/kernel", "b/kernel"} and plan.bits_per_weight <= 9.0
-  assert plan.measured is not None and plan.measured < 0.05
+  for method in ("rtn", "gptq"):    # GPTQ runs the module itself (cross-fitted halves)
+    plan = jd.auto.search(net, params, [(x,)], bits_per_weight=9.0, method=method,
+                          candidates=["int4", "int8", "16-bit"], verify=True)
+    assert set(plan.choices) == {"a/kernel", "b/kernel"} and plan.bits_per_weight <= 9.0
+    assert plan.measured is not None and plan.measured < 0.05
   with pytest.raises(ValueError, match="unknown candidate"):
     jd.auto.search(net, params, [(x,)], candidates=["int3"], method="rtn")
   with pytest.raises(ValueError, match="method"):
@@ -226,8 +227,18 @@ def test_crossfit_sensitivity_calibrates_and_measures_on_different_halves(mlp):
   # GPTQ fits its calibration batches: in-sample it looks better than on unseen batches
   assert insample.values["fc1/kernel"]["int4"] < sens.values["fc1/kernel"]["int4"]
   assert sens.stored is None and insample.stored is not None
+  # one batch: cut in two halves along the batch axis
+  one = (np.concatenate([batches[0][0], batches[1][0]]),)
+  split = jd.auto.sensitivity(model.apply, variables, [one], method="gptq",
+                              candidates=["int4"])
+  halves = jd.auto.sensitivity(model.apply, variables, batches[:2], method="gptq",
+                               candidates=["int4"])
+  assert split.stored is None
+  for layer in layers:
+    assert split.values[layer]["int4"] == pytest.approx(halves.values[layer]["int4"],
+                                                        rel=1e-5)
   with pytest.raises(ValueError, match="two calibration batches"):
-    jd.auto.sensitivity(model.apply, variables, batches[:1], method="gptq",
+    jd.auto.sensitivity(model.apply, variables, [(batches[0][0][:1],)], method="gptq",
                         candidates=["int4"], crossfit=True)
 
 

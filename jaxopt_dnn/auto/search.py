@@ -280,9 +280,10 @@ def sensitivity(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
                 metric: Callable | None = None, crossfit: bool | None = None) -> Sensitivity:
   """Measures ``s[l, c]`` (see the module docstring) and each layer's stored bits.
 
-  ``crossfit`` (default: on for GPTQ / AWQ given at least two batches): the batches are
-  split in two folds (even / odd); each candidate is calibrated on one fold and its
-  sensitivities are measured on the other, then averaged. A calibrated method fits its
+  ``crossfit`` (default: on for GPTQ / AWQ): the batches are split in two folds (even /
+  odd batches; a single batch is cut in two halves along its leading axis); each
+  candidate is calibrated on one fold and its sensitivities are measured on the other,
+  then averaged. A calibrated method fits its
   calibration tokens: on all-MiniLM-L6-v2 with 32 sentences, GPTQ int4-g32 keeps a
   cosine of 0.995 on them but 0.97 on other sentences, and measured in-sample the
   layers whose inputs outnumber the tokens look the most harmless (``bench/auto_bench.py``).
@@ -306,16 +307,20 @@ def sensitivity(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
     raise ValueError("no layer to plan: rules matched no kernel")
   leaves = dict(_tree.leaves_with_paths(fwd.params))
   sizes = {p: int(np.size(leaves[p])) for p in layers}
+  if crossfit is None:
+    crossfit = method != "rtn" and (len(batches) >= 2 or _halves(batches[0]) is not None)
+  if crossfit and len(batches) < 2:
+    halves = _halves(batches[0])
+    if halves is None:
+      raise ValueError("crossfit=True needs two calibration batches, or one whose array "
+                       "inputs share a leading (batch) axis of length >= 2 to split")
+    batches = list(halves)
   metric = metric or output_distortion
   run = jax.jit(lambda p, *x: fwd(p, *x))
   refs = [run(fwd.params, *b) for b in batches]
   score = jax.jit(lambda p, r, *x: metric(fwd(p, *x), r))
   values: dict[str, dict[str, float]] = {p: {} for p in layers}
   bits: dict[str, dict[str, int]] = {p: {} for p in layers}
-  if crossfit is None:
-    crossfit = method != "rtn" and len(batches) >= 2
-  if crossfit and len(batches) < 2:
-    raise ValueError("crossfit=True needs at least two calibration batches")
   idx = list(range(len(batches)))
   # (calibrate on, measure on) index sets
   folds = [(idx[0::2], idx[1::2]), (idx[1::2], idx[0::2])] if crossfit else [(idx, idx)]
@@ -335,6 +340,18 @@ def sensitivity(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
     for p in layers:
       values[p][cand.name] = float(np.mean(scores[p]))
   return Sensitivity(layers, by_name, values, bits, sizes, method, kept or None)
+
+
+def _halves(batch: tuple) -> tuple[tuple, tuple] | None:
+  """A single batch cut in two along the leading axis its array inputs share (first and
+  second half of the rows), or ``None`` when they share none of length >= 2."""
+  arrays = [x for x in jax.tree.leaves(batch) if np.ndim(x) >= 1]
+  n = {np.shape(x)[0] for x in arrays}
+  if not arrays or len(n) != 1 or min(n) < 2:
+    return None
+  h = min(n) // 2
+  cut = lambda sl: jax.tree.map(lambda x: x[sl] if np.ndim(x) >= 1 else x, batch)  # noqa: E731
+  return cut(slice(0, h)), cut(slice(h, None))
 
 
 def plan_for_budget(sens: Sensitivity, bits_per_weight: float) -> Plan | None:
@@ -386,8 +403,7 @@ def search(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
     verify: realise the plan and measure it (``plan.measured``).
     sens: reuse a :class:`Sensitivity` (e.g. for several budgets).
     crossfit: calibrate and measure the sensitivities on different halves of the
-      batches (default: on for GPTQ / AWQ with two batches or more; see
-      :func:`sensitivity`).
+      batches (default: on for GPTQ / AWQ; see :func:`sensitivity`).
   """
   batches = [_as_inputs(b) for b in batches]
   sens = sens or sensitivity(apply_fn, variables, batches, candidates=candidates,
