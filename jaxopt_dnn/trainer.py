@@ -505,12 +505,8 @@ class Trainer:
     use_policy = policy and self.policy is not None
     if use_policy:   # norm parameters keep float32 (the policy's path exceptions)
       params = self.policy.cast_to_compute(params)
-    p = jax.tree.map(lambda x: x, self._param_template)
-    nnx.replace_by_pure_dict(p, params)
-    r = jax.tree.map(lambda x: x, self._rest_template)
-    if collections:
-      nnx.replace_by_pure_dict(r, _data_to_keys(collections, self._impls))
-    module = nnx.merge(self._graphdef, p, r)
+    module = _nnx_build(self._graphdef, self._param_template, self._rest_template,
+                        self._impls, params, collections)
     if use_policy:
       module = nnx_apply_policy(module, self.policy)
     return module
@@ -818,13 +814,20 @@ class Trainer:
   def _nnx_plain(self, params: PyTree, collections: PyTree) -> nnx.Module:
     """The user's own module (no QAT hooks) holding ``params`` and ``collections``."""
     graphdef, p, r = nnx.split(self.model, nnx.Param, ...)
-    impls = _keys_to_data(nnx.to_pure_dict(r))[1]
-    p = jax.tree.map(lambda x: x, p)
-    r = jax.tree.map(lambda x: x, r)
-    nnx.replace_by_pure_dict(p, params)
-    if collections:
-      nnx.replace_by_pure_dict(r, _data_to_keys(collections, impls))
-    return nnx.merge(graphdef, p, r)
+    return _nnx_build(graphdef, p, r, _keys_to_data(nnx.to_pure_dict(r))[1], params,
+                      collections)
+
+
+def _nnx_build(graphdef, param_template, rest_template, impls, params: PyTree,
+               collections: PyTree) -> nnx.Module:
+  """A fresh module of ``graphdef`` holding ``params`` and ``collections`` (pure dicts
+  replacing the templates' values; the templates are not modified)."""
+  p = jax.tree.map(lambda x: x, param_template)
+  nnx.replace_by_pure_dict(p, params)
+  r = jax.tree.map(lambda x: x, rest_template)
+  if collections:
+    nnx.replace_by_pure_dict(r, _data_to_keys(collections, impls))
+  return nnx.merge(graphdef, p, r)
 
 
 def _drop_leaves(tree: Mapping, name: str) -> dict:

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxopt_dnn import _table
+
 COLUMNS = (
     # key, header, format
     ("name", "variant", "{}"),
@@ -79,16 +81,9 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 def table(results: Sequence[Any]) -> str:
   """A fixed-width text table, one row per variant."""
-  rs = rows(results)
-  cells = [[h for _, h, _ in COLUMNS]] + [[_cell(r, k, f) for k, _, f in COLUMNS] for r in rs]
-  widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-  lines = []
-  for j, c in enumerate(cells):
-    lines.append("  ".join(x.ljust(w) if i == 0 else x.rjust(w)
-                           for i, (x, w) in enumerate(zip(c, widths))))
-    if j == 0:
-      lines.append("  ".join("-" * w for w in widths))
-  return "\n".join(lines)
+  return _table.render([h for _, h, _ in COLUMNS],
+                       [[_cell(r, k, f) for k, _, f in COLUMNS] for r in rows(results)],
+                       right=range(1, len(COLUMNS)))
 
 
 def markdown(results: Sequence[Any], *, title: str = "jaxopt-dnn compress",

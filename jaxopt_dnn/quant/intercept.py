@@ -37,11 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxopt_dnn import _tree
+from jaxopt_dnn import _table, _tree
 from jaxopt_dnn import roles as _roles
 from jaxopt_dnn.quant import hooks
 from jaxopt_dnn.quant import rules as _rules
-from jaxopt_dnn.quant.qarray import QArray, dequantize, is_qarray
+from jaxopt_dnn.quant.qarray import dequantize, is_qarray
 
 STATS = "quant_stats"
 AMAX = "input_amax"
@@ -679,11 +679,7 @@ def explain(params: Any, rules: Any = None, *, bits: int = 8, print_fn=print,
           c.primitive in _roles.CONTRACTIONS for c in cons) else "no contraction"
       action = f"int{r.bits} per-{g} storage; {what} ({kind})"
     rows.append((p, str(tuple(np.shape(x))), pat, action))
-  w = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in
-       enumerate(("path", "shape", "rule"))]
-  lines = [f"{'path':<{w[0]}}  {'shape':<{w[1]}}  {'rule':<{w[2]}}  compiled"]
-  lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:<{w[2]}}  {d}" for a, b, c, d in rows]
-  text = "\n".join(lines)
+  text = _table.render(("path", "shape", "rule", "compiled"), rows)
   if print_fn is not None:
     print_fn(text)
   return text

@@ -17,13 +17,13 @@ otherwise (4.25 bits per weight at ``group_size=64``).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
-from jaxopt_dnn import _tree
+from jaxopt_dnn import _table, _tree
 from jaxopt_dnn.quant import fake
 from jaxopt_dnn.quant.qarray import QArray, dequantize, is_qarray
 
@@ -166,13 +166,9 @@ def explain(params: Any, rules: Any = None, *, bits: int = 8, print_fn=print,
   for p, x, r in resolve(params, rules, bits=bits, group_size=group_size):
     pat = "-" if r is None else repr(r.pattern)
     rows.append((p, str(tuple(np.shape(x))), pat, _describe(r, x)))
-  w = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in
-       enumerate(("path", "shape", "rule"))]
-  lines = [f"{'path':<{w[0]}}  {'shape':<{w[1]}}  {'rule':<{w[2]}}  action"]
-  lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:<{w[2]}}  {d}" for a, b, c, d in rows]
-  lines.append("(what the rules ask for; 'aN' needs a contraction to consume the weight: "
-               "quant.explain(..., apply_fn=, inputs=) or quant.coverage shows what runs)")
-  text = "\n".join(lines)
+  text = (_table.render(("path", "shape", "rule", "action"), rows)
+          + "\n(what the rules ask for; 'aN' needs a contraction to consume the weight: "
+          "quant.explain(..., apply_fn=, inputs=) or quant.coverage shows what runs)")
   if print_fn is not None:
     print_fn(text)
   return text
