@@ -114,3 +114,6 @@ def test_rules_accept_fp8_scale_storage():
   assert out["d"]["kernel"].scale.dtype == jnp.float8_e4m3fn
   with pytest.raises(ValueError, match="scale_dtype"):
     quant.QuantRule("kernel", scale_dtype="float8_e5m3")
+  with pytest.raises(ValueError, match="symmetric=True"):
+    fake.quantize(jnp.asarray(_kernel(64, 16)), bits=4, axis=-1, group_size=32,
+                  symmetric=False, scale_dtype=FP8)

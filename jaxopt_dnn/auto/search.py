@@ -392,7 +392,9 @@ def search(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
     batches: calibration batches (tuples of model inputs).
     bits_per_weight: budget over the chosen layers, scales counted.
     candidates: default :data:`DEFAULT_CANDIDATES` (``int4-g128, int4-g64,
-      int4-g32-fp8, int4-g16-fp8, int8, 16-bit``).
+      int4-g32-fp8, int4-g16-fp8, int8, 16-bit``); a ``+2:4`` / ``+50%`` suffix
+      (``"int4-g32-fp8+2:4"``) prunes one-shot first, and the budget then counts
+      nonzero bits (:mod:`jaxopt_dnn.auto.candidates`).
     method: how each candidate is realised: ``"rtn"`` | ``"gptq"`` | ``"awq"``.
     rules: which layers (regex over key paths); default: every contraction kernel.
     metric: ``metric(outputs, float_outputs) -> scalar`` (default

@@ -265,6 +265,7 @@ def fake_quant(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True
   _check_given_scale(scale, name)
   bits = check_bits(bits, name)
   if group_size is not None or scale_dtype is not None:
+    _check_scale_dtype(scale_dtype, symmetric, name)
     chan = channel_axes(axis, jnp.ndim(x), name)
     g, ga = check_group(group_size, group_axis, chan, jnp.ndim(x), name)
     if scale is None:
@@ -288,6 +289,15 @@ def fake_quant(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True
 def _rounded(scale, scale_dtype, bits, symmetric):
   """The float32 scale as ``scale_dtype`` stores it (:func:`qarray.round_scale`)."""
   return _effective(*round_scale(scale, scale_dtype, qmax=_steps(bits, symmetric)))
+
+
+def _check_scale_dtype(scale_dtype, symmetric, name):
+  """8-bit float scales only for symmetric quantization: an asymmetric zero point is
+  anchored to the unrounded scale, and a scale moved by up to 1/16 would shift the range
+  by many steps for data far from 0."""
+  if scale_dtype is not None and not symmetric and jnp.dtype(scale_dtype).itemsize == 1:
+    raise ValueError(f"{name}: scale_dtype={jnp.dtype(scale_dtype).name} needs "
+                     "symmetric=True (8-bit scales with zero points are not supported)")
 
 
 def _steps(bits, symmetric):
@@ -322,6 +332,7 @@ def quantize(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True,
   percentile = check_percentile(percentile, f"{name}: percentile")
   g, ga = check_group(group_size, group_axis, chan, jnp.ndim(x), name)
   if g is not None or scale_dtype is not None:
+    _check_scale_dtype(scale_dtype, symmetric, name)
     if scale is None:
       scale, zero_point = compute_qparams(x, bits=bits, axis=chan or None,
                                           symmetric=symmetric, method=method,
