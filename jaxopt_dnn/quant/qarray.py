@@ -214,8 +214,8 @@ def round_scale(scale: jax.Array, dtype: Any = None, *, qmax: float | None = Non
   within half a step, so ``|x - dequantize| <= stored / 2`` holds for int8 too. (Always
   rounding up costs more: +19% RTN error on a MiniLM kernel at int4 g16.)
   ``headroom > 1`` leaves room for scales that grow after this call (GPTQ's updated
-  weights). Codes must be computed from the returned
-  scale (``stored * super_scale``), so the ``<= scale / 2`` error bound holds for it.
+  weights). Codes must be computed from the returned scale (``stored * super_scale``),
+  so the ``<= scale / 2`` error bound holds for it.
   A given ``super_scale`` is used as is (scales rounded piecewise against one tensor's).
   """
   scale = jnp.asarray(scale, jnp.float32)
