@@ -59,11 +59,10 @@ def minilm(method: str, metric_name: str, sparse: bool) -> list[str]:
   cal = P.batches(P.CALIBRATION, tok, 8)
   ev = P.batches(P.EVALUATION + P.EVALUATION_VARIED, tok, 64)[0]
   f = jax.jit(model.apply)
-  ref = np.asarray(f(v, *ev), np.float64)
+  ref = f(v, *ev)
 
   def quality(params):
-    out = np.asarray(f({**v, "params": quant.dequantize_params(params)}, *ev), np.float64)
-    cos = (out * ref).sum(-1) / (np.linalg.norm(out, axis=-1) * np.linalg.norm(ref, axis=-1))
+    cos = P.cosines(f({**v, "params": quant.dequantize_params(params)}, *ev), ref)
     return cos[:16].min(), cos.min(), np.sort(cos)[1], cos.mean()
 
   metric = worst_cosine if metric_name == "worst-cosine" else None

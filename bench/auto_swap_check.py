@@ -32,11 +32,10 @@ def main() -> None:
   cal = P.batches(P.EVALUATION_VARIED, tok, 8)
   ev = P.batches(P.CALIBRATION + P.EVALUATION, tok, 48)[0]
   f = jax.jit(model.apply)
-  ref = np.asarray(f(v, *ev), np.float64)
+  ref = f(v, *ev)
 
   def quality(params):
-    out = np.asarray(f({**v, "params": quant.dequantize_params(params)}, *ev), np.float64)
-    cos = (out * ref).sum(-1) / (np.linalg.norm(out, axis=-1) * np.linalg.norm(ref, axis=-1))
+    cos = P.cosines(f({**v, "params": quant.dequantize_params(params)}, *ev), ref)
     return cos.min(), np.sort(cos)[1], cos.mean()
 
   t0 = time.perf_counter()

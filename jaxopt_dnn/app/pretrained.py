@@ -448,6 +448,7 @@ EVALUATION_VARIED = (
     "Insert tab A into slot B and fold along the dotted line.",
 )
 
+
 def batches(texts: Sequence[str], tok: WordPiece, batch: int = 8, pad_to: int | None = None):
   """``[(input_ids, attention_mask), ...]`` as jnp int32 arrays."""
   out = []
@@ -457,9 +458,13 @@ def batches(texts: Sequence[str], tok: WordPiece, batch: int = 8, pad_to: int | 
   return out
 
 
-def min_cosine(a: Any, b: Any) -> float:
-  """Minimum over rows of the cosine similarity of two embedding matrices."""
+def cosines(a: Any, b: Any) -> np.ndarray:
+  """Row-wise cosine similarity of two embedding matrices (float64)."""
   a = np.asarray(a, np.float64)
   b = np.asarray(b, np.float64)
-  cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-  return float(cos.min())
+  return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def min_cosine(a: Any, b: Any) -> float:
+  """Minimum over rows of the cosine similarity of two embedding matrices."""
+  return float(cosines(a, b).min())

@@ -283,11 +283,11 @@ def sensitivity(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
   ``crossfit`` (default: on for GPTQ / AWQ): the batches are split in two folds (even /
   odd batches; a single batch is cut in two halves along its leading axis); each
   candidate is calibrated on one fold and its sensitivities are measured on the other,
-  then averaged. A calibrated method fits its
-  calibration tokens: on all-MiniLM-L6-v2 with 32 sentences, GPTQ int4-g32 keeps a
-  cosine of 0.995 on them but 0.97 on other sentences, and measured in-sample the
-  layers whose inputs outnumber the tokens look the most harmless (``bench/auto_bench.py``).
-  RTN is not calibrated, so it is measured on every batch.
+  then averaged. A calibrated method fits its calibration tokens: on all-MiniLM-L6-v2
+  with 32 sentences, GPTQ int4-g32 keeps a cosine of 0.995 on them but 0.97 on other
+  sentences, and measured in-sample the layers whose inputs outnumber the tokens look
+  the most harmless (``bench/auto_bench.py``). RTN is not calibrated, so it is measured
+  on every batch.
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -307,10 +307,10 @@ def sensitivity(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
     raise ValueError("no layer to plan: rules matched no kernel")
   leaves = dict(_tree.leaves_with_paths(fwd.params))
   sizes = {p: int(np.size(leaves[p])) for p in layers}
+  halves = _halves(batches[0]) if len(batches) == 1 else None
   if crossfit is None:
-    crossfit = method != "rtn" and (len(batches) >= 2 or _halves(batches[0]) is not None)
+    crossfit = method != "rtn" and (len(batches) >= 2 or halves is not None)
   if crossfit and len(batches) < 2:
-    halves = _halves(batches[0])
     if halves is None:
       raise ValueError("crossfit=True needs two calibration batches, or one whose array "
                        "inputs share a leading (batch) axis of length >= 2 to split")

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_dnn.quant.ranges import estimate_absmax, estimate_minmax
-from jaxopt_dnn.quant.qarray import QArray, expand_groups, pack_int4, round_scale
+from jaxopt_dnn.quant.qarray import QArray, expand_groups, pack_int4, round_scale, scale_value
 
 METHODS = ("absmax", "percentile", "mse")
 _TINY = float(np.finfo(np.float32).tiny)   # 2^-126: 1/s stays finite under flush-to-zero
@@ -288,7 +288,7 @@ def fake_quant(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True
 
 def _rounded(scale, scale_dtype, bits, symmetric):
   """The float32 scale as ``scale_dtype`` stores it (:func:`qarray.round_scale`)."""
-  return _effective(*round_scale(scale, scale_dtype, qmax=_steps(bits, symmetric)))
+  return scale_value(*round_scale(scale, scale_dtype, qmax=_steps(bits, symmetric)))
 
 
 def _check_scale_dtype(scale_dtype, symmetric, name):
@@ -304,11 +304,6 @@ def _steps(bits, symmetric):
   """Quantization steps from 0 (symmetric) or across the range (asymmetric)."""
   qmin, qmax = qrange(bits, symmetric)
   return qmax if symmetric else qmax - qmin
-
-
-def _effective(stored, sup):
-  stored = stored.astype(jnp.float32)
-  return stored if sup is None else stored * sup
 
 
 def quantize(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True,
@@ -340,7 +335,7 @@ def quantize(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True,
                                           group_size=g, group_axis=ga if g else -2)
     stored, sup = round_scale(scale, scale_dtype, qmax=_steps(bits, symmetric))
     n = x.shape[ga] if g else 0
-    value = _codes(x, expand_groups(_effective(stored, sup), g, ga, n),
+    value = _codes(x, expand_groups(scale_value(stored, sup), g, ga, n),
                    None if zero_point is None else expand_groups(zero_point, g, ga, n), bits)
     return QArray(value, stored, zero_point, bits=bits, channel_axes=chan,
                   shape=jnp.shape(x), dtype=x.dtype, name=name, group_size=g, group_axis=ga,

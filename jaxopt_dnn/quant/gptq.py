@@ -39,16 +39,14 @@ import jax.numpy as jnp
 from jaxopt_dnn.quant import fake
 from jaxopt_dnn.quant import rules as _rules
 from jaxopt_dnn.quant.capture import OpInfo, kernel_2d, run_sequential, set_leaves
-from jaxopt_dnn.quant.qarray import QArray, is_qarray, pack_int4, round_scale
+from jaxopt_dnn.quant.qarray import QArray, is_qarray, pack_int4, round_scale, scale_value
 
 
 def _scale(amax, qmax, sdt, sup=None):
   """``absmax / qmax`` (1 where the range is 0), rounded to ``sdt`` (8-bit floats:
   relative to the tensor's ``sup``), as float32."""
   s = jnp.where(amax > 0, jnp.maximum(amax / qmax, 1e-30), 1.0)
-  stored, sup = round_scale(s, sdt, qmax=qmax, super_scale=sup)
-  s = stored.astype(jnp.float32)
-  return s if sup is None else s * sup
+  return scale_value(*round_scale(s, sdt, qmax=qmax, super_scale=sup))
 
 
 _CLIP_GRID = 16

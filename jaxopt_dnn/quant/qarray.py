@@ -188,12 +188,16 @@ def expand_groups(t: jax.Array, group_size: int | None, group_axis: int | None,
   return jax.lax.slice_in_dim(t, 0, n, axis=group_axis)
 
 
+def scale_value(stored: jax.Array, super_scale: jax.Array | None = None) -> jax.Array:
+  """The float32 scale a stored scale stands for (``stored * super_scale`` for 8-bit
+  scales, see :func:`round_scale`)."""
+  s = jnp.asarray(stored).astype(jnp.float32)
+  return s if super_scale is None else s * jnp.asarray(super_scale, jnp.float32)
+
+
 def stored_scale(q: QArray) -> jax.Array:
   """The float32 scale of ``q``'s scale shape (8-bit scales times their ``super_scale``)."""
-  s = jnp.asarray(q.scale).astype(jnp.float32)
-  if q.super_scale is not None:
-    s = s * jnp.asarray(q.super_scale, jnp.float32)
-  return s
+  return scale_value(q.scale, q.super_scale)
 
 
 FP8_SCALE_DTYPES = ("float8_e4m3fn",)
