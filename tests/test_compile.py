@@ -71,6 +71,16 @@ def _run(code: str, *args: str) -> str:
 
 @pytest.mark.slow
 def test_exported_serving_function_reloads_in_fresh_process(tmp_path):
+  """The file, reloaded in a fresh process, runs the very program that was exported.
+
+  The reference is that program run here (``exp.call``), not the eager op-by-op forward:
+  eager dispatch compiles every primitive alone, the export compiles one fused program,
+  and XLA promises no bitwise equality between two different programs (fusion and layout
+  assignment may change a conv's or a dot's summation order). That comparison made this
+  test flaky (``identical False`` once in a loaded CI run). The eager forward is still
+  checked, to rounding. The child runs the same runtime as this process (8 CPU devices),
+  and on a mismatch it prints the largest difference.
+  """
   model = models.CNN(features=(8, 16), dense=32)
   rng = np.random.default_rng(0)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 8, 8, 1)))
@@ -84,22 +94,25 @@ def test_exported_serving_function_reloads_in_fresh_process(tmp_path):
   path = tmp_path / "serve.stablehlo"
   exp = jcompile.export(serve, variables, x, path=path)
   assert path.stat().st_size > 0 and "cpu" in exp.platforms
-  expected = np.asarray(serve(variables, x))
+  expected = np.asarray(exp.call(variables, x))
+  np.testing.assert_allclose(expected, np.asarray(serve(variables, x)), rtol=1e-5, atol=1e-7)
   leaves = jax.tree.leaves(variables)
   np.savez(tmp_path / "io.npz", x=x, expected=expected,
            **{f"leaf{i:03d}": np.asarray(v) for i, v in enumerate(leaves)})
   # The fresh process has neither the model class nor `serve`: only the file.
   out = _run("""
       import sys, numpy as np, jax
+      jax.config.update("jax_num_cpu_devices", 8)  # the test process's runtime
       from jaxopt_dnn import compile as jc
       fn = jc.load_exported(sys.argv[1])
       io = np.load(sys.argv[2])
       leaves = [io[k] for k in sorted(k for k in io.files if k.startswith("leaf"))]
       (v, x), kwargs = jax.tree.unflatten(fn.exported.in_tree, leaves + [io["x"]])
       y = np.asarray(fn(v, x, **kwargs))
-      print("identical", bool(np.array_equal(y, io["expected"])), y.shape)
+      print("identical", bool(np.array_equal(y, io["expected"])), y.shape,
+            "max_abs_diff", float(np.abs(y - io["expected"]).max()))
   """, str(path), str(tmp_path / "io.npz"))
-  assert "identical True (5, 10)" in out
+  assert "identical True (5, 10)" in out, out
 
 
 @pytest.mark.slow
