@@ -36,6 +36,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 
 from jaxopt_dnn._tree import leaves_with_paths
@@ -84,10 +85,56 @@ def manager(directory, *, max_to_keep=3, save_every=None, async_save=True):
           enable_async_checkpointing=async_save, create=True))
 
 
+def _is_key(x) -> bool:
+  return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def unwrap_keys(tree: PyTree) -> PyTree:
+  """``tree`` with every typed PRNG key leaf replaced by its raw key data.
+
+  Arrays go through ``optax.tree_utils.tree_unwrap_random_key_data``; an abstract key
+  leaf (``jax.ShapeDtypeStruct`` of a key dtype) becomes the ``ShapeDtypeStruct`` of its
+  data (``shape + impl_shape``, ``uint32``, the same sharding: the trailing key-data
+  axes are unsharded).
+  """
+  def abstract(x):
+    if isinstance(x, jax.ShapeDtypeStruct) and _is_key(x):
+      data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+      return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
+    return x
+  return jax.tree.map(abstract, optax.tree_utils.tree_unwrap_random_key_data(tree))
+
+
+def _key_impl(x):
+  """The PRNG implementation of a key array or of an abstract key leaf."""
+  if isinstance(x, jax.ShapeDtypeStruct):
+    out = []
+    jax.eval_shape(lambda k: (out.append(jax.random.key_impl(k)), k)[1],
+                   jax.ShapeDtypeStruct(x.shape, x.dtype))
+    return out[0]
+  return jax.random.key_impl(x)
+
+
+def _rewrap_keys(restored: PyTree, target: PyTree) -> PyTree:
+  """Wraps the key data of ``restored`` back into typed keys where ``target`` has keys.
+
+  (A step written before keys were unwrapped on save holds orbax's own key record: orbax
+  restores those leaves as typed keys already.)
+  """
+  def wrap(t, r):
+    return jax.random.wrap_key_data(r, impl=_key_impl(t)) if _is_key(t) and not _is_key(r) \
+        else r
+  return jax.tree.map(wrap, target, restored)
+
+
 def save_step(mngr, step, state, meta, force=False) -> bool:
-  """Saves one step (async if the manager is) after writing its checksum file."""
+  """Saves one step (async if the manager is) after writing its checksum file.
+
+  Typed PRNG keys are saved as their key data (:func:`unwrap_keys`).
+  """
   if not force and not mngr.should_save(step):
     return False
+  state = unwrap_keys(state)
   if step not in mngr.all_steps():
     write_checksums(mngr.directory, step, state, meta)
   return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -217,6 +264,8 @@ def latest_step(directory) -> int | None:
 
 
 def _compat_errors(saved_meta, target) -> list[str]:
+  """Differences between the saved tree's metadata and ``target`` (keys unwrapped)."""
+  target = unwrap_keys(target)
   saved = {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in leaves_with_paths(
       saved_meta, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))}
   want = {p: (tuple(np.shape(a)), np.dtype(a.dtype)) for p, a in leaves_with_paths(target)}
@@ -273,8 +322,9 @@ def restore(directory, target: PyTree | None = None, *, step: int | None = None,
   Args:
     directory: a directory written by :func:`fit` (or :func:`save`).
     target: a pytree like the saved state; arrays or ``jax.ShapeDtypeStruct`` with
-      shardings (see :func:`abstract_like`) to restore onto another mesh. ``None``
-      restores the saved tree as plain nested dicts.
+      shardings (see :func:`abstract_like`) to restore onto another mesh; its typed
+      PRNG key leaves come back as typed keys of the same implementation. ``None``
+      restores the saved tree as plain nested dicts (keys as raw key data).
     step: which step; default the latest complete one.
 
   Raises:
@@ -307,8 +357,11 @@ def restore(directory, target: PyTree | None = None, *, step: int | None = None,
           isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(target)) else target
     try:
       out = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(None if target is None else unwrap_keys(target)),
+          meta=ocp.args.JsonRestore()))
       state, meta = out["state"], out["meta"]
+      if target is not None:
+        state = _rewrap_keys(state, target)
       if not isinstance(meta, dict):
         raise ValueError(f"metadata is {type(meta).__name__}, not a JSON object")
     except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds

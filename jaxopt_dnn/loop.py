@@ -13,7 +13,10 @@ source the resumed run ends bit-identical (on CPU) to an uninterrupted one.
 Checkpoints (:mod:`jaxopt_dnn.checkpoint`): orbax ``CheckpointManager`` (keep
 ``max_to_keep``, async writes); a process killed mid-save leaves the previous checkpoint
 restorable. Ctrl-C (``KeyboardInterrupt``) saves the current state, waits for the
-write, and re-raises.
+write, and re-raises. Typed PRNG keys anywhere in the state (the pruning key in
+``opt_state``) are saved as their key data and restored as keys of the state's own
+implementation, so every Trainer option (prune, QAT, bf16, fp16 loss scaling, FSDP)
+resumes exactly.
 """
 
 from __future__ import annotations

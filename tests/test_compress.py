@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxopt_dnn import sparsity
-from jaxopt_dnn.app import artifacts, cli, compose, compress, data
+from jaxopt_dnn.app import artifacts, cli, compose, compress, data, report
 from jaxopt_dnn.app.recipe import Recipe
 
 STEPS = 120
@@ -457,3 +457,61 @@ def test_resolve_model_factory_forms(tmp_path, monkeypatch):
     models.resolve_model("no_colon")
   file_model, _, _ = models.resolve_model(f"{tmp_path / 'forms_mod.py'}:fixed")
   assert file_model.inner.features == 3
+
+
+def test_variants_that_need_a_zoo_model_are_explained_not_unknown(tmp_path, capsys):
+  """A user model: channel50/distilled are skipped with a printed note (default list) and
+  asking for one is an error that says why (not "unknown variant")."""
+  base = Recipe(model="zoo_thirdparty:linen_resnet")
+  assert {"channel50", "distilled"}.isdisjoint(compress.default_variants(base))
+  assert set(compress.unavailable_variants(base)) == {"channel50", "distilled"}
+  assert compress.unavailable_variants(Recipe(model="cnn")) == {}
+  assert cli.main(["compress", "--dataset", "digits", "--model", "zoo_thirdparty:linen_resnet",
+                   "--variants", "baseline,channel50", "--out", str(tmp_path / "o")]) == 2
+  err = capsys.readouterr().err
+  assert "channel50 needs a zoo model" in err and "cnn, cnn1d" in err and "unknown" not in err
+  assert not (tmp_path / "o").exists()
+  with pytest.raises(ValueError, match="distilled needs a zoo model with a known smaller student"):
+    compress.compress(base, data.load_digits(), str(tmp_path / "p"), variants=["distilled"])
+
+  class Stop(Exception):
+    pass
+
+  def log(line):           # the note comes before any training: stop the run there
+    if line.startswith("note:"):
+      raise Stop(line)
+  ds = data.load_digits()
+  with pytest.raises(Stop, match=r"note: skipping channel50 needs a zoo model.*distilled"):
+    compress.compress_model("zoo_thirdparty:linen_resnet", (ds.x_train, ds.y_train),
+                            (ds.x_test, ds.y_test), str(tmp_path / "q"), log=log)
+
+
+def test_steps_help_states_the_default_that_runs():
+  parser = cli.build_parser()
+  sub = next(a for a in parser._actions if a.dest == "command").choices["compress"]
+  (steps,) = [a for a in sub._actions if a.dest == "steps"]
+  runs = compress.default_recipe(compress.DEFAULT_DATASET).steps   # what `compress` trains
+  assert runs == 1000
+  assert f"default: {runs} on {compress.DEFAULT_DATASET}, {Recipe().steps} on the other" \
+      in steps.help
+
+
+@pytest.mark.slow   # three small runs of the job (~15 s unloaded)
+def test_array_bytes_and_whole_program_flops_per_example_equal_across_meshes(tmp_path):
+  """MFLOPs/example is the whole program's (every device's partition) per example: the
+  same on one device, data=2 and fsdp=2; array bytes are the arrays' bytes alone."""
+  ds = data.load_digits()
+  base = Recipe(model="mlp", model_kwargs={"features": (32,)}, steps=2, batch_size=32)
+  flops = {}
+  for name, mesh in [("one", None), ("data2", {"data": 2}),
+                     ("fsdp2", {"data": 1, "fsdp": 2, "strategy": "fsdp"})]:
+    (res,) = compress.compress(base.replace(mesh=mesh) if mesh else base, ds,
+                               str(tmp_path / name), variants=["baseline"], log=lambda s: None,
+                               latency_rounds=0)
+    flops[name] = res.flops_per_example
+    assert res.array_bytes == 4 * (64 * 32 + 32 + 32 * 10 + 10)    # float32 params
+    assert res.disk_bytes > res.array_bytes                           # + orbax metadata
+  assert flops["one"] == flops["data2"] == flops["fsdp2"], flops
+  assert flops["one"] >= 2 * (64 * 32 + 32 * 10)     # at least the two matmuls' MACs x 2
+  row = report.rows([res])[0]
+  assert row["array_ratio"] == 1.0 and "array bytes" in report.table([res])

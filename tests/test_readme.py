@@ -19,6 +19,11 @@ def test_readme_python_examples_run():
   k = quick["state"].params["Dense_0"]["kernel"]
   assert int((k == 0).sum()) == k.size // 2
   assert any("packed" in ns and "qparams" in ns for ns in spaces)
+  auto = next(ns for ns in spaces if "plan" in ns)          # the model run with the plan
+  assert auto["y"].shape == (64, 32)
+  ref = auto["model"].apply(auto["variables"], auto["x"])
+  err = float(abs(auto["y"] - ref).max())
+  assert 0 < err <= 0.1 * float(abs(ref).max()), err         # rounded weights, not floats
 
 
 def test_readme_has_exactly_two_setup_commands():

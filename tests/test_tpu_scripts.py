@@ -9,6 +9,7 @@ shell-quoted), which are parsed back with ``shlex`` and checked flag by flag; th
 import json
 import os
 import pathlib
+import re
 import shlex
 import shutil
 import subprocess
@@ -93,6 +94,32 @@ def test_setup_installs_on_all_workers_from_git_or_wheel():
   wheel_scp, _, ssh = dry("setup.sh", "--wheel", "dist/jaxopt_dnn-0.1.0-py3-none-any.whl")
   assert wheel_scp[5:7] == ["dist/jaxopt_dnn-0.1.0-py3-none-any.whl", "jaxopt-dnn:"]
   assert '"$HOME/jaxopt_dnn-0.1.0-py3-none-any.whl"' in remote_command(ssh)
+
+
+def test_setup_installs_from_jaxopt_dnn_source_default_this_checkout():
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith("TPU_") and k != "JAXOPT_DNN_SOURCE"}
+
+  def run(*args, **extra):
+    p = subprocess.run(["bash", str(SCRIPTS / "setup.sh"), "--dry-run", *args], text=True,
+                       capture_output=True, env={**env, **extra}, timeout=30)
+    assert p.returncode == 0, p.stderr
+    return [shlex.split(ln) for ln in p.stdout.splitlines() if ln.strip()]
+
+  build, wheel_scp, _, ssh = run()            # default: this checkout, built into a wheel
+  assert build[:6] == ["python3", "-m", "pip", "wheel", "--quiet", "--no-deps"]
+  assert build[-1] == str(ROOT)
+  version = re.search(r'^version = "(.*)"', (ROOT / "pyproject.toml").read_text(), re.M)[1]
+  assert wheel_scp[5] == str(ROOT / "dist" / f"jaxopt_dnn-{version}-py3-none-any.whl")
+  assert f'"$HOME/jaxopt_dnn-{version}-py3-none-any.whl"' in remote_command(ssh)
+  url = "git+https://example.com/me/jaxopt_dnn@v0.2"
+  _, ssh = run(JAXOPT_DNN_SOURCE=url)         # a requirement: the workers' pip resolves it
+  assert shlex.quote(url) in remote_command(ssh) or url in remote_command(ssh)
+  _, ssh = run("--source", url)
+  assert url in remote_command(ssh)
+  p = subprocess.run(["bash", str(SCRIPTS / "setup.sh"), "--dry-run", "--ref", "v1"],
+                     text=True, capture_output=True, env=env, timeout=30)
+  assert p.returncode == 2 and "--ref needs --git" in p.stderr
 
 
 def test_launch_runs_the_same_command_on_every_worker():
@@ -198,7 +225,7 @@ def test_setup_quotes_hostile_values_for_the_workers_shell(tmp_path, name):
   home = _sandbox(tmp_path)
   env_venv = f"$HOME/{name}"
   p = subprocess.run(["bash", str(SCRIPTS / "setup.sh"), "--dry-run", "--python", name,
-                      "--pip", name, "--ref", name],
+                      "--pip", name, "--git", "https://example.com/me/jaxopt_dnn", "--ref", name],
                      text=True, capture_output=True, timeout=30,
                      env={**{k: v for k, v in os.environ.items() if not k.startswith("TPU_")},
                           "TPU_VENV": env_venv})
@@ -210,7 +237,7 @@ def test_setup_quotes_hostile_values_for_the_workers_shell(tmp_path, name):
   assert calls[1] == [uv, "venv", "--python", name, venv]
   assert calls[2] == [uv, "pip", "install", "--python", f"{venv}/bin/python", "--upgrade",
                       "jax[tpu]", "gcsfs",
-                      f"jaxopt-dnn @ git+https://github.com/OWNER/jaxopt_dnn@{name}", name]
+                      f"jaxopt-dnn @ git+https://example.com/me/jaxopt_dnn@{name}", name]
   assert calls[3][0] == f"{venv}/bin/python" and calls[3][1] == "-c"
   # A wheel must carry a wheel's (plain) file name: a hostile one is refused up front.
   p = dry("setup.sh", "--wheel", f"dist/{name}.whl", ok=False)

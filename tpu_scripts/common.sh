@@ -131,5 +131,9 @@ hosts_for() {
   esac
 }
 
-# Where setup.sh installs the package from (a pip requirement); override with --git.
-JAXOPT_DNN_GIT="${JAXOPT_DNN_GIT:-https://github.com/OWNER/jaxopt_dnn}"
+# Where setup.sh installs the package from: the one value the notebooks' install cell reads
+# too. Anything `pip install` takes: a wheel file (copied to the workers), a checkout
+# directory (built into a wheel here, then copied), or a requirement the workers resolve
+# themselves (git+https://github.com/<owner>/jaxopt_dnn@<ref>, a package name). Default:
+# the checkout these scripts are in. --source, --git URL [--ref REF] and --wheel override it.
+JAXOPT_DNN_SOURCE="${JAXOPT_DNN_SOURCE:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs jax[tpu] and jaxopt_dnn on every worker of a TPU VM, and copies train_tpu.py.
 #
-#   tpu_scripts/setup.sh --name my-tpu --zone us-west4-a             # from git
+#   tpu_scripts/setup.sh --name my-tpu --zone us-west4-a     # this checkout, as a wheel
+#   tpu_scripts/setup.sh --name my-tpu --git https://github.com/<owner>/jaxopt_dnn --ref v0.1
 #   tpu_scripts/setup.sh --name my-tpu --wheel dist/jaxopt_dnn-0.1.0-py3-none-any.whl
 #
 # JAX needs Python >= 3.11 and the TPU VM images ship an older one, so each worker gets a
@@ -12,6 +13,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 WHEEL=""
+GIT=""
 REF=""
 PYTHON_VERSION="3.12"
 EXTRA_PIP=()
@@ -25,10 +27,14 @@ tpu_scripts/train_tpu.py to the worker's home directory.
 
 $COMMON_USAGE
 setup flags:
-  --git URL           install jaxopt_dnn from this git repository [\$JAXOPT_DNN_GIT,
-                      default $JAXOPT_DNN_GIT]
-  --ref REF           git branch, tag or commit to install (default: the default branch)
-  --wheel FILE        install a locally built wheel instead (copied with scp); build it
+  --source SPEC       where jaxopt_dnn comes from [\$JAXOPT_DNN_SOURCE, default: this
+                      checkout, $JAXOPT_DNN_SOURCE]: a checkout directory (built into
+                      a wheel with pip wheel --no-deps, then copied with scp), a wheel
+                      file (copied), or a pip requirement the workers install as is
+                      (git+https://github.com/<owner>/jaxopt_dnn@<ref>)
+  --git URL           install jaxopt_dnn from this git repository
+  --ref REF           with --git: the branch, tag or commit (default: the default branch)
+  --wheel FILE        install a locally built wheel (copied with scp); build it
                       with: python -m pip wheel --no-deps -w dist .
   --python VERSION    Python version of the worker venv (default 3.12)
   --pip SPEC          an extra pip requirement to install (repeatable)
@@ -37,7 +43,8 @@ USAGE
 
 handle_flag() {
   case "$1" in
-    --git) JAXOPT_DNN_GIT="${2:?--git needs a value}"; NSHIFT=2 ;;
+    --source) JAXOPT_DNN_SOURCE="${2:?--source needs a value}"; NSHIFT=2 ;;
+    --git) GIT="${2:?--git needs a value}"; NSHIFT=2 ;;
     --ref) REF="${2:?--ref needs a value}"; NSHIFT=2 ;;
     --wheel) WHEEL="${2:?--wheel needs a value}"; NSHIFT=2 ;;
     --python) PYTHON_VERSION="${2:?--python needs a value}"; NSHIFT=2 ;;
@@ -50,6 +57,19 @@ parse_flags "$@"
 location_flags
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
+[[ -z "$REF" || -n "$GIT" ]] || die "--ref needs --git URL (the repository to check out)"
+if [[ -z "$WHEEL" && -z "$GIT" ]]; then
+  if [[ -d "$JAXOPT_DNN_SOURCE" ]]; then   # a checkout: build its wheel here
+    [[ -f "$JAXOPT_DNN_SOURCE/pyproject.toml" ]] ||
+      die "JAXOPT_DNN_SOURCE: $(quote_arg "$JAXOPT_DNN_SOURCE") has no pyproject.toml"
+    version="$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$JAXOPT_DNN_SOURCE/pyproject.toml" | head -n 1)"
+    [[ -n "$version" ]] || die "no version in $JAXOPT_DNN_SOURCE/pyproject.toml"
+    run python3 -m pip wheel --quiet --no-deps -w "$JAXOPT_DNN_SOURCE/dist" "$JAXOPT_DNN_SOURCE"
+    WHEEL="$JAXOPT_DNN_SOURCE/dist/jaxopt_dnn-$version-py3-none-any.whl"
+  elif [[ "$JAXOPT_DNN_SOURCE" == *.whl ]]; then
+    WHEEL="$JAXOPT_DNN_SOURCE"
+  fi
+fi
 if [[ -n "$WHEEL" ]]; then
   if [[ ! -f "$WHEEL" ]] && ((!DRY_RUN)); then
     die "wheel not found: $WHEEL"
@@ -59,8 +79,10 @@ if [[ -n "$WHEEL" ]]; then
     die "--wheel must be a wheel file named NAME-VERSION-TAGS.whl, got $(quote_arg "$WHEEL")"
   run gcloud compute tpus tpu-vm scp "$WHEEL" "$TPU_NAME:" "${LOCATION[@]}" --worker=all
   package="\$HOME/$(basename "$WHEEL")"
+elif [[ -n "$GIT" ]]; then
+  package="jaxopt-dnn @ git+$GIT${REF:+@$REF}"
 else
-  package="jaxopt-dnn @ git+$JAXOPT_DNN_GIT${REF:+@$REF}"
+  package="$JAXOPT_DNN_SOURCE"   # a requirement the workers' pip resolves
 fi
 run gcloud compute tpus tpu-vm scp "$here/train_tpu.py" "$TPU_NAME:train_tpu.py" \
   "${LOCATION[@]}" --worker=all

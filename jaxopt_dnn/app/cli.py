@@ -149,10 +149,7 @@ def cmd_compress(args) -> int:
         "runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     _check_out_dir(out)
     variants = [v for v in args.variants.split(",") if v] if args.variants else None
-    recipes = compress.default_variants(base)
-    unknown = [v for v in variants or () if v not in recipes]
-    if unknown:
-      raise ValueError(f"--variants: unknown variant(s) {unknown}; valid: {list(recipes)}")
+    compress.check_variants(base, variants or (), compress.default_variants(base), "--variants")
     if ":" not in base.model:
       models.get_model(base.model)  # an unknown --model fails here, with the valid names
   ds = data.load_dataset(dataset)
@@ -266,7 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
                  "synthetic | tfds:NAME | path.npz")
   c.add_argument("--recipe", help="base recipe file (.json / .yaml)")
   c.add_argument("--variants", help="comma-separated subset, in order (default: all)")
-  c.add_argument("--steps", type=int, help="baseline training steps (default 600)")
+  from jaxopt_dnn.app import compress
+  from jaxopt_dnn.app.recipe import Recipe
+  c.add_argument("--steps", type=int, help="baseline training steps (default: "
+                 f"{compress.default_recipe(compress.DEFAULT_DATASET).steps} on "
+                 f"{compress.DEFAULT_DATASET}, {Recipe().steps} on the other datasets; a "
+                 "--recipe file's own)")
   c.add_argument("--mesh", help="e.g. data=8 or data=4,fsdp=2")
   c.add_argument("--cpu-devices", type=int, help="virtual CPU devices (for --mesh on a CPU)")
   c.add_argument("--seed", type=int)

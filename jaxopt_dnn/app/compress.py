@@ -115,17 +115,51 @@ def default_variants(base: Recipe) -> dict[str, Recipe]:
                                prune={"method": "magnitude", "sparsity": 0.8, "begin": 0.0,
                                       "end": 0.5, "rules": rules}),
   }
-  if base.model not in SHRINKABLE:   # channel shrinking needs a known sequential model
-    del variants["channel50"]
-  if not zoo or base.model not in STUDENTS:   # no known smaller student
-    del variants["distilled"]
+  for name in unavailable_variants(base):   # see there: they need a zoo model
+    del variants[name]
   return variants
+
+
+def unavailable_variants(base: Recipe) -> dict[str, str]:
+  """The default variants that cannot run on ``base.model``, each with the reason.
+
+  ``channel50`` is served shrunk (``sparsity.shrink_channels``), which needs a model whose
+  layer sequence it knows: the zoo's ``cnn`` / ``cnn1d``. ``distilled`` trains a smaller
+  student of the same family: a zoo model with a known student (:data:`STUDENTS`).
+  """
+  out = {}
+  if base.model not in SHRINKABLE:
+    out["channel50"] = (f"channel50 needs a zoo model whose layer structure channel shrinking "
+                        f"knows ({', '.join(SHRINKABLE)}); {base.model!r} is not one")
+  if base.model not in models_lib.model_names() or base.model not in STUDENTS:
+    out["distilled"] = (f"distilled needs a zoo model with a known smaller student "
+                        f"({', '.join(STUDENTS)}); {base.model!r} is not one")
+  return out
+
+
+def check_variants(base: Recipe, names: Sequence[str], recipes: dict[str, Recipe],
+                   flag: str = "variants") -> None:
+  """Raises a ``ValueError`` naming why for each of ``names`` that cannot run."""
+  skipped = unavailable_variants(base)
+  why = [skipped[n] for n in names if n not in recipes and n in skipped]
+  unknown = [n for n in names if n not in recipes and n not in skipped]
+  if why:
+    raise ValueError(f"{flag}: " + "; ".join(why))
+  if unknown:
+    raise ValueError(f"{flag}: unknown variant(s) {unknown}; valid: {list(recipes)}")
 
 
 @dataclasses.dataclass
 class VariantResult:
   """One row of the table. ``train_time_s``/``step_time_ms`` are ``None`` for a variant
-  that trains nothing (PTQ). Intervals are ``[low, high]`` (95%)."""
+  that trains nothing (PTQ). Intervals are ``[low, high]`` (95%).
+
+  ``disk_bytes``: the files of the serving checkpoint (arrays + orbax metadata, which
+  dominates for a small model); ``array_bytes``: the bytes of its arrays alone
+  (``sum(leaf.nbytes)``: integer values, scales, bitmasks). ``flops_per_example``: XLA's
+  cost of the whole serving program per example, ``flops_per_device * n_devices / batch``
+  with the batch sharded as in training (the same on any mesh).
+  """
   name: str
   accuracy: float
   train_time_s: float | None
@@ -147,6 +181,7 @@ class VariantResult:
   served: str = "dense"
   metric: str = "accuracy"
   reused: bool = False
+  array_bytes: int | None = None
 
   def row(self) -> dict:
     d = dataclasses.asdict(self)
@@ -181,6 +216,28 @@ def _weights(storage: Any) -> tuple[int, int]:
       total += int(np.size(x))
       nnz += int(np.count_nonzero(np.asarray(x)))
   return total, nnz
+
+
+def array_bytes(storage: Any) -> int:
+  """Bytes of the arrays of a serving checkpoint (``sum(leaf.nbytes)`` over its leaves:
+  integer values, scales, packed bitmasks and kept values), without orbax's metadata."""
+  return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(np.shape(x)))
+                 for x in jax.tree.leaves(storage)))
+
+
+def program_flops_per_example(report: Any, args: Any, batch: int) -> float | None:
+  """Whole-program XLA FLOPs per example: ``flops * n_devices / batch``.
+
+  XLA's cost analysis of an SPMD program is the cost of one device's partition; the
+  devices of ``args`` (the sharded variables and batch) each run one, so the program
+  costs ``n_devices`` times that, for the global ``batch``.
+  """
+  if report.flops is None:
+    return None
+  devices = set()
+  for x in jax.tree.leaves(args):
+    devices |= set(getattr(getattr(x, "sharding", None), "device_set", ()))
+  return float(report.flops) * max(len(devices), 1) / batch
 
 
 def _leaves(tree):
@@ -390,11 +447,13 @@ def run_variant(recipe: Recipe, ds: data_lib.Dataset, out: str, *,
                              prune={"method": "none"}),
         sample, num_classes=ds.num_classes, init_variables={"params": small, **cols})
     served = small_built.serving(small_built.state, calib)
+    place = small_built.place_batch
     served_as = "shrunk"
   else:
     if recipe.prune.method != "none":
       served_as = "masked"
     served = built.serving(state, calib)
+    place = built.place_batch
   if served.int8:
     served_as = "int8" if served_as == "dense" else served_as + "+int8"
   serve_dir = os.path.join(vdir, "serve")
@@ -406,7 +465,8 @@ def run_variant(recipe: Recipe, ds: data_lib.Dataset, out: str, *,
       "recipe": serve_recipe.to_json(indent=None), "num_classes": ds.num_classes,
       "input_shape": list(ds.x_train.shape[1:]), "packed_shapes": packed_shapes})
   xb = ds.x_test[:latency_batch]
-  report = compile_lib.analyze(served.fn, served.variables, xb)
+  xb_dev = place((xb, ds.y_test[:latency_batch]))[0]   # sharded as the training batches
+  report = compile_lib.analyze(served.fn, served.variables, xb_dev)
   params, nnz = _weights(served.storage)
   scores = per_example_scores(served.fn, served.variables, ds.x_test, ds.y_test, metric,
                               batch=latency_batch)
@@ -420,7 +480,8 @@ def run_variant(recipe: Recipe, ds: data_lib.Dataset, out: str, *,
       latency_min_ms=lat[1], latency_max_ms=lat[2],
       params=params, nonzeros=nnz,
       disk_bytes=checkpoint.checkpoint_bytes(serve_dir),
-      flops_per_example=None if report.flops is None else report.flops / len(xb),
+      array_bytes=array_bytes(served.storage),
+      flops_per_example=program_flops_per_example(report, (served.variables, xb_dev), len(xb)),
       int8_dots=report.census.integer, recipe=recipe.to_dict(), n_test=len(scores),
       served=served_as, metric=getattr(metric, "__name__", "metric"))
   if result.metric == "accuracy_metric":
@@ -499,8 +560,13 @@ def compress(base: Recipe, ds: data_lib.Dataset, out: str, *,
   Returns:
     One :class:`VariantResult` per variant, in order.
   """
+  default = recipes is None
   recipes = recipes or default_variants(base)
   names = list(variants) if variants else list(recipes)
+  if default:
+    check_variants(base, names, recipes, "variants")
+    if not variants and unavailable_variants(base):
+      log("note: skipping " + "; ".join(unavailable_variants(base).values()))
   unknown = [n for n in names if n not in recipes]
   if unknown:
     raise ValueError(f"unknown variant(s) {unknown}; valid: {list(recipes)}")
@@ -546,6 +612,7 @@ def compress(base: Recipe, ds: data_lib.Dataset, out: str, *,
         loss_fn=loss_fn, latency_batch=latency_batch, latency_rounds=0)
     results.append(res)
     log(f"[{name}] {res.metric} {res.accuracy * 100:.2f}%  disk {res.disk_bytes} B  "
+        f"(arrays {res.array_bytes} B)  "
         f"({time.perf_counter() - t:.1f} s)")
 
   reference = "baseline" if "baseline" in scores else names[0]

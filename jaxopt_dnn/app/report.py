@@ -25,6 +25,8 @@ COLUMNS = (
     ("nonzeros", "nonzeros", "{:,}"),
     ("disk_bytes", "disk bytes", "{:,}"),
     ("disk_ratio", "disk x", "{:.3f}"),
+    ("array_bytes", "array bytes", "{:,}"),
+    ("array_ratio", "array x", "{:.3f}"),
     ("flops_per_example", "MFLOPs/example", "{:.2f}"),
     ("int8_dots", "int8 dots", "{}"),
 )
@@ -39,9 +41,12 @@ def rows(results: Sequence[Any]) -> list[dict]:
   the first row (the baseline)."""
   out = [r.row() if hasattr(r, "row") else dict(r) for r in results]
   base = out[0]["disk_bytes"] if out else 1
+  base_arr = out[0].get("array_bytes") if out else None
   base_lat = out[0].get("latency_ms") if out else None
   for r in out:
     r["disk_ratio"] = r["disk_bytes"] / base
+    arr = r.get("array_bytes")
+    r["array_ratio"] = arr / base_arr if arr is not None and base_arr else None
     lat = r.get("latency_ms")
     r["latency_ratio"] = lat / base_lat if lat is not None and base_lat else None
   return out
@@ -108,8 +113,12 @@ NOTES = (
     "and the min-max over rounds; `lat x` is relative to the first row.",
     "int8 variants run real s8 x s8 -> s32 dots/convs; `int8 dots` counts the integer ones "
     "in the compiled HLO (XLA may widen a tiny s8 conv to s32).",
-    "disk bytes: the orbax checkpoint of the serving variables, sparse leaves packed as "
-    "bitmask + kept values; `disk x` is relative to the first row.",
+    "disk bytes: the files of the orbax checkpoint of the serving variables, sparse leaves "
+    "packed as bitmask + kept values; `disk x` is relative to the first row. array bytes: "
+    "the bytes of its arrays alone (values, scales, bitmasks), without orbax's metadata "
+    "files, which dominate the disk bytes of a small model.",
+    "MFLOPs/example: XLA's cost of the whole serving program (every device's partition, "
+    "with the batch sharded as in training) divided by the batch: the same on any mesh.",
     "Masks give no speedup on dense CPUs: a `masked` model's latency and FLOPs equal the "
     "dense one's. Channel pruning is served `shrunk` (sparsity.shrink_channels removes the "
     "pruned channels, so the layers are smaller): that, int8, and a smaller distilled "
