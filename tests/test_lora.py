@@ -198,14 +198,17 @@ def _assert_only_adapters_changed(before, after):
   assert sorted(moved) == sorted(b_ad)
 
 
-@pytest.mark.parametrize("precision", [None, "bf16"])
-def test_trainer_trains_only_adapters_on_an_int4_base(precision):
-  t = _linen_trainer(precision=precision)
-  s0 = t.init(jax.random.key(0), X)
-  before = jax.device_get(s0.params)
-  kinds = {type(x.base).__name__ for x in _loras(before).values()}
-  assert kinds == {"QArray"}
-  s, losses = _steps(t, s0, 6)
+@pytest.fixture(scope="module")
+def fsdp_case():
+  """One int4-base LoRA Trainer on 8 devices with FSDP, shared (compiled once); tests
+  start from fresh copies of its initial state."""
+  t = _linen_trainer(sharding="fsdp")
+  s0 = jax.device_get(t.init(jax.random.key(0), X))
+  return t, s0, lambda: jax.device_put(s0, t.state_sharding)
+
+
+def _check_trained(t, before, s, losses, tol=1e-5):
+  assert {type(x.base).__name__ for x in _loras(before).values()} == {"QArray"}
   assert losses[-1] < losses[0]
   _assert_only_adapters_changed(before, jax.device_get(s.params))
   # optimizer state: Adam's two moments of the adapters (+ a count), nothing for the base
@@ -214,21 +217,40 @@ def test_trainer_trains_only_adapters_on_an_int4_base(precision):
   assert c["adapters"] == sum(x.a.size + x.b.size for x in _loras(before).values())
   # serve folds the adapters: the merged forward equals the trained one
   serve_fn, sv = t.serve(s)
-  ref = t.apply_fn({"params": s.params}, X)
-  assert _rel(serve_fn(sv, X), ref) <= (1e-5 if precision is None else 2e-2)
+  assert _rel(serve_fn(sv, X), t.apply_fn({"params": s.params}, X)) <= tol
+
+
+def test_trainer_fsdp_trains_only_adapters_on_an_int4_base(fsdp_case):
+  t, s0, fresh = fsdp_case
+  s, losses = _steps(t, fresh(), 6)
+  _check_trained(t, s0.params, s, losses)
+  # the base really is sharded like the params (packed int4 codes split over fsdp), the
+  # adapters' moments follow the adapters
+  conv = _loras(s.params)["conv/kernel"]
+  assert conv.base.value.sharding.spec == P(None, None, None, "fsdp")
+  assert conv.base.value.addressable_shards[0].data.shape[-1] == 1
+  assert s.opt_state[0].mu["conv/kernel"]["a"].sharding == conv.a.sharding
+
+
+def test_trainer_bf16_policy_trains_only_adapters():
+  t = _linen_trainer(mesh=parallel.make_mesh(devices=jax.devices()[:1]), precision="bf16")
+  s0 = t.init(jax.random.key(0), X)
+  before = jax.device_get(s0.params)
+  s, losses = _steps(t, s0, 6)
+  _check_trained(t, before, s, losses, tol=2e-2)
 
 
 def test_nnx_trainer_trains_only_adapters_and_merges():
   model = NnxNet(nnx.Rngs(0))
-  t = jd.Trainer(model, nnx_loss, optax.adam(3e-2),
-                 lora=dict(rank=2, base="nf4", group_size=4))
+  t = jd.Trainer(model, nnx_loss, optax.adam(3e-2), mesh=parallel.make_mesh(
+      devices=jax.devices()[:1]), lora=dict(rank=2, base="nf4", group_size=4))
   s0 = t.init(jax.random.key(0), X)
   before = jax.device_get(s0.params)
   ad = _loras(before)
   assert sorted(ad) == ["conv/kernel", "head/kernel", "k/kernel"]
   assert ad["k/kernel"].a.shape == (8, 2) and ad["conv/kernel"].a.shape == (27, 2)
-  out0 = t.module(s0)(X)
-  np.testing.assert_allclose(np.asarray(out0), np.asarray(
+  assert {type(x.base).__name__ for x in ad.values()} == {"NF4Array"}
+  np.testing.assert_allclose(np.asarray(t.module(s0)(X)), np.asarray(
       t.module(s0.replace(params=lora.merge(s0.params)))(X)), rtol=1e-5, atol=1e-6)
   s, losses = _steps(t, s0, 5)
   assert losses[-1] < losses[0]
@@ -238,31 +260,24 @@ def test_nnx_trainer_trains_only_adapters_and_merges():
   assert _rel(serve_fn(sv, X), t.module(s)(X)) <= 1e-5
 
 
-def test_fsdp_8_devices_equals_1_device():
-  runs = {}
-  for name, mesh, sh in (("1", parallel.make_mesh(devices=jax.devices()[:1]), "data_parallel"),
-                         ("8", None, "fsdp")):
-    t = _linen_trainer(mesh=mesh, sharding=sh)
-    runs[name] = (t,) + _steps(t, t.init(jax.random.key(0), X), 3)
-  (_, s1, l1), (t8, s8, l8) = runs["1"], runs["8"]
+def test_fsdp_8_devices_equals_1_device(fsdp_case):
+  t8, _, fresh = fsdp_case
+  s8, l8 = _steps(t8, fresh(), 3)
+  t1 = _linen_trainer(mesh=parallel.make_mesh(devices=jax.devices()[:1]))
+  s1, l1 = _steps(t1, t1.init(jax.random.key(0), X), 3)
   np.testing.assert_allclose(l1, l8, rtol=1e-5)
   _assert_close = lambda a, b: np.testing.assert_allclose(  # noqa: E731
       np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
   jax.tree.map(_assert_close, lora.adapters(jax.device_get(s1.params)),
                lora.adapters(jax.device_get(s8.params)))
-  # the base really is sharded like the params (packed int4 codes split over fsdp)
-  conv = _loras(s8.params)["conv/kernel"]
-  assert conv.base.value.sharding.spec == P(None, None, None, "fsdp")
-  assert conv.base.value.addressable_shards[0].data.shape[-1] == 1
-  mu = s8.opt_state[0].mu["conv/kernel"]["a"]
-  assert mu.sharding == conv.a.sharding
 
 
-def test_fit_resume_is_exact(tmp_path):
+def test_fit_resume_is_exact(fsdp_case, tmp_path):
+  t, _, fresh = fsdp_case
+
   def fit(steps, ckpt=None):
-    t = _linen_trainer()
-    return jd.fit(t, t.init(jax.random.key(0), X), _batch, steps=steps, checkpoint_dir=ckpt,
-                  save_every=2, log_every=100)
+    return jd.fit(t, fresh(), _batch, steps=steps, checkpoint_dir=ckpt, save_every=2,
+                  log_every=100)
   straight = fit(4)
   fit(2, tmp_path)
   resumed = fit(4, tmp_path)
