@@ -300,7 +300,7 @@ def _make_leaf(x, key, path, base, k, group_size, rank, scale) -> LoraArray:
                    contracting=k, shape=shape, dtype=dtype, name=path)
 
 
-def lora(params: PyTree, rules: Any = None, *, rank: int = 8, alpha: float | None = None,
+def lora(params: PyTree, rules: Any = None, rank: int = 8, alpha: float | None = None, *,
          key: Any = 0, base: str | None = None, group_size: int = 64,
          roles: Mapping | None = None) -> PyTree:
   """Adds rank-``rank`` adapters to the kernels chosen by ``rules``.
