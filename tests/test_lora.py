@@ -232,6 +232,7 @@ def test_trainer_fsdp_trains_only_adapters_on_an_int4_base(fsdp_case):
   assert s.opt_state[0].mu["conv/kernel"]["a"].sharding == conv.a.sharding
 
 
+@pytest.mark.slow
 def test_trainer_bf16_policy_trains_only_adapters():
   t = _linen_trainer(mesh=parallel.make_mesh(devices=jax.devices()[:1]), precision="bf16")
   s0 = t.init(jax.random.key(0), X)
