@@ -8,6 +8,7 @@ Public modules (everything not listed here is private):
 * :mod:`jaxopt_dnn.parallel`  - meshes, sharding rules, data-parallel / FSDP steps, multi-host.
 * :mod:`jaxopt_dnn.compile`   - XLA cost/memory reports, HLO dot census, StableHLO export.
 * :mod:`jaxopt_dnn.roles`     - leaf roles (kernel / bias / scale / embedding) traced from a model.
+* :mod:`jaxopt_dnn.lora`      - LoRA / QLoRA adapters on a frozen float, bf16, int8, int4 or NF4 base.
 * :mod:`jaxopt_dnn.distill`, :mod:`jaxopt_dnn.fold` - distillation loss, BatchNorm folding.
 * :mod:`jaxopt_dnn.checkpoint` - orbax checkpoints.
 * :class:`Trainer` (:mod:`jaxopt_dnn.trainer`) - any Flax model, the user's loss and
@@ -26,6 +27,7 @@ from jaxopt_dnn import checkpoint
 from jaxopt_dnn import compile
 from jaxopt_dnn import distill
 from jaxopt_dnn import fold
+from jaxopt_dnn import lora
 from jaxopt_dnn import loop
 from jaxopt_dnn import parallel
 from jaxopt_dnn import precision

@@ -44,6 +44,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxopt_dnn import _tree
 from jaxopt_dnn import fold as fold_lib
+from jaxopt_dnn import lora as lora_lib
 from jaxopt_dnn import parallel
 from jaxopt_dnn import precision as precision_lib
 from jaxopt_dnn import quant as quant_lib
@@ -392,6 +393,9 @@ class Trainer:
     precision: ``None``, a :class:`~jaxopt_dnn.precision.Policy` or a spec string
       (``"bf16"``, ``"params=float32,compute=bfloat16,output=float32"``).
     loss_scale: ``None``, ``"static"``, ``"dynamic"`` or a loss-scale object.
+    lora: ``None``, a :class:`~jaxopt_dnn.lora.LoraConfig` or its dict: the kernels get
+      low-rank adapters on a frozen (optionally quantized) base and only the adapters
+      are trained (``state.opt_state`` holds state for them alone).
     mesh: a ``jax.sharding.Mesh``; default: every device on one ``data`` axis (for
       ``sharding="fsdp"``: on the ``fsdp`` axis).
     sharding: ``"data_parallel"`` (replicated params) | ``"fsdp"`` (each param split
@@ -408,7 +412,7 @@ class Trainer:
                *, prune: Any = None, quant: Any = None, precision: Any = None,
                loss_scale: Any = None, mesh: Mesh | None = None,
                sharding: Any = "data_parallel", eval_kwargs: Mapping | None = None,
-               init_kwargs: Mapping | None = None, donate: bool = True):
+               init_kwargs: Mapping | None = None, donate: bool = True, lora: Any = None):
     self.is_nnx = isinstance(model, nnx.Module)
     if not self.is_nnx and not isinstance(model, nn.Module):
       raise TypeError(f"Trainer: model must be a flax.linen.Module or a flax.nnx.Module, got "
@@ -437,6 +441,13 @@ class Trainer:
     self.mesh = mesh
     self.tx = self.prune.optimizer(optimizer) if self.prune else optimizer
     self._qat = self.quant.mode == "qat"
+    self.lora = _config(lora, lora_lib.LoraConfig, "lora")
+    if self.lora is not None and (self.prune is not None or self._qat):
+      raise ValueError("Trainer: lora= trains adapters on a frozen base; it does not combine "
+                       "with prune= or quant.mode='qat'")
+    if self.lora is not None and not isinstance(self.sharding, (str, Mapping)):
+      raise ValueError("Trainer: lora= supports sharding='data_parallel'|'fsdp'|'replicated' "
+                       "or {regex: PartitionSpec} rules, not logical-axis rules")
     if self.is_nnx:
       self._setup_nnx()
     else:
@@ -481,6 +492,8 @@ class Trainer:
   def _linen_apply(self, variables, *args, **kwargs):
     """``model.apply`` with the transforms (QAT fake-quant, then the policy)."""
     fn = self._qat_model.apply if self._qat else self.model.apply
+    if self.lora is not None:   # adapters + (dequantized) base -> ordinary kernels
+      variables = {**variables, "params": lora_lib.materialize(variables["params"])}
     if self.policy is not None:
       fn = precision_lib.with_policy(fn, self.policy)
     return fn(variables, *args, **kwargs)
@@ -503,6 +516,8 @@ class Trainer:
                  policy: bool = True) -> nnx.Module:
     """A fresh module holding ``params`` and ``collections`` (the policy applied)."""
     use_policy = policy and self.policy is not None
+    if self.lora is not None:
+      params = lora_lib.materialize(params)
     if use_policy:   # norm parameters keep float32 (the policy's path exceptions)
       params = self.policy.cast_to_compute(params)
     module = _nnx_build(self._graphdef, self._param_template, self._rest_template,
@@ -545,12 +560,18 @@ class Trainer:
         cols[QUANT_STATS] = jax.tree.map(lambda x: x.astype(jnp.float32), upd[QUANT_STATS])
     if self.policy is not None:
       params = self.policy.cast_to_param(params)
+    if self.lora is not None:   # after the cast: a bf16 / quantized base keeps its dtype
+      roles = lora_lib.trace_roles(self._nnx_module if self.is_nnx else self.model, params,
+                                   cols, *inputs, **self.init_kwargs)
+      params = self.lora.apply(params, jax.random.fold_in(k_params, 1), roles)
     return (params, cols, jax.random.key_data(k_state)), boxed
 
   def _init_state(self, params, cols, rng) -> TrainState:
-    """The train state around initial params: ``opt_state = tx.init(params)``."""
-    return TrainState.create(params, self.tx, rng=rng, collections=cols,
-                             loss_scale=self.loss_scale)
+    """The train state around initial params: ``opt_state = tx.init(params)`` (LoRA:
+    ``tx.init(lora.adapters(params))``)."""
+    opt = params if self.lora is None else lora_lib.adapters(params)
+    return TrainState.create(opt, self.tx, rng=rng, collections=cols,
+                             loss_scale=self.loss_scale).replace(params=params)
 
   def _param_shardings(self, abstract_params, boxed) -> PyTree:
     s = self.sharding
@@ -598,13 +619,17 @@ class Trainer:
       boxed = variables
     param_sh = self._param_shardings(abstract_state.params, boxed)
     self.state_sharding = parallel.like_params(abstract_state, abstract_state.params, param_sh)
+    if self.lora is not None:   # the moments follow the adapters' shardings
+      self.state_sharding = self.state_sharding.replace(opt_state=parallel.like_params(
+          abstract_state.opt_state, lora_lib.adapters(abstract_state.params),
+          lora_lib.adapters(param_sh)))
     sh = self.state_sharding
     # Two programs: the model's init (params, with its RNG temporaries), then the optimizer
     # state around the donated params, so the RNG temporaries and the moments never
     # coexist: the peak stays near params + moments.
     with jax.set_mesh(self.mesh):
       if self.is_nnx and variables is None:   # the module holds its values: place them
-        model_vars = _as_host(self._init_model(key_np, None)[0])
+        model_vars = _as_host(self._init_model(key_np, None, *inputs)[0])
         self._init_jit = None
       else:
         init = jax.jit(lambda k, v, *x: self._init_model(k, v, *x)[0],
@@ -655,17 +680,21 @@ class Trainer:
   def _step_fn(self, state: TrainState, batch):
     key = jax.random.wrap_key_data(state.rng)
     next_key, rng = jax.random.split(key)
-    fn = functools.partial(self._loss_and_updates, state=state, batch=batch, rng=rng)
+    # LoRA: differentiate and update the adapters only; the frozen base is a constant
+    train, full = state.params, lambda t: t
+    if self.lora is not None:
+      train = lora_lib.adapters(state.params)
+      full = functools.partial(lora_lib.with_adapters, state.params)
+    fn = lambda t: self._loss_and_updates(full(t), state=state, batch=batch, rng=rng)  # noqa: E731
     ls = state.loss_scale
     if ls is None:
-      (loss, (aux, upd)), grads = jax.value_and_grad(fn, has_aux=True)(state.params)
-      updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-      params, new_ls, finite = optax.apply_updates(state.params, updates), None, None
+      (loss, (aux, upd)), grads = jax.value_and_grad(fn, has_aux=True)(train)
+      updates, opt_state = self.tx.update(grads, state.opt_state, train)
+      params, new_ls, finite = full(optax.apply_updates(train, updates)), None, None
     else:
-      (loss, (aux, upd)), grads = precision_lib.value_and_grad(fn, has_aux=True)(
-          ls, state.params)
-      g = precision_lib.guarded_update(self.tx, grads, state.opt_state, state.params, ls)
-      params, opt_state, new_ls, finite = g.params, g.opt_state, g.loss_scale, g.grads_finite
+      (loss, (aux, upd)), grads = precision_lib.value_and_grad(fn, has_aux=True)(ls, train)
+      g = precision_lib.guarded_update(self.tx, grads, state.opt_state, train, ls)
+      params, opt_state, new_ls, finite = full(g.params), g.opt_state, g.loss_scale, g.grads_finite
     cols = dict(state.collections)
     for k, v in upd.items():
       if k in cols:
@@ -728,6 +757,8 @@ class Trainer:
       ``(serve_fn, serve_vars)``; ``serve_fn`` is jitted and returns ``output_dtype``
       (float32 by default).
     """
+    if self.lora is not None:   # adapters folded into the kernels
+      state = state.replace(params=lora_lib.merge(state.params))
     if self.is_nnx:
       return self._serve_nnx(state, calibration_batches)
     cols = {k: v for k, v in state.collections.items() if k != QUANT_STATS}
