@@ -13,6 +13,12 @@ Linen: ``loss_fn(apply_fn, variables, batch, rng) -> loss | (loss, aux)``, where
 The user's loss never sees mutable collections (BatchNorm statistics, QAT activation
 ranges) or loss scaling: the step threads them. ``aux`` values come back as metrics.
 
+Randomness: ``rng`` is this step's key (a split of ``state.rng``). Linen: ``apply_fn``
+passes ``rngs`` keyed for every stream (:func:`_linen_rngs`: ``dropout``, ``params``,
+and by flax's fallback any other ``make_rng`` name), under the user's own ``rngs``.
+NNX: every RNG stream the module holds is re-keyed from ``rng`` each step; call-time
+``rngs`` are the loss's to pass (``model(x, rngs=nnx.Rngs(dropout=rng))``).
+
 State is created where it lives: :meth:`Trainer.init` traces the initialisation with
 ``jax.eval_shape``, derives every leaf's sharding (data parallel, FSDP, regex rules or
 the model's own logical-axis annotations) and runs ``jax.jit(init,

@@ -22,7 +22,7 @@ import trainer_zoo as zoo
 from jaxopt_dnn import parallel, quant
 
 F32 = jnp.float32
-STEPS = 4
+STEPS = 6
 
 
 def _mesh1():
@@ -30,7 +30,8 @@ def _mesh1():
 
 
 def _composed(model, loss, rules, sample, batches, **kw):
-  """prune 50% + QAT + bf16, on 1 device and FSDP over 8; the same seed, 4 steps."""
+  """prune 50% + QAT + bf16, on 1 device and FSDP over 8; the same seed and batches
+  (one batch, repeated: the loss must fall on it despite the dropout noise)."""
   runs = {}
   for name, mesh, sharding in (("1", _mesh1(), "data_parallel"), ("8", None, "fsdp")):
     trainer = jd.Trainer(model, loss, optax.adam(1e-2),
@@ -48,13 +49,15 @@ def _composed(model, loss, rules, sample, batches, **kw):
 
 # bf16 compute: a reduction split over 8 shards rounds in another order (bf16 keeps 8
 # mantissa bits, 2^-8 = 0.4% per rounding), and Adam's first steps have size ~lr whatever
-# the gradient's size, so tiny gradient differences become visible; 3% of the loss is an
-# order above what we measured (see the report) and far below what 4 steps moved.
-REL_TOL = 3e-2
+# the gradient's size, so tiny gradient differences become visible in later losses. The
+# largest 1-vs-8 gap measured over 6 steps was 2.8e-4 of the loss (gemma; lm1b 1.4e-4,
+# ResNet 4.7e-5); 5e-3 leaves a 15x margin and is far below what training moved (> 6%).
+REL_TOL = 5e-3
 
 
 def _check_composed(runs, rules):
   one, eight = runs["1"], runs["8"]
+  print("losses 1 device", one["losses"], "8 devices", eight["losses"])
   assert eight["losses"][-1] < eight["losses"][0], eight["losses"]
   for a, b in zip(one["losses"], eight["losses"]):
     assert abs(a - b) <= REL_TOL * abs(a), (one["losses"], eight["losses"])
@@ -66,7 +69,7 @@ def _check_composed(runs, rules):
       pruned += 1
   assert pruned >= 2
   # the FSDP run really shards: some param is split 8 ways
-  assert any(len({s.index for s in x.addressable_shards}) == 8
+  assert any(x.addressable_shards[0].data.size * 8 == x.size
              for x in jax.tree.leaves(eight["state"].params))
 
 
@@ -106,7 +109,7 @@ def lm1b_loss(apply_fn, variables, batch, rng):
 @pytest.fixture(scope="module")
 def lm1b_runs():
   return _composed(_lm1b_model(), lm1b_loss, LM1B_MLP, (np.zeros((1, 16), np.int32),),
-                   [zoo.lm_batch(i) for i in range(STEPS)])
+                   [zoo.lm_batch(0)] * STEPS)
 
 
 @pytest.mark.slow
@@ -133,7 +136,7 @@ def resnet_runs():
   model = m.ResNet(stage_sizes=[1, 1], block_cls=m.ResNetBlock, num_classes=4, num_filters=4)
   return _composed(model, zoo.classification_loss, RESNET_CONVS,
                    (np.zeros((1, 8, 8, 1), np.float32),),
-                   [zoo.image_batch(i) for i in range(STEPS)], eval_kwargs={"train": False})
+                   [zoo.image_batch(0)] * STEPS, eval_kwargs={"train": False})
 
 
 @pytest.mark.slow
@@ -177,7 +180,7 @@ def gemma_runs():
                             use_post_attn_norm=False, use_post_ffw_norm=False,
                             attention_types=(kinds.GLOBAL,), dropout_rate=0.1)
   model = g.Transformer(cfg, rngs=nnx.Rngs(0))
-  return _composed(model, gemma_loss, GEMMA_MLP, (), [zoo.lm_batch(i) for i in range(STEPS)])
+  return _composed(model, gemma_loss, GEMMA_MLP, (), [zoo.lm_batch(0)] * STEPS)
 
 
 @pytest.mark.slow
