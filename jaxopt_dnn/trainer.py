@@ -13,6 +13,12 @@ Linen: ``loss_fn(apply_fn, variables, batch, rng) -> loss | (loss, aux)``, where
 The user's loss never sees mutable collections (BatchNorm statistics, QAT activation
 ranges) or loss scaling: the step threads them. ``aux`` values come back as metrics.
 
+Randomness: ``rng`` is this step's key (a split of ``state.rng``). Linen: ``apply_fn``
+passes ``rngs`` keyed for every stream (:func:`_linen_rngs`: ``dropout``, ``params``,
+and by flax's fallback any other ``make_rng`` name), under the user's own ``rngs``.
+NNX: every RNG stream the module holds is re-keyed from ``rng`` each step; call-time
+``rngs`` are the loss's to pass (``model(x, rngs=nnx.Rngs(dropout=rng))``).
+
 State is created where it lives: :meth:`Trainer.init` traces the initialisation with
 ``jax.eval_shape``, derives every leaf's sharding (data parallel, FSDP, regex rules or
 the model's own logical-axis annotations) and runs ``jax.jit(init,
@@ -28,9 +34,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import flax.errors
 import flax.linen as nn
 import flax.struct
 import jax
@@ -52,7 +60,6 @@ from jaxopt_dnn import sparsity as sparsity_lib
 
 PyTree = Any
 QUANT_STATS = "quant_stats"
-_NNX_AMAX = "quant_input_amax"
 
 
 # ----------------------------------------------------------------------- state
@@ -327,6 +334,162 @@ def _split_loss(out: Any) -> tuple[jax.Array, dict]:
   return jnp.asarray(loss, jnp.float32), dict(aux)
 
 
+# ------------------------------------------------------------------- rng streams
+
+
+def _linen_rngs(key: jax.Array) -> dict[str, jax.Array]:
+  """The ``rngs`` of one linen forward: a key for every stream a module may draw.
+
+  ``{"dropout": fold_in(key, 0), "params": fold_in(key, 1)}``. Any other stream a module
+  asks for (``self.make_rng("noise")``) is drawn from ``"params"`` by flax's own rule
+  (``Module.make_rng``: a stream that was not passed falls back to ``"params"``); flax
+  folds the module path and a per-scope counter into every draw, so each call site gets
+  its own key, and a fresh ``key`` per step gives fresh keys for every stream.
+  """
+  return {"dropout": jax.random.fold_in(key, 0), "params": jax.random.fold_in(key, 1)}
+
+
+def _with_rngs(kwargs: Mapping, key: jax.Array) -> dict:
+  """``kwargs`` with ``rngs`` for every stream; the caller's own ``rngs`` win per name."""
+  kwargs = dict(kwargs)
+  given = kwargs.pop("rngs", None)
+  if given is not None and not isinstance(given, Mapping):   # a single key: flax's "params"
+    given = {"params": given}
+  kwargs["rngs"] = {**_linen_rngs(key), **dict(given or {})}
+  return kwargs
+
+
+#: fixed key of the inference forwards that draw random numbers (see ``_infer``)
+_SERVE_SEED = 0
+
+
+def _infer(apply: Callable, variables: PyTree, *args, **kwargs):
+  """An inference forward: no ``rngs`` (flax's inference convention), unless the model
+  still draws random numbers (e.g. dropout switched by a config field, not by a call
+  argument: flax lm1b's ``TransformerConfig(deterministic=False)``); then every stream
+  gets a fixed key (:func:`_linen_rngs` of ``key(0)``), so the forward stays a
+  deterministic function of its inputs."""
+  if "rngs" in kwargs:
+    return apply(variables, *args, **kwargs)
+  try:
+    return apply(variables, *args, **kwargs)
+  except flax.errors.InvalidRngError:
+    return apply(variables, *args, **_with_rngs(kwargs, jax.random.key(_SERVE_SEED)))
+
+
+def _cast_floating(tree: PyTree, dtype: Any) -> PyTree:
+  """A model output of any pytree structure with its floating array leaves in ``dtype``
+  (integer / bool leaves, ``None`` and non-array leaves unchanged)."""
+  def one(x):
+    if isinstance(x, jax.Array | np.ndarray) and jnp.issubdtype(x.dtype, jnp.floating):
+      return x.astype(dtype)
+    return x
+  return jax.tree.map(one, tree)
+
+
+# ----------------------------------------------------- global-view collectives
+
+
+def _unbound(names: Any) -> tuple[Any, bool]:
+  """``(names with the unbound axis names removed, whether any was removed)``.
+
+  ``names``: ``None``, an axis name or a tuple of them (``BatchNorm.axis_name``). A
+  name is bound when an enclosing ``shard_map`` / ``vmap`` / ``pmap`` defines it
+  (``lax.axis_size`` succeeds).
+  """
+  if names is None:
+    return None, False
+  many = isinstance(names, (tuple, list))
+  if not many and not isinstance(names, str):
+    return names, False
+  kept = []
+  for n in (names if many else (names,)):
+    try:
+      jax.lax.axis_size(n)
+      kept.append(n)
+    except NameError:
+      pass
+  n_all = len(names) if many else 1
+  if len(kept) == n_all:
+    return names, False
+  if not kept:
+    return None, True
+  return (tuple(kept) if many else kept[0]), True
+
+
+def _global_view_interceptor(next_fun, args, kwargs, context):
+  """Linen: a module whose ``axis_name`` is not bound runs with it unset.
+
+  Models written for ``pmap`` reduce batch statistics across replicas, e.g. flax
+  imagenet's ``BatchNorm(axis_name="batch")``: ``mean = pmean(mean_local, "batch")``.
+  The Trainer's step is one ``jit`` in the global view, where the module already sees
+  the whole (sharded) batch and XLA reduces over the mesh: ``mean_local`` *is* the
+  cross-replica mean, and the ``pmean`` would fail (unbound axis name). Names that an
+  enclosing ``shard_map`` / ``vmap`` binds are kept.
+  """
+  mod = context.module
+  old = getattr(mod, "axis_name", None)
+  new, changed = _unbound(old)
+  if not changed:
+    return next_fun(*args, **kwargs)
+  object.__setattr__(mod, "axis_name", new)
+  try:
+    return next_fun(*args, **kwargs)
+  finally:
+    object.__setattr__(mod, "axis_name", old)
+
+
+def _global_view(fn: Callable) -> Callable:
+  """``fn`` (a linen apply) run under :func:`_global_view_interceptor`."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with nn.intercept_methods(_global_view_interceptor):
+      return fn(*args, **kwargs)
+  return wrapped
+
+
+@functools.lru_cache(maxsize=None)
+def _global_view_class(cls: type) -> type:
+  """NNX: a subclass of ``cls`` whose ``__call__`` unsets unbound ``axis_name``s (see
+  :func:`_global_view_interceptor`) while it runs."""
+  def __call__(self, *args, **kwargs):
+    old = self.axis_name
+    new, changed = _unbound(old)
+    if not changed:
+      return cls.__call__(self, *args, **kwargs)
+    object.__setattr__(self, "axis_name", new)
+    try:
+      return cls.__call__(self, *args, **kwargs)
+    finally:
+      object.__setattr__(self, "axis_name", old)
+  return type(f"GlobalView{cls.__name__}", (cls,), {"__call__": __call__})
+
+
+def _nnx_global_view(module: nnx.Module) -> nnx.Module:
+  """A fresh NNX module (mutated in place) whose modules with an ``axis_name`` (BatchNorm
+  written for ``pmap``) drop the names that are unbound when they run."""
+  for _, node in list(nnx.iter_graph(module)):
+    if (isinstance(node, nnx.Module) and getattr(node, "axis_name", None) is not None
+        and callable(getattr(type(node), "__call__", None))):
+      node.__class__ = _global_view_class(type(node))
+  return module
+
+
+def _nnx_reseed(module: nnx.Module, key: jax.Array) -> nnx.Module:
+  """Re-keys every RNG stream an NNX module holds from ``key`` (in place).
+
+  Stream ``tag`` gets ``fold_in(key, crc32(tag))``; modules holding streams of the same
+  tag (each ``nnx.Dropout`` forks its own) get distinct keys (``nnx.reseed`` draws one
+  per stream, in graph order), and their counts restart at 0.
+  """
+  tags = sorted({node.tag for _, node in nnx.iter_graph(module)
+                 if isinstance(node, nnx.RngStream)})
+  if tags:
+    nnx.reseed(module, policy="match_shape",
+               **{t: jax.random.fold_in(key, zlib.crc32(t.encode())) for t in tags})
+  return module
+
+
 # ------------------------------------------------------------------- NNX glue
 
 
@@ -369,11 +532,11 @@ def nnx_apply_policy(module: nnx.Module, policy: precision_lib.Policy) -> nnx.Mo
 
 
 def _nnx_stats(collections: Mapping) -> dict:
-  """NNX QAT ranges (``.../quant_input_amax``) as a ``quant_stats`` tree for int8_apply."""
-  flat = {p: v for p, v in _tree.leaves_with_paths(collections)}
-  ops = {p[: -len(_NNX_AMAX)].rstrip("/"): v for p, v in flat.items() if p.endswith(_NNX_AMAX)}
-  from jaxopt_dnn.quant.intercept import stats_tree
-  return stats_tree(ops)
+  """NNX QAT ranges as a ``quant_stats`` tree for int8_apply: every ``QuantStat`` the
+  interception created (``blk/quant_input_amax`` -> op ``blk``, ``blk/quant_w_input_amax``
+  -> op ``blk/w``, by :func:`jaxopt_dnn.quant.intercept.flat_stats`)."""
+  from jaxopt_dnn.quant.intercept import flat_stats, stats_tree
+  return stats_tree(flat_stats(dict(collections)))
 
 
 # --------------------------------------------------------------------- Trainer
@@ -490,13 +653,15 @@ class Trainer:
     return m
 
   def _linen_apply(self, variables, *args, **kwargs):
-    """``model.apply`` with the transforms (QAT fake-quant, then the policy)."""
+    """``model.apply`` with the transforms (QAT fake-quant, then the policy), in the
+    global view (:func:`_global_view_interceptor`). Without ``rngs``, a model that draws
+    random numbers gets fixed keys (:func:`_infer`)."""
     fn = self._qat_model.apply if self._qat else self.model.apply
     if self.lora is not None:   # adapters + (dequantized) base -> ordinary kernels
       variables = {**variables, "params": lora_lib.materialize(variables["params"])}
     if self.policy is not None:
       fn = precision_lib.with_policy(fn, self.policy)
-    return fn(variables, *args, **kwargs)
+    return _infer(_global_view(fn), variables, *args, **kwargs)
 
   # ------------------------------------------------------------------- NNX setup
   def _setup_nnx(self):
@@ -524,7 +689,7 @@ class Trainer:
                         self._impls, params, collections)
     if use_policy:
       module = nnx_apply_policy(module, self.policy)
-    return module
+    return _nnx_global_view(module)
 
   def _nnx_split(self, module: nnx.Module) -> tuple[PyTree, PyTree]:
     _, params, rest = nnx.split(module, nnx.Param, ...)
@@ -547,17 +712,21 @@ class Trainer:
       if variables is not None:
         params = variables["params"]
     else:
-      if variables is None:
-        fn = self._qat_model.init if self._qat else self.model.init
-        boxed = fn({"params": k_params, "dropout": k_drop}, *inputs, **self.init_kwargs)
+      if variables is None:   # (QAT ranges: below, from the same model's forward)
+        boxed = _global_view(self.model.init)({"params": k_params, "dropout": k_drop},
+                                              *inputs, **self.init_kwargs)
         variables = boxed
       variables = dict(nn.meta.unbox(variables))
       params = variables.pop("params")
       cols = {k: v for k, v in variables.items() if k != QUANT_STATS}
-      if self._qat:
-        _, upd = self._qat_model.apply({"params": params, **cols}, *inputs,
-                                       mutable=[QUANT_STATS], **self.init_kwargs)
-        cols[QUANT_STATS] = jax.tree.map(lambda x: x.astype(jnp.float32), upd[QUANT_STATS])
+      if self._qat:   # one range per quantized op, -1 = not seen yet: the first step sets
+        # it to its batch's absmax (as NNX QuantStats start), so only the sample's shapes
+        # matter (a zero sample would otherwise give zero ranges that the EMA keeps)
+        upd = jax.eval_shape(lambda p, c, k, *x: _global_view(self._qat_model.apply)(
+            {"params": p, **c}, *x, mutable=[QUANT_STATS],
+            **_with_rngs(self.init_kwargs, k))[1], params, cols, k_drop, *inputs)
+        cols[QUANT_STATS] = jax.tree.map(lambda x: jnp.full(x.shape, -1.0, jnp.float32),
+                                         upd[QUANT_STATS])
     if self.policy is not None:
       params = self.policy.cast_to_param(params)
     if self.lora is not None:   # after the cast: a bf16 / quantized base keeps its dtype
@@ -653,20 +822,20 @@ class Trainer:
   # ------------------------------------------------------------------------ step
   def _loss_and_updates(self, params, state: TrainState, batch, rng):
     """``(loss, (aux, collection updates))`` of the user's loss at ``params``."""
-    if self.is_nnx:
-      module = self._nnx_merge(params, state.collections)
+    if self.is_nnx:   # every stream the module holds: fresh keys from this step's rng
+      module = _nnx_reseed(self._nnx_merge(params, state.collections),
+                           jax.random.fold_in(rng, 2))
       module.train()
       loss, aux = _split_loss(self.loss_fn(module, batch, rng))
       return loss, (aux, self._nnx_split(module)[1])
 
     box: dict[str, Any] = {}
     cols = state.collections
-    drop = jax.random.fold_in(rng, 0)
 
     def apply_fn(variables, *args, **kwargs):
+      kwargs = _with_rngs(kwargs, rng)   # every stream; the user's own rngs win
       if "mutable" in kwargs:        # the user manages collections explicitly
         return self._linen_apply(variables, *args, **kwargs)
-      kwargs.setdefault("rngs", {"dropout": drop})
       mutable = [c for c in variables if c != "params" and c in cols]
       if not mutable:
         return self._linen_apply(variables, *args, **kwargs)
@@ -781,7 +950,8 @@ class Trainer:
       if self.policy is not None:
         fwd = precision_lib.with_policy(model.apply, self.policy)
         variables = self.policy.cast_to_compute(variables)
-      fn = jax.jit(lambda v, *x: fwd(v, *x, **kw).astype(out_dtype))
+      fn = jax.jit(lambda v, *x: _cast_floating(_infer(_global_view(fwd), v, *x, **kw),
+                                                out_dtype))
       return fn, variables
     if q.mode == "qat":
       stats = state.collections[QUANT_STATS]
@@ -791,7 +961,8 @@ class Trainer:
       if not calibration_batches:
         raise ValueError("Trainer.serve: quant.mode='ptq' needs calibration_batches (tuples "
                          "of model inputs)")
-      stats = quant_lib.calibrate(lambda v, *x: model.apply(v, *x, **kw), variables,
+      stats = quant_lib.calibrate(lambda v, *x: _infer(_global_view(model.apply), v, *x, **kw),
+                                  variables,
                                   calibration_batches, method=q.calibration, rules=q.rules,
                                   max_batches=q.calibration_batches)
     qvars = {**variables, "params": quant_lib.quantize_params(variables["params"], q.rules,
@@ -799,10 +970,12 @@ class Trainer:
     if stats is not None:
       qvars[QUANT_STATS] = stats
 
+    def int8(v, *x, **k):
+      return quant_lib.int8_apply(_global_view(model.apply), v, None, *x, rules=q.rules,
+                                  bits=q.bits, weight_only=q.weight_only, **k)
+
     def fn(v, *x):
-      out = quant_lib.int8_apply(model, v, None, *x, rules=q.rules, bits=q.bits,
-                                 weight_only=q.weight_only, **kw)
-      return out.astype(out_dtype)
+      return _cast_floating(_infer(int8, v, *x, **kw), out_dtype)
     return jax.jit(fn), qvars
 
   def _serve_nnx(self, state: TrainState, calibration_batches):
@@ -815,10 +988,10 @@ class Trainer:
       def fn(v, *x):
         m = self._nnx_merge(v["params"], v["collections"])
         m.eval()
-        return m(*x).astype(out_dtype)
+        return _cast_floating(m(*x), out_dtype)
       return jax.jit(fn), variables
     # int8: the user's module (no QAT hooks) with the trained non-param state
-    plain_cols = _drop_leaves(state.collections, _NNX_AMAX)
+    plain_cols = self._plain_collections(state.collections)
     if q.mode == "qat":
       stats = _nnx_stats(state.collections)
     elif q.weight_only:
@@ -839,14 +1012,32 @@ class Trainer:
       base.eval()
       out = quant_lib.int8_apply(base, v["params"], v.get(QUANT_STATS), *x, rules=q.rules,
                                  bits=q.bits, weight_only=q.weight_only)
-      return out.astype(out_dtype)
+      return _cast_floating(out, out_dtype)
     return jax.jit(fn), qvars
 
+  def _plain_collections(self, collections: Mapping) -> dict:
+    """The part of a QAT state's ``collections`` that the user's own module holds.
+
+    The structure comes from the module itself (``nnx.split(model, nnx.Param, ...)``),
+    not from names: the QAT clone adds ``QuantStat`` variables (``quant_input_amax`` for
+    a ``kernel``, ``quant_<leaf>_input_amax`` for a param named otherwise, e.g. a bare
+    ``self.w = nnx.Param(...)``), which the plain module does not have.
+    """
+    _, _, rest = nnx.split(self.model, nnx.Param, ...)
+    want = traverse_util.flatten_dict(_keys_to_data(nnx.to_pure_dict(rest))[0])
+    have = traverse_util.flatten_dict(dict(collections))
+    missing = sorted("/".join(map(str, k)) for k in want if k not in have)
+    if missing:
+      raise ValueError(f"Trainer.serve: state.collections lacks the module's variables "
+                       f"{missing[:5]}")
+    return traverse_util.unflatten_dict({k: have[k] for k in want})
+
   def _nnx_plain(self, params: PyTree, collections: PyTree) -> nnx.Module:
-    """The user's own module (no QAT hooks) holding ``params`` and ``collections``."""
+    """The user's own module (no QAT hooks) holding ``params`` and ``collections`` (the
+    structure of :meth:`_plain_collections`), in the global view."""
     graphdef, p, r = nnx.split(self.model, nnx.Param, ...)
-    return _nnx_build(graphdef, p, r, _keys_to_data(nnx.to_pure_dict(r))[1], params,
-                      collections)
+    return _nnx_global_view(_nnx_build(graphdef, p, r, _keys_to_data(nnx.to_pure_dict(r))[1],
+                                       params, collections))
 
 
 def _nnx_build(graphdef, param_template, rest_template, impls, params: PyTree,
@@ -860,8 +1051,3 @@ def _nnx_build(graphdef, param_template, rest_template, impls, params: PyTree,
     nnx.replace_by_pure_dict(r, _data_to_keys(collections, impls))
   return nnx.merge(graphdef, p, r)
 
-
-def _drop_leaves(tree: Mapping, name: str) -> dict:
-  """A nested dict without the leaves whose key is ``name``."""
-  flat = traverse_util.flatten_dict(dict(tree))
-  return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k[-1] != name})
