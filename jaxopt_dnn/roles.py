@@ -41,7 +41,7 @@ CONTRACTIONS = ("dot_general", "conv_general_dilated")
 _LAYOUT = {"convert_element_type", "transpose", "reshape", "broadcast_in_dim", "squeeze",
            "expand_dims", "copy", "copy_p", "sharding_constraint", "reduce_precision",
            "mesh_cast", "reshard"}
-_CALLS = {"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint",
+_CALLS = {"pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint",
           "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"}
 _ADD = {"add", "sub", "add_any"}
 _MUL = {"mul", "div"}
@@ -57,6 +57,10 @@ class Consumer:
     contracting: the leaf's own axes contracted by this op (dot/conv), or None when the
       view went through a reshape that loses the axis correspondence.
     other_is_param: for a binary op, whether the other operand also derives from a leaf.
+    in_features: a conv kernel's input-feature axis (as a 1-tuple of leaf axes).
+    scanned: the leaf's axes that enclosing ``scan`` s slice away before this op (an
+      ``nn.scan``-stacked kernel ``(depth, in, out)`` consumed per layer: ``(0,)``);
+      ``contracting`` / ``in_features`` are axes of the whole (stacked) leaf.
   """
 
   primitive: str
@@ -64,6 +68,7 @@ class Consumer:
   contracting: tuple[int, ...] | None = None
   other_is_param: bool = False
   in_features: tuple[int, ...] | None = None
+  scanned: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +97,24 @@ class LeafRole:
         return c.contracting
     return None
 
+  @property
+  def stacked(self) -> tuple[int, ...]:
+    """Leaf axes that a ``scan`` slices before every dot/conv consuming the leaf as a
+    weight (``nn.scan``-stacked layers: ``(0,)`` for ``(depth, in, out)``); ``()``
+    when the leaf is used whole (or one of its uses is not inside such a scan)."""
+    uses = [c.scanned for c in self.consumers
+            if c.primitive in CONTRACTIONS and not c.other_is_param]
+    if not uses or any(u != uses[0] for u in uses):
+      return ()
+    return uses[0]
+
 
 # --------------------------------------------------------------------------- analysis
 @dataclasses.dataclass(frozen=True)
 class _Src:
   idx: int                        # which traced input
   perm: tuple[int, ...] | None    # leaf axis of each axis of this view (None: lost)
+  scanned: tuple[int, ...] = ()   # leaf axes sliced away by enclosing scans
 
 
 def _subjaxpr(eqn):
@@ -117,11 +134,11 @@ def _layout(eqn, src: _Src) -> _Src:
   if src.perm is None:
     return src
   if name == "transpose":
-    return _Src(src.idx, tuple(src.perm[p] for p in eqn.params["permutation"]))
+    return _Src(src.idx, tuple(src.perm[p] for p in eqn.params["permutation"]), src.scanned)
   if name in ("convert_element_type", "copy", "copy_p", "sharding_constraint",
               "reduce_precision", "mesh_cast", "reshard"):
     return src
-  return _Src(src.idx, None)
+  return _Src(src.idx, None, src.scanned)
 
 
 def _contracted(eqn, operand: int, src: _Src) -> tuple[int, ...] | None:
@@ -146,12 +163,35 @@ def _in_features(eqn, operand: int, src: _Src) -> tuple[int, ...] | None:
   return (src.perm[eqn.params["dimension_numbers"].rhs_spec[1]],)
 
 
+def _scan(eqn, srcs, walk, out) -> None:
+  """Follows leaves into a ``scan`` body: a const keeps its view; a scanned operand
+  (``xs``) is seen per iteration without its leading axis, which is recorded in
+  ``_Src.scanned`` (``nn.scan(variable_axes={"params": 0})`` stacks kernels this way).
+  A leaf carried through the loop is an opaque consumer (its per-step value changes)."""
+  body = eqn.params["jaxpr"].jaxpr
+  nc, ncar = eqn.params["num_consts"], eqn.params["num_carry"]
+  inner = {}
+  for i, (v, s) in enumerate(zip(body.invars, srcs)):
+    if s is None:
+      continue
+    if i < nc:
+      inner[v] = s
+    elif i < nc + ncar:
+      out[s.idx].append((Consumer("scan", i, None, False), eqn))
+    else:
+      inner[v] = _Src(s.idx, None if s.perm is None else s.perm[1:],
+                      s.scanned + ((s.perm[0],) if s.perm else ()))
+  if inner:
+    walk(body, inner)
+
+
 def consumers(jaxpr: jcore.Jaxpr, sources: dict[int, int], *, through_all: bool = False
               ) -> dict[int, list[tuple[Consumer, Any]]]:
   """Follows the invars ``{invar position: source id}`` of ``jaxpr`` to their consumers.
 
   Returns ``{source id: [(Consumer, eqn), ...]}``. Layout-only ops and call-like ops
-  (``jit``, custom derivatives, remat) are followed; with ``through_all`` every op except
+  (``jit``, custom derivatives, remat) and ``scan`` bodies are followed; with
+  ``through_all`` every op except
   a contraction or a ``gather`` whose variable operands all derive from the same
   source is followed too (dequantizing ``convert``/``mul`` by its own scale, int4
   unpacking), to find the contraction that finally consumes a quantized weight; an op
@@ -173,13 +213,16 @@ def consumers(jaxpr: jcore.Jaxpr, sources: dict[int, int], *, through_all: bool 
           if r is not None:
             env[ov] = r
         continue
+      if name == "scan":
+        _scan(eqn, srcs, walk, out)
+        continue
       if name in CONTRACTIONS or name == "gather":
         n_params = sum(s is not None for s in srcs[:2])
         for i, s in enumerate(srcs):
           if s is None:
             continue
           out[s.idx].append((Consumer(name, i, _contracted(eqn, i, s), n_params > 1,
-                                      _in_features(eqn, i, s)), eqn))
+                                      _in_features(eqn, i, s), s.scanned), eqn))
         continue
       if name in _LAYOUT and srcs[0] is not None:
         env[eqn.outvars[0]] = _layout(eqn, srcs[0])

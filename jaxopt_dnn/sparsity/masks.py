@@ -260,7 +260,8 @@ def _num_to_remove(sparsity: Any, size: int) -> jax.Array:
 
 
 def _masks_from_scores(params: PyTree, chosen, sparsity: SparsityArg, scope: str,
-                       distribution: str, score_fn: Callable[[int, str, Any], jax.Array]):
+                       distribution: str, score_fn: Callable[[int, str, Any], jax.Array],
+                       roles: Mapping[str, Any] | None = None):
   """Shared driver of magnitude and random masks."""
   if scope not in ("layer", "global"):
     raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
@@ -281,15 +282,43 @@ def _masks_from_scores(params: PyTree, chosen, sparsity: SparsityArg, scope: str
       if per_leaf[i] is None:
         continue
       path, x, _ = chosen[i]
-      (out[i],) = smallest_k_masks([score_fn(i, path, x)], _num_to_remove(per_leaf[i], np.size(x)))
+      stacked = _stacked_axes(roles, path, np.ndim(x))
+      if stacked:
+        out[i] = _per_slice(score_fn(i, path, x), stacked, per_leaf[i])
+      else:
+        (out[i],) = smallest_k_masks([score_fn(i, path, x)],
+                                     _num_to_remove(per_leaf[i], np.size(x)))
   return _unflatten_like(params, out)
+
+
+def _stacked_axes(roles: Mapping[str, Any] | None, path: str, ndim: int) -> tuple[int, ...]:
+  """Leaf axes that a traced ``scan`` slices per layer (``LeafRole.stacked``), or ``()``."""
+  if roles is None:
+    return ()
+  from jaxopt_dnn import roles as _roles  # noqa: PLC0415
+  r = _roles.lookup(roles, path)
+  stacked = () if r is None else tuple(a for a in r.stacked if a < ndim)
+  return stacked if len(stacked) < ndim else ()
+
+
+def _per_slice(score: jax.Array, stacked: tuple[int, ...], sparsity: Any) -> jax.Array:
+  """Keep-mask removing exactly ``round(s * slice_size)`` entries of every slice over the
+  ``stacked`` axes (each layer of an ``nn.scan`` stack is ranked on its own)."""
+  lead = tuple(range(len(stacked)))
+  moved = jnp.moveaxis(score, stacked, lead)
+  rest = moved.shape[len(stacked):]
+  k = _num_to_remove(sparsity, math.prod(rest))
+  flat = moved.reshape((-1,) + rest)
+  keep = jax.vmap(lambda sl: _smallest_k((sl,), k)[0])(flat)
+  return jnp.moveaxis(keep.reshape(moved.shape), lead, stacked)
 
 
 # ------------------------------------------------------------------ public masks
 
 
 def magnitude_masks(params: PyTree, sparsity: SparsityArg, *, scope: str = "layer",
-                    rules: Rules = None, distribution: str = "uniform") -> PyTree:
+                    rules: Rules = None, distribution: str = "uniform",
+                    roles: Mapping[str, Any] | None = None) -> PyTree:
   """Masks removing the smallest-``|w|`` weights.
 
   ``scope="layer"``: each chosen leaf loses exactly ``round(s_l * size_l)`` entries,
@@ -305,6 +334,11 @@ def magnitude_masks(params: PyTree, sparsity: SparsityArg, *, scope: str = "laye
     rules: which leaves to prune: regex(es) over key paths, a predicate ``(path, leaf)``,
       or None for floating leaves with ``ndim >= 2``.
     distribution: ``"uniform"`` or ``"erk"`` (layer scope only).
+    roles: optional ``{path: LeafRole}`` from :func:`jaxopt_dnn.roles.trace`. With it,
+      ``scope="layer"`` ranks a kernel that an ``nn.scan`` stacks (``LeafRole.stacked``,
+      e.g. ``(depth, in, out)``) per layer slice: every slice loses exactly
+      ``round(s_l * slice_size)`` entries. Without it the whole leaf is ranked at once
+      (the stacked layers then share one threshold).
 
   Returns:
     A mask tree (see module docstring).
@@ -312,33 +346,104 @@ def magnitude_masks(params: PyTree, sparsity: SparsityArg, *, scope: str = "laye
   chosen = _chosen(params, rules)
   _check_finite(chosen, "magnitude_masks")
   return _masks_from_scores(params, chosen, sparsity, scope, distribution,
-                            lambda i, p, x: jnp.abs(x))
+                            lambda i, p, x: jnp.abs(x), roles)
 
 
 def random_masks(key: jax.Array, params: PyTree, sparsity: SparsityArg, *, scope: str = "layer",
-                 rules: Rules = None, distribution: str = "uniform") -> PyTree:
+                 rules: Rules = None, distribution: str = "uniform",
+                 roles: Mapping[str, Any] | None = None) -> PyTree:
   """Masks removing exactly ``round(s * size)`` uniformly random entries per leaf (or
-  over all chosen leaves with ``scope="global"``); the same key gives the same masks."""
+  over all chosen leaves with ``scope="global"``; per ``nn.scan`` layer slice with
+  ``roles``, as in :func:`magnitude_masks`); the same key gives the same masks."""
   chosen = _chosen(params, rules)
   return _masks_from_scores(
       params, chosen, sparsity, scope, distribution,
-      lambda i, p, x: jax.random.uniform(jax.random.fold_in(key, i), np.shape(x)))
+      lambda i, p, x: jax.random.uniform(jax.random.fold_in(key, i), np.shape(x)), roles)
 
 
-def nm_masks(params: PyTree, n: int, m: int, *, axis: int | Sequence[int] = -2,
+def nm_group_axes(path: str, shape: Sequence[int], m: int, *,
+                  axis: int | Sequence[int] | None = None,
+                  roles: Mapping[str, Any] | None = None) -> tuple[int, ...]:
+  """The leaf axes along which the N:M groups of leaf ``path`` run (non-negative, sorted).
+
+  The kernel of a contraction, reshaped to the 2-D ``(K, N)`` matrix that a sparse
+  matmul multiplies (``K`` = the contracted axes flattened row-major in the leaf's own
+  axis order, ``N`` = the rest), needs its groups of ``m`` consecutive entries along
+  ``K``. So the axes come from the traced program (``roles``, from
+  :func:`jaxopt_dnn.roles.trace`), never from positions:
+
+  * ``dot_general`` weight: its contracted axes, flattened (``DenseGeneral`` q/k/v
+    ``(embed, heads, head_dim)`` -> ``(0,)``; output ``(heads, head_dim, embed)`` ->
+    ``(0, 1)``: a group may span two heads when ``head_dim % m != 0``, as the ``K`` of
+    the 2-D kernel does; ``nn.scan``-stacked ``(depth, in, out)`` -> ``(1,)``, so groups
+    never cross the layer axis);
+  * ``conv_general_dilated`` kernel: its input-feature axis (the ``C_in`` groups of
+    2:4 sparse convolutions, for every spatial tap and output channel).
+
+  ``axis`` (an int or a tuple of axes flattened row-major) is an explicit override.
+
+  Raises:
+    ValueError: neither ``axis`` nor ``roles``; the leaf is not a traced dot/conv
+      weight; its uses disagree on the contraction; or the group axis length is not a
+      multiple of ``m`` (the message names the leaf).
+  """
+  shape = tuple(int(d) for d in shape)
+  ndim = len(shape)
+  if axis is not None:
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    if not axes or any(not -ndim <= a < ndim for a in axes):
+      raise ValueError(f"axis={axis} is out of range for {path!r} with shape {shape}")
+    axes = tuple(int(a) % ndim for a in axes)
+    what = f"axis {axis}"
+  elif roles is None:
+    raise ValueError(
+        f"N:M masks for leaf {path!r}: the groups run along the contraction of the op "
+        "that consumes the kernel, which only the traced program knows: pass "
+        "roles=jaxopt_dnn.roles.trace(apply_fn, variables, *sample_inputs) (or an "
+        "explicit axis=)")
+  else:
+    from jaxopt_dnn import roles as _roles  # noqa: PLC0415
+    r = _roles.lookup(roles, path)
+    uses = [] if r is None else [
+        (c.in_features if c.primitive == "conv_general_dilated" else c.contracting)
+        for c in r.consumers if c.primitive in _roles.CONTRACTIONS and not c.other_is_param]
+    if not uses or any(u is None for u in uses):
+      role = "not in the traced program" if r is None else f"role {r.role!r}"
+      raise ValueError(
+          f"N:M masks for leaf {path!r} ({role}): it is not the weight of a traced "
+          "dot_general/conv with known axes, so it has no contraction to group along; "
+          "narrow `rules` (e.g. rules=roles.kernels(r)) or pass axis=")
+    if any(u != uses[0] for u in uses):
+      raise ValueError(f"N:M masks for leaf {path!r}: its uses contract different axes "
+                       f"{sorted(set(uses))}; pass axis=")
+    axes = tuple(uses[0])
+    what = f"contraction axes {axes}"
+  length = math.prod(shape[a] for a in axes)
+  if length % m:
+    raise ValueError(
+        f"leaf {path!r} (shape {shape}): {what} has length {length}, which is not a "
+        f"multiple of m={m}, so there are no {m}-groups along the contraction; exclude "
+        "the leaf with `rules`")
+  return tuple(sorted(axes)) if axis is None else axes
+
+
+def nm_masks(params: PyTree, n: int, m: int, *, axis: int | Sequence[int] | None = None,
              rules: Rules = None, roles: Mapping[str, Any] | None = None) -> PyTree:
   """N:M masks: in every group of ``m`` consecutive weights along the contraction keep the
   ``n`` largest ``|w|`` (ties: the earlier index is kept).
 
-  The groups run along ``axis`` (an int, or a tuple of axes flattened row-major, the way
-  a kernel reshaped to 2-D presents them to the matmul). ``axis=-2`` is the contraction
-  (input) axis of Flax ``Dense`` ``(in, out)`` and ``Conv`` ``(..., in, out)`` kernels.
-  It is *not* the contraction of a ``DenseGeneral`` q/k/v kernel ``(embed, heads,
-  head_dim)`` (that is axis 0) nor of its output kernel ``(heads, head_dim, embed)``
-  (axes ``(0, 1)``); pass ``roles=jaxopt_dnn.roles.trace(apply_fn, variables, *x)`` and
-  every leaf the program contracts uses its real contraction axes instead
-  (``LeafRole.nm_axes``: a dot's contracted axes, a conv's input channels), so 2:4 is
-  the pattern sparse tensor cores run.
+  For a kernel reshaped to the ``(K, N)`` matrix of its matmul, every column has, in
+  every run of ``m`` consecutive rows, exactly ``n`` kept entries: the pattern 2:4
+  sparse tensor cores run. The group axes of each leaf are those of
+  :func:`nm_group_axes`: read off the traced contraction with
+  ``roles=jaxopt_dnn.roles.trace(apply_fn, variables, *x)`` (any rank: ``Dense``,
+  ``DenseGeneral`` / ``MultiHeadDotProductAttention`` projections, ``Einsum``, convs,
+  ``nn.scan``-stacked layers), or given explicitly by ``axis`` (an int, or a tuple of
+  axes flattened row-major), which overrides the roles for every chosen leaf.
+
+  Raises:
+    ValueError: without ``roles`` and ``axis`` (no axis is guessed from positions), or
+      for a chosen leaf without an ``m``-divisible contraction (named).
   """
   if not (isinstance(n, int) and isinstance(m, int)) or not 0 < n <= m:
     raise ValueError(f"N:M needs integers 0 < n <= m, got n={n!r}, m={m!r}")
@@ -349,21 +454,7 @@ def nm_masks(params: PyTree, n: int, m: int, *, axis: int | Sequence[int] = -2,
     if not c:
       out.append(dense_marker())
       continue
-    ax = axis
-    if roles is not None:
-      from jaxopt_dnn import roles as _roles  # noqa: PLC0415
-      r = _roles.lookup(roles, path)
-      if r is not None and r.nm_axes is not None:
-        ax = r.nm_axes
-    axes = (ax,) if isinstance(ax, (int, np.integer)) else tuple(ax)
-    if not axes or any(not -x.ndim <= a < x.ndim for a in axes):
-      raise ValueError(f"axis={ax} is out of range for {path!r} with shape {x.shape}")
-    axes = tuple(int(a) % x.ndim for a in axes)
-    length = math.prod(x.shape[a] for a in axes)
-    if length % m:
-      raise ValueError(f"leaf {path!r}: axis {ax} has length {length}, which is not "
-                       f"a multiple of m={m}")
-    out.append(_nm_leaf(x, n, m, axes))
+    out.append(_nm_leaf(x, n, m, nm_group_axes(path, np.shape(x), m, axis=axis, roles=roles)))
   return _unflatten_like(params, out)
 
 
