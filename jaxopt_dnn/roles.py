@@ -380,6 +380,33 @@ def trace(apply_fn: Any, variables: Any, *inputs: Any, **kwargs: Any) -> dict[st
   return trace_roles(apply_fn, nn.unbox(variables), *inputs, **kwargs)
 
 
+def for_params(model: Any, *inputs: Any, **kwargs: Any) -> Callable[[Any], dict[str, LeafRole]]:
+  """A callable ``params -> {path: LeafRole}`` for ``prune_optimizer(roles=...)``.
+
+  ``model`` is a linen ``nn.Module`` (its other collections, e.g. ``batch_stats``, are
+  taken from an abstract ``model.init(key, *inputs, **kwargs)``; nothing is computed) or
+  an ``nnx.Module`` (traced as it is). ``inputs`` / ``kwargs`` are sample inputs and
+  inference keyword arguments (``train=False``); only shapes and dtypes matter, and the
+  callable works on abstract (traced) params.
+  """
+  import flax.linen as nn
+  from flax import nnx
+
+  if isinstance(model, nnx.Module):
+    return lambda params: trace(model, None, *inputs, **kwargs)
+  if not isinstance(model, nn.Module):
+    raise TypeError(f"roles.for_params: model must be a linen or NNX module, got "
+                    f"{type(model).__name__}")
+
+  def fn(params):
+    keys = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    shapes = jax.eval_shape(lambda: nn.unbox(model.init(keys, *inputs, **kwargs)))
+    cols = {k: v for k, v in shapes.items() if k != "params"}
+    return trace(model.apply, {"params": params, **cols}, *inputs, **kwargs)
+
+  return fn
+
+
 def kernels(roles: dict[str, LeafRole], *, include: str | None = None) -> Callable[[str, Any], bool]:
   """A leaf predicate ``(path, leaf) -> bool`` choosing the leaves with role ``kernel``.
 
