@@ -474,45 +474,98 @@ def _bias_path(kernel_path: str) -> str | None:
   return kernel_path[: -len("kernel")] + "bias" if kernel_path.endswith("kernel") else None
 
 
+def _along(keep: jax.Array, shape: tuple[int, ...], axis: int) -> jax.Array:
+  """The per-channel ``keep`` (C,) broadcast to ``shape`` along ``axis``."""
+  view = [1] * len(shape)
+  view[axis] = shape[axis]
+  return jnp.broadcast_to(keep.reshape(view), shape)
+
+
+def removable_kernels(roles: Mapping[str, Any]) -> Callable[[str, Any], bool]:
+  """Leaf predicate: the kernels whose output channels
+  :func:`~jaxopt_dnn.sparsity.shrink_channels` can remove (``LeafRole.channels`` is
+  removable: not added to a residual stream, not the model output, ...)."""
+  from jaxopt_dnn import roles as _roles  # noqa: PLC0415
+
+  def pred(path: str, leaf: Any) -> bool:
+    del leaf
+    r = _roles.lookup(roles, path)
+    g = None if r is None else r.channels
+    return bool(g is not None and g.removable)
+
+  return pred
+
+
 def channel_masks(params: PyTree, sparsity: SparsityArg, *, rules: Rules = None,
                   distribution: str = "uniform",
                   roles: Mapping[str, Any] | None = None) -> PyTree:
-  """Structured masks removing whole output channels (last axis) by L2 norm.
+  """Structured masks removing whole output channels by L2 norm.
 
-  For a kernel ``W`` of shape ``(..., C_out)`` the score of channel ``c`` is
-  ``||W[..., c]||_2``; exactly ``round(s * C_out)`` channels with the smallest norms are
-  removed (ties: lower index first). A sibling ``bias`` leaf (same path with ``kernel``
-  replaced by ``bias``, shape ``(C_out,)``) gets the same channel mask, so a removed
-  channel outputs exactly zero before the activation. Exclude the classifier head with
-  ``rules`` (removing a class is rarely what you want).
+  For a kernel ``W`` with ``C_out`` output channels along axis ``a`` (the last axis;
+  with ``roles``, the traced output-feature axis) the score of channel ``c`` is
+  ``||W[..., c, ...]||_2``; exactly ``round(s * C_out)`` channels with the smallest
+  norms are removed (ties: lower index first). A sibling ``bias`` leaf (same path with
+  ``kernel`` replaced by ``bias``, shape ``(C_out,)``) gets the same channel mask, so a
+  removed channel outputs exactly zero before the activation.
 
-  A ``Conv -> BatchNorm`` stack outputs ``beta - mean * gamma / sqrt(var + eps)`` for a
-  zeroed channel, not zero. With ``roles=jaxopt_dnn.roles.trace(apply_fn, variables,
-  *x)`` every per-channel leaf of shape ``(C_out,)`` applied to the kernel's output on
-  its way to the next nonlinearity (``LeafRole.followers``: the BatchNorm's ``scale``
-  and ``bias``) gets the channel mask too, so the removed channel is exactly zero after
-  the norm and :func:`~jaxopt_dnn.sparsity.shrink_channels` stays exact.
+  With ``roles=jaxopt_dnn.roles.trace(apply_fn, variables, *x)`` (trace in inference
+  mode, e.g. ``train=False``) the program decides (``LeafRole.channels``, a
+  :class:`~jaxopt_dnn.roles.ChannelGroup`):
+
+  * every params leaf applied per channel to the kernel's output on its way to the next
+    contraction (a following BatchNorm's ``scale`` and ``bias``, a bias) gets the
+    channel mask too. A ``Conv -> BatchNorm`` then outputs exactly
+    ``(0 - mean) * rsqrt(var + eps) * 0 + 0 = 0`` for a removed channel in eval mode
+    whatever the running statistics, and in train mode (batch mean and variance of a
+    zero channel are 0, the output is the masked bias, 0);
+  * ``rules=None`` chooses only the kernels whose channels can be removed
+    (:func:`removable_kernels`): not a conv whose output is added to a residual
+    stream (the skip connection would keep the channel, so neither masking it to
+    shrink nor shrinking is possible), not the classifier head (its outputs are the
+    model's), not a channel that is reshaped or normalised over. In a ResNet these
+    are the inner convs of each block. Kernels chosen explicitly by ``rules`` are
+    masked whatever their group (the masked model is well defined);
+    :func:`~jaxopt_dnn.sparsity.shrink_channels` then keeps their zeroed channels.
+
+  Without ``roles``, exclude the classifier head with ``rules``; a following BatchNorm
+  is not masked (its output for a removed channel is ``beta - mean * gamma /
+  sqrt(var + eps)``, not zero).
   """
+  from jaxopt_dnn import roles as _roles  # noqa: PLC0415
+  if roles is not None and rules is None:
+    rules = removable_kernels(roles)
   chosen = _chosen(params, rules)
   _check_finite(chosen, "channel_masks")
   per_leaf = leaf_sparsities(chosen, sparsity, distribution)
   out: list[Any] = [dense_marker() for _ in chosen]
   index = {p: i for i, (p, _, _) in enumerate(chosen)}
+
+  def find(path):
+    return index.get(path, index.get(path.split("/", 1)[-1]))
+
   for i, (path, x, c) in enumerate(chosen):
     if not c or per_leaf[i] is None:
       continue
-    norms = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(x.ndim - 1))))
-    (keep,) = smallest_k_masks([norms], _num_to_remove(per_leaf[i], x.shape[-1]))
-    out[i] = jnp.broadcast_to(keep, x.shape)
+    r = None if roles is None else _roles.lookup(roles, path)
+    group = None if r is None else r.channels
+    ax = group.axis if group is not None and group.axis >= 0 else x.ndim - 1
+    size = x.shape[ax]
+    norms = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)),
+                             axis=tuple(d for d in range(x.ndim) if d != ax)))
+    (keep,) = smallest_k_masks([norms], _num_to_remove(per_leaf[i], size))
+    out[i] = _along(keep, x.shape, ax)
     b = index.get(_bias_path(path) or "")
-    if b is not None and np.shape(chosen[b][1]) == (x.shape[-1],):
+    if b is not None and np.shape(chosen[b][1]) == (size,):
       out[b] = keep
-    if roles is not None:
-      from jaxopt_dnn import roles as _roles  # noqa: PLC0415
-      r = _roles.lookup(roles, path)
-      for f in (r.followers if r is not None else ()):
-        j = index.get(f, index.get(f.split("/", 1)[-1]))
-        if j is not None and np.shape(chosen[j][1]) == (x.shape[-1],):
+    if group is not None:
+      for f, fax in group.per_channel:
+        j = find(f)
+        if j is not None and np.shape(chosen[j][1])[fax] == size:
+          out[j] = _along(keep, np.shape(chosen[j][1]), fax)
+    elif r is not None:
+      for f in r.followers:
+        j = find(f)
+        if j is not None and np.shape(chosen[j][1]) == (size,):
           out[j] = keep
   return _unflatten_like(params, out)
 
