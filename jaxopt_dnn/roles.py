@@ -42,8 +42,9 @@ CONTRACTIONS = ("dot_general", "conv_general_dilated")
 _LAYOUT = {"convert_element_type", "transpose", "reshape", "broadcast_in_dim", "squeeze",
            "expand_dims", "copy", "copy_p", "sharding_constraint", "reduce_precision",
            "mesh_cast", "reshard"}
-_CALLS = {"pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint",
+_CALLS = {"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint",
           "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"}
+_REMAT = {"remat2"}   # jax.checkpoint / nn.remat bodies (followed by trace_roles)
 _ADD = {"add", "sub", "add_any"}
 _MUL = {"mul", "div"}
 
@@ -195,12 +196,14 @@ def _scan(eqn, srcs, walk, out) -> None:
     walk(body, inner)
 
 
-def consumers(jaxpr: jcore.Jaxpr, sources: dict[int, int], *, through_all: bool = False
-              ) -> dict[int, list[tuple[Consumer, Any]]]:
+def consumers(jaxpr: jcore.Jaxpr, sources: dict[int, int], *, through_all: bool = False,
+              through_scan: bool = False) -> dict[int, list[tuple[Consumer, Any]]]:
   """Follows the invars ``{invar position: source id}`` of ``jaxpr`` to their consumers.
 
   Returns ``{source id: [(Consumer, eqn), ...]}``. Layout-only ops and call-like ops
-  (``jit``, custom derivatives, remat) and ``scan`` bodies are followed; with
+  (``jit``, custom derivatives, remat) are followed, and with ``through_scan`` ``scan``
+  and ``remat2`` (``nn.remat``) bodies too (otherwise they are opaque consumers, which is
+  what the quantization interpreter, that does not enter them, needs); with
   ``through_all`` every op except
   a contraction or a ``gather`` whose variable operands all derive from the same
   source is followed too (dequantizing ``convert``/``mul`` by its own scale, int4
@@ -216,14 +219,15 @@ def consumers(jaxpr: jcore.Jaxpr, sources: dict[int, int], *, through_all: bool 
         continue
       name = eqn.primitive.name
       sub = _subjaxpr(eqn)
-      if sub is not None and name in _CALLS | {"custom_lin"} and len(sub.invars) == len(eqn.invars):
+      calls = _CALLS | {"custom_lin"} | (_REMAT if through_scan else set())
+      if sub is not None and name in calls and len(sub.invars) == len(eqn.invars):
         inner = {v: s for v, s in zip(sub.invars, srcs) if s is not None}
         res = walk(sub, inner)
         for ov, r in zip(eqn.outvars, res):
           if r is not None:
             env[ov] = r
         continue
-      if name == "scan":
+      if name == "scan" and through_scan:
         _scan(eqn, srcs, walk, out)
         continue
       if name in CONTRACTIONS or name == "gather":
@@ -278,7 +282,7 @@ def followers(jaxpr: jcore.Jaxpr, n: int) -> dict[int, set[int]]:
       a_in = [act.get(v) if v is not None else None for v in ins]
       name = eqn.primitive.name
       sub = _subjaxpr(eqn)
-      if sub is not None and name in _CALLS and len(sub.invars) == len(eqn.invars):
+      if sub is not None and name in _CALLS | _REMAT and len(sub.invars) == len(eqn.invars):
         ipar = {v: p for v, p in zip(sub.invars, p_in) if p}
         iact = {v: a for v, a in zip(sub.invars, a_in) if a is not None}
         rp, ra = walk(sub, ipar, iact)
@@ -529,7 +533,7 @@ def _channel_group(jaxpr: jcore.Jaxpr, n_leaves: int, k: int, paths: Sequence[st
       name = eqn.primitive.name
       acts = [s for s in st if isinstance(s, _Act)]
       sub = _subjaxpr(eqn)
-      if sub is not None and name in _CALLS | {"custom_lin"} and len(sub.invars) == len(st):
+      if sub is not None and name in _CALLS | _REMAT | {"custom_lin"} and len(sub.invars) == len(st):
         res = walk(sub, {v: s for v, s in zip(sub.invars, st) if s is not None})
         for ov, r in zip(eqn.outvars, res):
           if r is not None:
@@ -732,7 +736,7 @@ def trace_roles(fn: Callable[..., Any], tree: Any, *args: Any,
     return fn(jax.tree.unflatten(treedef, tree_leaves), *a, **kw)
 
   closed = jax.make_jaxpr(f)(leaves, [rleaves[i] for i in dyn])
-  cons = consumers(closed.jaxpr, {i: i for i in range(len(leaves))})
+  cons = consumers(closed.jaxpr, {i: i for i in range(len(leaves))}, through_scan=True)
   fol = followers(closed.jaxpr, len(leaves))
   paths = [p for p, _ in items]
   prog = _Program(closed.jaxpr, len(leaves), paths,
