@@ -29,7 +29,7 @@ def _wmt(heads, qkv_dim):
                               max_len=16, deterministic=True)
   model = wmt.Transformer(cfg)
   x = np.asarray(jax.random.randint(jax.random.key(1), (2, 8), 1, 32), np.int32)
-  v = model.init(jax.random.key(0), x, x)
+  v = jax.jit(model.init)(jax.random.key(0), x, x)
   return model, x, v, roles.trace(model.apply, v, x, x)
 
 
@@ -79,6 +79,7 @@ def test_wmt_nm_needs_the_traced_contraction_and_names_the_leaf(wmt):
     sparsity.nm_masks(v["params"], 2, 5, roles=r, rules=roles.kernels(r))
 
 
+@pytest.mark.slow
 def test_wmt_trainer_prune_nm_follows_the_contraction():
   model, x, v, _ = _wmt(6, 36)
   x = np.tile(x, (4, 1))   # one example per device of the 8-device test mesh
@@ -106,7 +107,7 @@ def resnet():
   model = im.ResNet(stage_sizes=[1, 1], block_cls=im.ResNetBlock, num_filters=8,
                     num_classes=5)
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3), jnp.float32)
-  v = model.init(jax.random.key(0), x, train=False)
+  v = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(0), x)
   rng = np.random.default_rng(0)
 
   def randomize(path, a):   # non-trivial running statistics and BatchNorm affine params
@@ -198,7 +199,7 @@ def vit():
   model = mod._Model(num_classes=10, patch_size=(4, 4), width=16, depth=3, mlp_dim=32,
                      num_heads=2, scan=True)
   x = jax.random.normal(jax.random.key(1), (1, 8, 8, 3), jnp.float32)
-  v = model.init(jax.random.key(0), x)
+  v = jax.jit(model.init)(jax.random.key(0), x)
   return model, x, v, roles.trace(model.apply, v, x)
 
 
