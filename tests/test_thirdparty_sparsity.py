@@ -21,6 +21,22 @@ import thirdparty as tp
 from jaxopt_dnn import Trainer, _tree, roles, sparsity
 
 
+def _random_variables(init, seed=0):
+  """Variables with the shapes of ``init()`` (traced abstractly, nothing compiled), filled
+  with random values: weights ``N(0, 0.2^2)``, variances in ``[0.5, 2]``, and
+  non-trivial running means and BatchNorm scales / biases ``N(0.5, 1)``."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, a):
+    name = _tree.path_str(path)
+    if name.endswith("/var"):
+      return rng.uniform(0.5, 2.0, a.shape).astype(a.dtype)
+    if name.endswith("/mean") or "norm" in name.lower() or "bn_init" in name:
+      return rng.normal(0.5, 1.0, a.shape).astype(a.dtype)
+    return (0.2 * rng.normal(size=a.shape)).astype(a.dtype)
+  return jax.tree_util.tree_map_with_path(fill, jax.eval_shape(init))
+
+
 # ------------------------------------------------------------------------------- WMT
 def _wmt(heads, qkv_dim):
   wmt = tp.wmt()
@@ -29,7 +45,7 @@ def _wmt(heads, qkv_dim):
                               max_len=16, deterministic=True)
   model = wmt.Transformer(cfg)
   x = np.asarray(jax.random.randint(jax.random.key(1), (2, 8), 1, 32), np.int32)
-  v = jax.jit(model.init)(jax.random.key(0), x, x)
+  v = _random_variables(lambda: model.init(jax.random.key(0), x, x))
   return model, x, v, roles.trace(model.apply, v, x, x)
 
 
@@ -107,17 +123,7 @@ def resnet():
   model = im.ResNet(stage_sizes=[1, 1], block_cls=im.ResNetBlock, num_filters=8,
                     num_classes=5)
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3), jnp.float32)
-  v = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(0), x)
-  rng = np.random.default_rng(0)
-
-  def randomize(path, a):   # non-trivial running statistics and BatchNorm affine params
-    name = _tree.path_str(path)
-    if name.endswith("/var"):
-      return rng.uniform(0.5, 2.0, a.shape).astype(np.float32)
-    if name.endswith("/mean") or "BatchNorm" in name or "norm_proj" in name or "bn_init" in name:
-      return rng.normal(0.5, 1.0, a.shape).astype(np.float32)
-    return np.asarray(a)
-  v = jax.tree_util.tree_map_with_path(randomize, v)
+  v = _random_variables(lambda: model.init(jax.random.key(0), x, train=False))
   r = roles.trace(model.apply, v, x, train=False)
   masks = sparsity.channel_masks(v["params"], 0.5, roles=r)
   return model, x, v, r, masks
@@ -199,7 +205,7 @@ def vit():
   model = mod._Model(num_classes=10, patch_size=(4, 4), width=16, depth=3, mlp_dim=32,
                      num_heads=2, scan=True)
   x = jax.random.normal(jax.random.key(1), (1, 8, 8, 3), jnp.float32)
-  v = jax.jit(model.init)(jax.random.key(0), x)
+  v = _random_variables(lambda: model.init(jax.random.key(0), x))
   return model, x, v, roles.trace(model.apply, v, x)
 
 
