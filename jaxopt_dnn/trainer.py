@@ -56,6 +56,7 @@ from jaxopt_dnn import lora as lora_lib
 from jaxopt_dnn import parallel
 from jaxopt_dnn import precision as precision_lib
 from jaxopt_dnn import quant as quant_lib
+from jaxopt_dnn import roles as roles_lib
 from jaxopt_dnn import sparsity as sparsity_lib
 
 PyTree = Any
@@ -153,8 +154,10 @@ class PruneConfig:
     if not isinstance(self.sparsity, (int, float)) or not 0.0 <= float(self.sparsity) < 1.0:
       raise ValueError(f"prune.sparsity must be a float in [0, 1), got {self.sparsity!r}")
 
-  def optimizer(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """``tx`` wrapped in :func:`sparsity.prune_optimizer` per this config."""
+  def optimizer(self, tx: optax.GradientTransformation,
+                roles: Any = None) -> optax.GradientTransformation:
+    """``tx`` wrapped in :func:`sparsity.prune_optimizer` per this config (``roles``:
+    the leaf roles or ``params -> roles``, which N:M needs for its contraction axes)."""
     if self.schedule == "polynomial":
       schedule = sparsity_lib.polynomial_schedule(0.0, self.sparsity, self.begin, self.end,
                                                   frequency=self.update_every)
@@ -164,7 +167,7 @@ class PruneConfig:
     return sparsity_lib.prune_optimizer(
         tx, schedule, method=self.method, scope=self.scope, update_every=self.update_every,
         update_until=until, rules=self.rules, distribution=self.distribution, n=self.n,
-        m=self.m)
+        m=self.m, roles=roles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -602,7 +605,8 @@ class Trainer:
       mesh = (parallel.make_mesh(data=1, fsdp=n) if sharding == "fsdp"
               else parallel.make_mesh(data=n))
     self.mesh = mesh
-    self.tx = self.prune.optimizer(optimizer) if self.prune else optimizer
+    self.tx = self.prune.optimizer(optimizer, roles=(  # N:M axes from the traced model
+        (lambda p: self._prune_roles(p)) if self.prune.method == "nm" else None)) if self.prune else optimizer
     self._qat = self.quant.mode == "qat"
     self.lora = _config(lora, lora_lib.LoraConfig, "lora")
     if self.lora is not None and (self.prune is not None or self._qat):
@@ -777,6 +781,7 @@ class Trainer:
                       f"got {key!r}")
     key_np = np.asarray(jax.random.key_data(key))
     inputs = _as_host(sample_inputs)
+    self._prune_roles = roles_lib.for_params(self.model, *inputs, **self.eval_kwargs)
     if variables is not None:
       if not isinstance(variables, Mapping) or "params" not in variables:
         raise TypeError("Trainer.init: variables must be a mapping with a 'params' entry, got "

@@ -332,7 +332,7 @@ def _core_cases():
        lambda: distill.loss(logits, logits, jnp.array([1, 2, 10])), ValueError, "label 10"),
       ("distill label < 0",
        lambda: distill.loss(logits, logits, jnp.array([1, -1, 3])), ValueError, "label -1"),
-      ("nm_masks NaN", lambda: sparsity.nm_masks({"k": nan_w}, 2, 4), ValueError,
+      ("nm_masks NaN", lambda: sparsity.nm_masks({"k": nan_w}, 2, 4, axis=0), ValueError,
        r"nm_masks: leaf 'k'.*NaN"),
       ("channel_masks NaN", lambda: sparsity.channel_masks({"k": nan_w}, 0.5), ValueError,
        r"channel_masks: leaf 'k'.*NaN"),

@@ -46,7 +46,7 @@ def test_2_4_masks_run_along_the_contraction_axes():
     assert (groups.sum(axis=1) == 2).all()
     # not the heads axis: the legacy axis=-2 default gives a different pattern
     assert not np.array_equal(m, np.asarray(
-        sparsity.nm_masks(v["params"], 2, 4)["layer_0"][name]["kernel"]))
+        sparsity.nm_masks(v["params"], 2, 4, axis=-2)["layer_0"][name]["kernel"]))
   out = np.asarray(masks["layer_0"]["out"]["kernel"])        # contracted over (heads, head_dim)
   flat = out.reshape(-1, out.shape[-1])
   assert (flat.reshape(-1, 4, out.shape[-1]).sum(axis=1) == 2).all()

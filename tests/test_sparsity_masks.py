@@ -112,7 +112,7 @@ def test_random_masks_differ_from_magnitude():
 def test_nm_masks_keep_exactly_n_largest_per_group(n, extra, groups, out, seed):
   m = n + extra
   w = np.random.default_rng(seed).normal(size=(groups * m, out)).astype(np.float32)
-  mask = np.asarray(sp.nm_masks({"k": w}, n, m)["k"])
+  mask = np.asarray(sp.nm_masks({"k": w}, n, m, axis=0)["k"])
   g = mask.reshape(groups, m, out)
   assert (g.sum(axis=1) == n).all()
   wg = np.abs(w).reshape(groups, m, out)
@@ -123,7 +123,7 @@ def test_nm_masks_keep_exactly_n_largest_per_group(n, extra, groups, out, seed):
 
 def test_nm_along_conv_input_axis():
   k = np.random.default_rng(0).normal(size=(3, 3, 8, 5)).astype(np.float32)
-  mask = np.asarray(sp.nm_masks({"kernel": k}, 2, 4)["kernel"])
+  mask = np.asarray(sp.nm_masks({"kernel": k}, 2, 4, axis=2)["kernel"])
   assert (mask.reshape(3, 3, 2, 4, 5).sum(axis=3) == 2).all()
 
 
@@ -212,7 +212,7 @@ def test_n_greater_than_m():
 
 def test_nm_axis_not_multiple_names_leaf():
   with pytest.raises(ValueError, match="Dense_1/kernel.*length 16.*m=3"):
-    sp.nm_masks(_params(), 2, 3, rules="Dense_1")
+    sp.nm_masks(_params(), 2, 3, rules="Dense_1", axis=0)
 
 
 def test_rule_matching_nothing_lists_candidates():

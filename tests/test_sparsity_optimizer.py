@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxopt_dnn import sparsity as sp
+from jaxopt_dnn import roles, sparsity as sp
 
 
 def test_polynomial_schedule_matches_zhu_gupta():
@@ -118,6 +118,8 @@ def test_update_until_freezes_masks():
                                        ("magnitude", dict(scope="global"))])
 def test_other_methods(method, kw):
   params, loss = _problem(3)
+  if method == "nm":   # the N:M axes are read off the traced loss (role, not position)
+    kw = dict(kw, roles=roles.trace_roles(loss, params))
   tx = sp.prune_optimizer(optax.adam(1e-2), sp.constant_schedule(0.5), method=method,
                           update_every=3, **kw)
   final, state, _ = _run(tx, params, loss, 7)
@@ -147,10 +149,16 @@ def test_masks_from_state_without_prune_state():
 
 
 def test_nm_divisibility_checked_at_init():
-  params, _ = _problem()
-  tx = sp.prune_optimizer(optax.sgd(0.1), sp.constant_schedule(0.5), method="nm", n=2, m=3)
+  params, loss = _problem()
+  tx = sp.prune_optimizer(optax.sgd(0.1), sp.constant_schedule(0.5), method="nm", n=2, m=3,
+                          roles=lambda p: roles.trace_roles(loss, p))
   with pytest.raises(ValueError, match="dense/kernel"):
     tx.init(params)
+
+
+def test_nm_without_roles_or_axis_is_an_error():
+  with pytest.raises(ValueError, match="roles=.*axis="):
+    sp.prune_optimizer(optax.sgd(0.1), sp.constant_schedule(0.5), method="nm")
 
 
 def test_target_reached_at_update_until_even_off_the_update_grid():

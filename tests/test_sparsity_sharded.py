@@ -55,7 +55,7 @@ def test_fsdp_sharded_magnitude_masks_do_not_gather_the_kernel(mesh, scope):
 
 def test_nm_masks_of_sharded_kernel_stay_local(mesh):
   k = jax.device_put(_params()["kernel"], NamedSharding(mesh, jax.P(None, "fsdp")))
-  fn = jax.jit(lambda k: sp.nm_masks({"k": k}, 2, 4)["k"])
+  fn = jax.jit(lambda k: sp.nm_masks({"k": k}, 2, 4, axis=0)["k"])
   hlo = fn.lower(k).compile().as_text()
   assert "all-gather" not in hlo
-  np.testing.assert_array_equal(fn(k), sp.nm_masks({"k": np.asarray(k)}, 2, 4)["k"])
+  np.testing.assert_array_equal(fn(k), sp.nm_masks({"k": np.asarray(k)}, 2, 4, axis=0)["k"])

@@ -20,6 +20,7 @@ from jaxopt_dnn import distill as distill_lib
 from jaxopt_dnn.app import models as models_lib
 from jaxopt_dnn import parallel
 from jaxopt_dnn import precision as precision_lib
+from jaxopt_dnn import roles as roles_lib
 from jaxopt_dnn import sparsity as sparsity_lib
 from jaxopt_dnn.app.recipe import OptimizerConfig, PruneConfig, Recipe
 from jaxopt_dnn.app import train as train_lib
@@ -50,8 +51,9 @@ def make_optimizer(cfg: OptimizerConfig, steps: int) -> optax.GradientTransforma
 
 
 def make_pruner(tx: optax.GradientTransformation, cfg: PruneConfig,
-                steps: int) -> optax.GradientTransformation:
-  """Wraps ``tx`` in :func:`sparsity.prune_optimizer` per ``cfg`` (identity if none)."""
+                steps: int, roles: Any = None) -> optax.GradientTransformation:
+  """Wraps ``tx`` in :func:`sparsity.prune_optimizer` per ``cfg`` (identity if none);
+  ``roles`` (leaf roles or ``params -> roles``) give N:M its contraction axes."""
   if cfg.method == "none":
     return tx
   begin, end = int(cfg.begin * steps), max(int(cfg.end * steps), int(cfg.begin * steps) + 1)
@@ -62,7 +64,8 @@ def make_pruner(tx: optax.GradientTransformation, cfg: PruneConfig,
     schedule = sparsity_lib.constant_schedule(cfg.sparsity, begin)
   return sparsity_lib.prune_optimizer(
       tx, schedule, method=cfg.method, scope=cfg.scope, update_every=cfg.update_every,
-      update_until=end, rules=cfg.rules, distribution=cfg.distribution, n=cfg.n, m=cfg.m)
+      update_until=end, rules=cfg.rules, distribution=cfg.distribution, n=cfg.n, m=cfg.m,
+      roles=roles)
 
 
 def make_loss_scale(recipe: Recipe):
@@ -184,9 +187,13 @@ def build(recipe: Recipe, sample_x: Any, *, num_classes: int = 10,
 
     def loss(module, batch, rng):
       return linen_style(lambda _, x, train=True: module(x), None, batch, rng)
+  eval_kw = {"train": False} if module is model and _takes_train(model) else {}
+  prune_roles = (roles_lib.for_params(module, sample_x, **eval_kw)
+                 if recipe.prune.method == "nm" else None)
   trainer = Trainer(
       module, loss,
-      make_pruner(make_optimizer(recipe.optimizer, recipe.steps), recipe.prune, recipe.steps),
+      make_pruner(make_optimizer(recipe.optimizer, recipe.steps), recipe.prune, recipe.steps,
+                  prune_roles),
       quant=quant, precision=recipe.precision.policy, loss_scale=make_loss_scale(recipe),
       mesh=mesh or parallel.make_mesh(recipe.mesh.data, recipe.mesh.fsdp),
       sharding=recipe.mesh.strategy, eval_kwargs=None if module is not model else

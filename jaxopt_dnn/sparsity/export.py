@@ -181,8 +181,24 @@ def _channel_keep(params: dict, masks: dict, name: str, last: bool) -> np.ndarra
   return keep
 
 
-def shrink_channels(params: dict, masks: dict, layers: Sequence[str]) -> dict:
-  """Removes channel-pruned outputs from a sequential MLP/CNN, giving smaller layers.
+def shrink_channels(params: dict, masks: dict, layers: Sequence[str] | None = None, *,
+                    roles: Any = None) -> dict:
+  """Removes channel-pruned outputs, giving smaller layers (two ways to say which).
+
+  **From the traced program** (``roles=jaxopt_dnn.roles.trace(apply_fn, variables,
+  *x)``; any topology): ``params`` is the params tree or the whole variables dict
+  (``{"params": ..., "batch_stats": ...}``, then the running statistics are shrunk too)
+  and ``masks`` are over the params (e.g. from ``channel_masks(..., roles=roles)``).
+  For every kernel with a channel mask whose :class:`~jaxopt_dnn.roles.ChannelGroup`
+  is removable, the removed channels are dropped from the kernel's output axis, from
+  every per-channel leaf on the way (bias, a following BatchNorm's scale, bias, mean,
+  var) and from the input axis of every kernel that consumes them. A kernel whose
+  channels cannot be removed (its output is added to a residual stream, it is the
+  head, ...: ``ChannelGroup.reason``) keeps its shape, with its masked (zero) channels
+  baked in, so the result computes exactly what the masked model computes (up to the
+  float summation order of the smaller contractions).
+
+  **Sequential layers** (``layers``):
 
   ``layers`` names the layers in forward order (e.g. ``["Conv_0", "Conv_1", "Dense_0",
   "Dense_1"]``, relative to ``params``), each with a ``kernel`` of shape
@@ -196,7 +212,17 @@ def shrink_channels(params: dict, masks: dict, layers: Sequence[str]) -> dict:
 
   Returns:
     A new params dict (the input is not modified); unlisted entries are copied.
+
+  Raises:
+    ValueError: both or neither of ``layers`` / ``roles``; a kernel mask that is not
+      a channel mask; a params leaf applied per channel (bias, BatchNorm scale / bias)
+      that is not masked like its kernel (the removed channel would not be zero).
   """
+  if (layers is None) == (roles is None):
+    raise ValueError("shrink_channels: pass exactly one of `layers` (a sequential model's "
+                     "layer names) or `roles` (jaxopt_dnn.roles.trace of the model)")
+  if roles is not None:
+    return _shrink_traced(params, masks, roles)
   check_mask_tree(params, masks)
   keeps = [_channel_keep(params, masks, name, i == len(layers) - 1)
            for i, name in enumerate(layers)]
@@ -229,3 +255,114 @@ def _set(tree: dict, path: str, value) -> None:
   for part in parts[:-1]:
     node = node[part]
   node[parts[-1]] = value
+
+
+def _shrink_traced(variables: Any, masks: Any, roles: Any) -> Any:
+  """:func:`shrink_channels` driven by the traced channel groups."""
+  from jaxopt_dnn import roles as _roles  # noqa: PLC0415
+  whole = isinstance(variables, dict) and "params" in variables and not (
+      isinstance(masks, dict) and "params" in masks)
+  ptree = variables["params"] if whole else variables
+  check_mask_tree(ptree, masks)
+  prefix = "params/" if whole else ""
+  leaves = {p: np.asarray(x) for p, x in _tree.leaves_with_paths(variables)}
+  mlist = dict(_tree.leaves_with_paths(masks))
+  for p, m in mlist.items():     # bake every mask in (kept-shape kernels keep their zeros)
+    if not is_dense(m):
+      leaves[prefix + p] = np.where(np.asarray(m), leaves[prefix + p], 0).astype(
+          leaves[prefix + p].dtype)
+
+  def key(path):
+    if path in leaves:
+      return path
+    rel = path.split("/", 1)[-1]
+    return rel if rel in leaves else None
+
+  cuts: dict[tuple[str, int], np.ndarray] = {}
+
+  def mask_of(path):
+    """The mask of a params leaf (None for other collections)."""
+    if whole:
+      return mlist.get(path[len(prefix):]) if path.startswith(prefix) else None
+    k = key(path)
+    return None if k is None else mlist.get(k)
+
+  def cut(path, axis, keep, why):
+    k = key(path)
+    if k is None:
+      raise ValueError(f"shrink_channels: {path!r} ({why}) is not in the given tree; pass the "
+                       "whole variables dict ({'params': ..., 'batch_stats': ...})")
+    prev = cuts.get((k, axis))
+    if prev is not None and not np.array_equal(prev, keep):
+      raise ValueError(f"shrink_channels: axis {axis} of {k!r} would be cut by two different "
+                       "channel masks")
+    cuts[(k, axis)] = keep
+
+  for p, m in mlist.items():
+    if is_dense(m):
+      continue
+    r = _roles.lookup(roles, prefix + p) or _roles.lookup(roles, p)
+    g = None if r is None else r.channels
+    if g is None or not g.removable or g.axis < 0:
+      continue
+    m = np.asarray(m)
+    other = tuple(d for d in range(m.ndim) if d != g.axis)
+    keep = m.all(axis=other)
+    if not np.array_equal(m.any(axis=other), keep):
+      raise ValueError(f"shrink_channels: mask of {p!r} is not a channel mask along axis "
+                       f"{g.axis} (some output channels are partly pruned)")
+    if keep.all():
+      continue
+    cut(prefix + p, g.axis, keep, "the kernel")
+    for f, fax in g.per_channel:
+      fm = mask_of(f)
+      if fm is not None:          # a params leaf: its mask must remove the same channels
+        shape = leaves[key(f)].shape
+        view = [1] * len(shape)
+        view[fax] = shape[fax]
+        want = np.broadcast_to(keep.reshape(view), shape)
+        if is_dense(fm) or not np.array_equal(np.broadcast_to(np.asarray(fm), shape), want):
+          raise ValueError(f"shrink_channels: {f!r} is applied per channel to the output of "
+                           f"{p!r} but is not masked like it, so a removed channel would not "
+                           "be zero; build the masks with channel_masks(..., roles=roles)")
+      cut(f, fax, keep, f"applied per channel to {p!r}")
+    for c, cax in g.consumers:
+      cut(c, cax, keep, f"consumes the channels of {p!r}")
+
+  out = {}
+  for (k, axis), keep in cuts.items():
+    x = out.get(k, leaves[k])
+    out[k] = np.compress(keep, x, axis=axis)
+  return _tree.map_with_path_str(lambda p, x: out.get(p, leaves[p]), variables)
+
+
+def shrunk_apply(model: Any) -> Any:
+  """``apply(variables, *args, **kwargs)`` of a linen ``model`` that accepts the smaller
+  params of :func:`shrink_channels` (``model.apply`` would reject them: a ``Conv(8)``
+  checks that its kernel has 8 output channels).
+
+  Every submodule with a ``features`` attribute (``Dense``, ``Conv``, ``DenseGeneral``,
+  ...) whose ``kernel`` already exists is run with ``features`` read off that kernel's
+  trailing axes; everything else (input channels, BatchNorm sizes) already follows the
+  activations' shapes. The model's code is not changed.
+  """
+  import flax.linen as nn  # noqa: PLC0415
+
+  def interceptor(next_fun, args, kwargs, context):
+    mod = context.module
+    if context.method_name == "__call__" and hasattr(mod, "features") and mod.scope is not None:
+      kernel = mod.scope.get_variable("params", "kernel")
+      if kernel is not None:
+        feats = mod.features
+        n = len(feats) if isinstance(feats, (tuple, list)) else 1
+        new = tuple(np.shape(kernel)[-n:]) if isinstance(feats, (tuple, list)) \
+            else int(np.shape(kernel)[-1])
+        if new != feats:
+          object.__setattr__(mod, "features", new)
+    return next_fun(*args, **kwargs)
+
+  def apply(variables, *args, **kwargs):
+    with nn.intercept_methods(interceptor):
+      return model.apply(variables, *args, **kwargs)
+
+  return apply

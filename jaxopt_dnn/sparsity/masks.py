@@ -260,7 +260,8 @@ def _num_to_remove(sparsity: Any, size: int) -> jax.Array:
 
 
 def _masks_from_scores(params: PyTree, chosen, sparsity: SparsityArg, scope: str,
-                       distribution: str, score_fn: Callable[[int, str, Any], jax.Array]):
+                       distribution: str, score_fn: Callable[[int, str, Any], jax.Array],
+                       roles: Mapping[str, Any] | None = None):
   """Shared driver of magnitude and random masks."""
   if scope not in ("layer", "global"):
     raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
@@ -281,15 +282,43 @@ def _masks_from_scores(params: PyTree, chosen, sparsity: SparsityArg, scope: str
       if per_leaf[i] is None:
         continue
       path, x, _ = chosen[i]
-      (out[i],) = smallest_k_masks([score_fn(i, path, x)], _num_to_remove(per_leaf[i], np.size(x)))
+      stacked = _stacked_axes(roles, path, np.ndim(x))
+      if stacked:
+        out[i] = _per_slice(score_fn(i, path, x), stacked, per_leaf[i])
+      else:
+        (out[i],) = smallest_k_masks([score_fn(i, path, x)],
+                                     _num_to_remove(per_leaf[i], np.size(x)))
   return _unflatten_like(params, out)
+
+
+def _stacked_axes(roles: Mapping[str, Any] | None, path: str, ndim: int) -> tuple[int, ...]:
+  """Leaf axes that a traced ``scan`` slices per layer (``LeafRole.stacked``), or ``()``."""
+  if roles is None:
+    return ()
+  from jaxopt_dnn import roles as _roles  # noqa: PLC0415
+  r = _roles.lookup(roles, path)
+  stacked = () if r is None else tuple(a for a in r.stacked if a < ndim)
+  return stacked if len(stacked) < ndim else ()
+
+
+def _per_slice(score: jax.Array, stacked: tuple[int, ...], sparsity: Any) -> jax.Array:
+  """Keep-mask removing exactly ``round(s * slice_size)`` entries of every slice over the
+  ``stacked`` axes (each layer of an ``nn.scan`` stack is ranked on its own)."""
+  lead = tuple(range(len(stacked)))
+  moved = jnp.moveaxis(score, stacked, lead)
+  rest = moved.shape[len(stacked):]
+  k = _num_to_remove(sparsity, math.prod(rest))
+  flat = moved.reshape((-1,) + rest)
+  keep = jax.vmap(lambda sl: _smallest_k((sl,), k)[0])(flat)
+  return jnp.moveaxis(keep.reshape(moved.shape), lead, stacked)
 
 
 # ------------------------------------------------------------------ public masks
 
 
 def magnitude_masks(params: PyTree, sparsity: SparsityArg, *, scope: str = "layer",
-                    rules: Rules = None, distribution: str = "uniform") -> PyTree:
+                    rules: Rules = None, distribution: str = "uniform",
+                    roles: Mapping[str, Any] | None = None) -> PyTree:
   """Masks removing the smallest-``|w|`` weights.
 
   ``scope="layer"``: each chosen leaf loses exactly ``round(s_l * size_l)`` entries,
@@ -305,6 +334,11 @@ def magnitude_masks(params: PyTree, sparsity: SparsityArg, *, scope: str = "laye
     rules: which leaves to prune: regex(es) over key paths, a predicate ``(path, leaf)``,
       or None for floating leaves with ``ndim >= 2``.
     distribution: ``"uniform"`` or ``"erk"`` (layer scope only).
+    roles: optional ``{path: LeafRole}`` from :func:`jaxopt_dnn.roles.trace`. With it,
+      ``scope="layer"`` ranks a kernel that an ``nn.scan`` stacks (``LeafRole.stacked``,
+      e.g. ``(depth, in, out)``) per layer slice: every slice loses exactly
+      ``round(s_l * slice_size)`` entries. Without it the whole leaf is ranked at once
+      (the stacked layers then share one threshold).
 
   Returns:
     A mask tree (see module docstring).
@@ -312,33 +346,104 @@ def magnitude_masks(params: PyTree, sparsity: SparsityArg, *, scope: str = "laye
   chosen = _chosen(params, rules)
   _check_finite(chosen, "magnitude_masks")
   return _masks_from_scores(params, chosen, sparsity, scope, distribution,
-                            lambda i, p, x: jnp.abs(x))
+                            lambda i, p, x: jnp.abs(x), roles)
 
 
 def random_masks(key: jax.Array, params: PyTree, sparsity: SparsityArg, *, scope: str = "layer",
-                 rules: Rules = None, distribution: str = "uniform") -> PyTree:
+                 rules: Rules = None, distribution: str = "uniform",
+                 roles: Mapping[str, Any] | None = None) -> PyTree:
   """Masks removing exactly ``round(s * size)`` uniformly random entries per leaf (or
-  over all chosen leaves with ``scope="global"``); the same key gives the same masks."""
+  over all chosen leaves with ``scope="global"``; per ``nn.scan`` layer slice with
+  ``roles``, as in :func:`magnitude_masks`); the same key gives the same masks."""
   chosen = _chosen(params, rules)
   return _masks_from_scores(
       params, chosen, sparsity, scope, distribution,
-      lambda i, p, x: jax.random.uniform(jax.random.fold_in(key, i), np.shape(x)))
+      lambda i, p, x: jax.random.uniform(jax.random.fold_in(key, i), np.shape(x)), roles)
 
 
-def nm_masks(params: PyTree, n: int, m: int, *, axis: int | Sequence[int] = -2,
+def nm_group_axes(path: str, shape: Sequence[int], m: int, *,
+                  axis: int | Sequence[int] | None = None,
+                  roles: Mapping[str, Any] | None = None) -> tuple[int, ...]:
+  """The leaf axes along which the N:M groups of leaf ``path`` run (non-negative, sorted).
+
+  The kernel of a contraction, reshaped to the 2-D ``(K, N)`` matrix that a sparse
+  matmul multiplies (``K`` = the contracted axes flattened row-major in the leaf's own
+  axis order, ``N`` = the rest), needs its groups of ``m`` consecutive entries along
+  ``K``. So the axes come from the traced program (``roles``, from
+  :func:`jaxopt_dnn.roles.trace`), never from positions:
+
+  * ``dot_general`` weight: its contracted axes, flattened (``DenseGeneral`` q/k/v
+    ``(embed, heads, head_dim)`` -> ``(0,)``; output ``(heads, head_dim, embed)`` ->
+    ``(0, 1)``: a group may span two heads when ``head_dim % m != 0``, as the ``K`` of
+    the 2-D kernel does; ``nn.scan``-stacked ``(depth, in, out)`` -> ``(1,)``, so groups
+    never cross the layer axis);
+  * ``conv_general_dilated`` kernel: its input-feature axis (the ``C_in`` groups of
+    2:4 sparse convolutions, for every spatial tap and output channel).
+
+  ``axis`` (an int or a tuple of axes flattened row-major) is an explicit override.
+
+  Raises:
+    ValueError: neither ``axis`` nor ``roles``; the leaf is not a traced dot/conv
+      weight; its uses disagree on the contraction; or the group axis length is not a
+      multiple of ``m`` (the message names the leaf).
+  """
+  shape = tuple(int(d) for d in shape)
+  ndim = len(shape)
+  if axis is not None:
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    if not axes or any(not -ndim <= a < ndim for a in axes):
+      raise ValueError(f"axis={axis} is out of range for {path!r} with shape {shape}")
+    axes = tuple(int(a) % ndim for a in axes)
+    what = f"axis {axis}"
+  elif roles is None:
+    raise ValueError(
+        f"N:M masks for leaf {path!r}: the groups run along the contraction of the op "
+        "that consumes the kernel, which only the traced program knows: pass "
+        "roles=jaxopt_dnn.roles.trace(apply_fn, variables, *sample_inputs) (or an "
+        "explicit axis=)")
+  else:
+    from jaxopt_dnn import roles as _roles  # noqa: PLC0415
+    r = _roles.lookup(roles, path)
+    uses = [] if r is None else [
+        (c.in_features if c.primitive == "conv_general_dilated" else c.contracting)
+        for c in r.consumers if c.primitive in _roles.CONTRACTIONS and not c.other_is_param]
+    if not uses or any(u is None for u in uses):
+      role = "not in the traced program" if r is None else f"role {r.role!r}"
+      raise ValueError(
+          f"N:M masks for leaf {path!r} ({role}): it is not the weight of a traced "
+          "dot_general/conv with known axes, so it has no contraction to group along; "
+          "narrow `rules` (e.g. rules=roles.kernels(r)) or pass axis=")
+    if any(u != uses[0] for u in uses):
+      raise ValueError(f"N:M masks for leaf {path!r}: its uses contract different axes "
+                       f"{sorted(set(uses))}; pass axis=")
+    axes = tuple(uses[0])
+    what = f"contraction axes {axes}"
+  length = math.prod(shape[a] for a in axes)
+  if length % m:
+    raise ValueError(
+        f"leaf {path!r} (shape {shape}): {what} has length {length}, which is not a "
+        f"multiple of m={m}, so there are no {m}-groups along the contraction; exclude "
+        "the leaf with `rules`")
+  return tuple(sorted(axes)) if axis is None else axes
+
+
+def nm_masks(params: PyTree, n: int, m: int, *, axis: int | Sequence[int] | None = None,
              rules: Rules = None, roles: Mapping[str, Any] | None = None) -> PyTree:
   """N:M masks: in every group of ``m`` consecutive weights along the contraction keep the
   ``n`` largest ``|w|`` (ties: the earlier index is kept).
 
-  The groups run along ``axis`` (an int, or a tuple of axes flattened row-major, the way
-  a kernel reshaped to 2-D presents them to the matmul). ``axis=-2`` is the contraction
-  (input) axis of Flax ``Dense`` ``(in, out)`` and ``Conv`` ``(..., in, out)`` kernels.
-  It is *not* the contraction of a ``DenseGeneral`` q/k/v kernel ``(embed, heads,
-  head_dim)`` (that is axis 0) nor of its output kernel ``(heads, head_dim, embed)``
-  (axes ``(0, 1)``); pass ``roles=jaxopt_dnn.roles.trace(apply_fn, variables, *x)`` and
-  every leaf the program contracts uses its real contraction axes instead
-  (``LeafRole.nm_axes``: a dot's contracted axes, a conv's input channels), so 2:4 is
-  the pattern sparse tensor cores run.
+  For a kernel reshaped to the ``(K, N)`` matrix of its matmul, every column has, in
+  every run of ``m`` consecutive rows, exactly ``n`` kept entries: the pattern 2:4
+  sparse tensor cores run. The group axes of each leaf are those of
+  :func:`nm_group_axes`: read off the traced contraction with
+  ``roles=jaxopt_dnn.roles.trace(apply_fn, variables, *x)`` (any rank: ``Dense``,
+  ``DenseGeneral`` / ``MultiHeadDotProductAttention`` projections, ``Einsum``, convs,
+  ``nn.scan``-stacked layers), or given explicitly by ``axis`` (an int, or a tuple of
+  axes flattened row-major), which overrides the roles for every chosen leaf.
+
+  Raises:
+    ValueError: without ``roles`` and ``axis`` (no axis is guessed from positions), or
+      for a chosen leaf without an ``m``-divisible contraction (named).
   """
   if not (isinstance(n, int) and isinstance(m, int)) or not 0 < n <= m:
     raise ValueError(f"N:M needs integers 0 < n <= m, got n={n!r}, m={m!r}")
@@ -349,21 +454,7 @@ def nm_masks(params: PyTree, n: int, m: int, *, axis: int | Sequence[int] = -2,
     if not c:
       out.append(dense_marker())
       continue
-    ax = axis
-    if roles is not None:
-      from jaxopt_dnn import roles as _roles  # noqa: PLC0415
-      r = _roles.lookup(roles, path)
-      if r is not None and r.nm_axes is not None:
-        ax = r.nm_axes
-    axes = (ax,) if isinstance(ax, (int, np.integer)) else tuple(ax)
-    if not axes or any(not -x.ndim <= a < x.ndim for a in axes):
-      raise ValueError(f"axis={ax} is out of range for {path!r} with shape {x.shape}")
-    axes = tuple(int(a) % x.ndim for a in axes)
-    length = math.prod(x.shape[a] for a in axes)
-    if length % m:
-      raise ValueError(f"leaf {path!r}: axis {ax} has length {length}, which is not "
-                       f"a multiple of m={m}")
-    out.append(_nm_leaf(x, n, m, axes))
+    out.append(_nm_leaf(x, n, m, nm_group_axes(path, np.shape(x), m, axis=axis, roles=roles)))
   return _unflatten_like(params, out)
 
 
@@ -383,45 +474,98 @@ def _bias_path(kernel_path: str) -> str | None:
   return kernel_path[: -len("kernel")] + "bias" if kernel_path.endswith("kernel") else None
 
 
+def _along(keep: jax.Array, shape: tuple[int, ...], axis: int) -> jax.Array:
+  """The per-channel ``keep`` (C,) broadcast to ``shape`` along ``axis``."""
+  view = [1] * len(shape)
+  view[axis] = shape[axis]
+  return jnp.broadcast_to(keep.reshape(view), shape)
+
+
+def removable_kernels(roles: Mapping[str, Any]) -> Callable[[str, Any], bool]:
+  """Leaf predicate: the kernels whose output channels
+  :func:`~jaxopt_dnn.sparsity.shrink_channels` can remove (``LeafRole.channels`` is
+  removable: not added to a residual stream, not the model output, ...)."""
+  from jaxopt_dnn import roles as _roles  # noqa: PLC0415
+
+  def pred(path: str, leaf: Any) -> bool:
+    del leaf
+    r = _roles.lookup(roles, path)
+    g = None if r is None else r.channels
+    return bool(g is not None and g.removable)
+
+  return pred
+
+
 def channel_masks(params: PyTree, sparsity: SparsityArg, *, rules: Rules = None,
                   distribution: str = "uniform",
                   roles: Mapping[str, Any] | None = None) -> PyTree:
-  """Structured masks removing whole output channels (last axis) by L2 norm.
+  """Structured masks removing whole output channels by L2 norm.
 
-  For a kernel ``W`` of shape ``(..., C_out)`` the score of channel ``c`` is
-  ``||W[..., c]||_2``; exactly ``round(s * C_out)`` channels with the smallest norms are
-  removed (ties: lower index first). A sibling ``bias`` leaf (same path with ``kernel``
-  replaced by ``bias``, shape ``(C_out,)``) gets the same channel mask, so a removed
-  channel outputs exactly zero before the activation. Exclude the classifier head with
-  ``rules`` (removing a class is rarely what you want).
+  For a kernel ``W`` with ``C_out`` output channels along axis ``a`` (the last axis;
+  with ``roles``, the traced output-feature axis) the score of channel ``c`` is
+  ``||W[..., c, ...]||_2``; exactly ``round(s * C_out)`` channels with the smallest
+  norms are removed (ties: lower index first). A sibling ``bias`` leaf (same path with
+  ``kernel`` replaced by ``bias``, shape ``(C_out,)``) gets the same channel mask, so a
+  removed channel outputs exactly zero before the activation.
 
-  A ``Conv -> BatchNorm`` stack outputs ``beta - mean * gamma / sqrt(var + eps)`` for a
-  zeroed channel, not zero. With ``roles=jaxopt_dnn.roles.trace(apply_fn, variables,
-  *x)`` every per-channel leaf of shape ``(C_out,)`` applied to the kernel's output on
-  its way to the next nonlinearity (``LeafRole.followers``: the BatchNorm's ``scale``
-  and ``bias``) gets the channel mask too, so the removed channel is exactly zero after
-  the norm and :func:`~jaxopt_dnn.sparsity.shrink_channels` stays exact.
+  With ``roles=jaxopt_dnn.roles.trace(apply_fn, variables, *x)`` (trace in inference
+  mode, e.g. ``train=False``) the program decides (``LeafRole.channels``, a
+  :class:`~jaxopt_dnn.roles.ChannelGroup`):
+
+  * every params leaf applied per channel to the kernel's output on its way to the next
+    contraction (a following BatchNorm's ``scale`` and ``bias``, a bias) gets the
+    channel mask too. A ``Conv -> BatchNorm`` then outputs exactly
+    ``(0 - mean) * rsqrt(var + eps) * 0 + 0 = 0`` for a removed channel in eval mode
+    whatever the running statistics, and in train mode (batch mean and variance of a
+    zero channel are 0, the output is the masked bias, 0);
+  * ``rules=None`` chooses only the kernels whose channels can be removed
+    (:func:`removable_kernels`): not a conv whose output is added to a residual
+    stream (the skip connection would keep the channel, so neither masking it to
+    shrink nor shrinking is possible), not the classifier head (its outputs are the
+    model's), not a channel that is reshaped or normalised over. In a ResNet these
+    are the inner convs of each block. Kernels chosen explicitly by ``rules`` are
+    masked whatever their group (the masked model is well defined);
+    :func:`~jaxopt_dnn.sparsity.shrink_channels` then keeps their zeroed channels.
+
+  Without ``roles``, exclude the classifier head with ``rules``; a following BatchNorm
+  is not masked (its output for a removed channel is ``beta - mean * gamma /
+  sqrt(var + eps)``, not zero).
   """
+  from jaxopt_dnn import roles as _roles  # noqa: PLC0415
+  if roles is not None and rules is None:
+    rules = removable_kernels(roles)
   chosen = _chosen(params, rules)
   _check_finite(chosen, "channel_masks")
   per_leaf = leaf_sparsities(chosen, sparsity, distribution)
   out: list[Any] = [dense_marker() for _ in chosen]
   index = {p: i for i, (p, _, _) in enumerate(chosen)}
+
+  def find(path):
+    return index.get(path, index.get(path.split("/", 1)[-1]))
+
   for i, (path, x, c) in enumerate(chosen):
     if not c or per_leaf[i] is None:
       continue
-    norms = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(x.ndim - 1))))
-    (keep,) = smallest_k_masks([norms], _num_to_remove(per_leaf[i], x.shape[-1]))
-    out[i] = jnp.broadcast_to(keep, x.shape)
+    r = None if roles is None else _roles.lookup(roles, path)
+    group = None if r is None else r.channels
+    ax = group.axis if group is not None and group.axis >= 0 else x.ndim - 1
+    size = x.shape[ax]
+    norms = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)),
+                             axis=tuple(d for d in range(x.ndim) if d != ax)))
+    (keep,) = smallest_k_masks([norms], _num_to_remove(per_leaf[i], size))
+    out[i] = _along(keep, x.shape, ax)
     b = index.get(_bias_path(path) or "")
-    if b is not None and np.shape(chosen[b][1]) == (x.shape[-1],):
+    if b is not None and np.shape(chosen[b][1]) == (size,):
       out[b] = keep
-    if roles is not None:
-      from jaxopt_dnn import roles as _roles  # noqa: PLC0415
-      r = _roles.lookup(roles, path)
-      for f in (r.followers if r is not None else ()):
-        j = index.get(f, index.get(f.split("/", 1)[-1]))
-        if j is not None and np.shape(chosen[j][1]) == (x.shape[-1],):
+    if group is not None:
+      for f, fax in group.per_channel:
+        j = find(f)
+        if j is not None and np.shape(chosen[j][1])[fax] == size:
+          out[j] = _along(keep, np.shape(chosen[j][1]), fax)
+    elif r is not None:
+      for f in r.followers:
+        j = find(f)
+        if j is not None and np.shape(chosen[j][1]) == (size,):
           out[j] = keep
   return _unflatten_like(params, out)
 

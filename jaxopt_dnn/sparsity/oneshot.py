@@ -13,10 +13,12 @@ For a kernel ``W`` (``(K, N)``, inputs first as in Flax) and its calibration inp
   every output column ends with exactly ``round(s * K)`` zeros), then each input row is
   zeroed where masked and the error is pushed onto the later rows,
   ``w_l -= U[i, l] (w_i - m_i w_i) / U[i, i]`` (the OBS update of GPTQ).
-* **N:M** (``n`` kept of every ``m`` consecutive inputs, e.g. 2:4) along the contraction
-  axis, per output column; the groups follow the flattened contracted axes, so ``m``
-  must divide the last contracted axis. SparseGPT chooses each group's mask when the
-  sweep reaches it.
+* **N:M** (``n`` kept of every ``m`` consecutive inputs, e.g. 2:4) along the contraction,
+  per output column of the ``(K, N)`` kernel: the groups are runs of ``m`` consecutive
+  rows of ``K`` (the contracted axes, which a captured ``Dense`` / ``DenseGeneral``
+  kernel holds first, flattened row-major: the same groups as
+  :func:`~jaxopt_dnn.sparsity.nm_masks` with traced roles), so ``m`` must divide ``K``.
+  SparseGPT chooses each group's mask when the sweep reaches it.
 
 Sparsity is exact for every chosen leaf. Layers are solved sequentially by default:
 each round of layers is calibrated on the inputs produced by the already-pruned layers
@@ -207,11 +209,10 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
     select = lambda p, x: p in chosen  # noqa: E731
 
   def layer(o, w, st):
-    if n is not None:
-      last = o.shape[o.n_in - 1]
-      if last % m:
-        raise ValueError(f"oneshot: {o.kernel} {o.shape}: m={m} must divide the contracted "
-                         f"axis of length {last} for N:M groups along the contraction")
+    if n is not None and o.k % m:
+      raise ValueError(f"oneshot: leaf {o.kernel!r} {o.shape}: its contraction (the first "
+                       f"{o.n_in} axes) has length K={o.k}, which is not a multiple of m={m}, "
+                       "so there are no N:M groups along it; exclude it with `rules`")
     w2 = kernel_2d(w, o.n_in)
     k_remove = 0 if n is not None else int(np.round(sparsity * o.k))
     if method == "sparsegpt":

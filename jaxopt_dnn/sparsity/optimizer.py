@@ -41,19 +41,20 @@ class PruneState(NamedTuple):
 _METHODS = ("magnitude", "random", "nm", "channel")
 
 
-def _mask_fn(method: str, scope: str, rules, distribution: str, n: int, m: int, axis: int):
-  """``(params, sparsity, key) -> masks`` for the chosen method."""
+def _mask_fn(method: str, scope: str, rules, distribution: str, n: int, m: int, axis):
+  """``(params, sparsity, key, roles) -> masks`` for the chosen method."""
   if method == "magnitude":
-    return lambda p, s, key: _m.magnitude_masks(p, s, scope=scope, rules=rules,
-                                                distribution=distribution)
+    return lambda p, s, key, r: _m.magnitude_masks(p, s, scope=scope, rules=rules,
+                                                   distribution=distribution, roles=r)
   if method == "random":
-    return lambda p, s, key: _m.random_masks(key, p, s, scope=scope, rules=rules,
-                                             distribution=distribution)
+    return lambda p, s, key, r: _m.random_masks(key, p, s, scope=scope, rules=rules,
+                                                distribution=distribution, roles=r)
   if method == "channel":
-    return lambda p, s, key: _m.channel_masks(p, s, rules=rules, distribution=distribution)
+    return lambda p, s, key, r: _m.channel_masks(p, s, rules=rules, distribution=distribution,
+                                                 roles=r)
   if method == "nm":
-    def nm(p, s, key):
-      pattern = _m.nm_masks(p, n, m, axis=axis, rules=rules)
+    def nm(p, s, key, r):
+      pattern = _m.nm_masks(p, n, m, axis=axis, rules=rules, roles=r)
       # The N:M pattern is switched on once the schedule is positive.
       return jax.tree.map(lambda mk: mk | (s <= 0), pattern)
     return nm
@@ -63,8 +64,8 @@ def _mask_fn(method: str, scope: str, rules, distribution: str, n: int, m: int, 
 def prune_optimizer(tx: optax.GradientTransformation, schedule: Callable[[Any], Any], *,
                     method: str = "magnitude", scope: str = "layer", update_every: int = 10,
                     update_until: int | None = None, rules=None, distribution: str = "uniform",
-                    n: int = 2, m: int = 4, axis: int = -2,
-                    seed: int = 0) -> optax.GradientTransformation:
+                    n: int = 2, m: int = 4, axis: int | tuple[int, ...] | None = None,
+                    roles: Any = None, seed: int = 0) -> optax.GradientTransformation:
   """Wraps ``tx`` so that its updates keep the params pruned.
 
   Args:
@@ -81,7 +82,18 @@ def prune_optimizer(tx: optax.GradientTransformation, schedule: Callable[[Any], 
     distribution: ``"uniform"``, ``"erk"`` or a ``{regex: sparsity}`` dict, whose values
       are multiplied by ``schedule(step) / max(dict values)`` (the largest one follows
       the schedule).
-    n, m, axis: N:M parameters.
+    n, m: N:M parameters (``n`` kept of every ``m`` consecutive weights along the
+      contraction, see :func:`~jaxopt_dnn.sparsity.nm_masks`).
+    axis: explicit N:M group axis (an override for every chosen leaf); by default the
+      axes come from ``roles``.
+    roles: ``{path: LeafRole}`` from :func:`jaxopt_dnn.roles.trace`, or a callable
+      ``params -> {path: LeafRole}`` (called, on abstract values, whenever ``init`` /
+      ``update`` are traced; e.g. ``lambda p: roles.trace(model.apply, {"params": p},
+      x)``). With it, N:M groups follow each kernel's traced contraction, channel masks
+      cover the following BatchNorm (and, by default, only kernels whose channels
+      :func:`~jaxopt_dnn.sparsity.shrink_channels` can remove), and layer-scope
+      magnitude / random masks rank ``nn.scan``-stacked kernels per layer slice.
+      ``method="nm"`` needs ``roles`` or ``axis``.
     seed: PRNG seed for ``method="random"``.
 
   Returns:
@@ -99,6 +111,17 @@ def prune_optimizer(tx: optax.GradientTransformation, schedule: Callable[[Any], 
   if method == "nm":
     if not (isinstance(n, int) and isinstance(m, int)) or not 0 < n <= m:
       raise ValueError(f"N:M needs integers 0 < n <= m, got n={n!r}, m={m!r}")
+    if axis is None and roles is None:
+      raise ValueError(
+          "prune_optimizer(method='nm'): the N:M groups run along each kernel's traced "
+          "contraction: pass roles=jaxopt_dnn.roles.trace(apply_fn, variables, *x) (or a "
+          "callable params -> roles), or an explicit axis=")
+  if roles is not None and not (callable(roles) or isinstance(roles, dict)):
+    raise TypeError(f"prune_optimizer: roles must be a {{path: LeafRole}} dict or a callable "
+                    f"params -> dict, got {type(roles).__name__}")
+
+  def roles_of(params):
+    return roles(params) if callable(roles) else roles
   sparsity_arg = distribution if isinstance(distribution, dict) else None
   dist = "uniform" if sparsity_arg is not None else distribution
   compute = _mask_fn(method, scope, rules, dist, n, m, axis)
@@ -112,8 +135,9 @@ def prune_optimizer(tx: optax.GradientTransformation, schedule: Callable[[Any], 
   def init_fn(params):
     # Which leaves get a mask, read off the traced mask computation (nothing is computed;
     # rules / shapes, e.g. N:M divisibility, are still validated): a dense start.
+    r = roles_of(params)
     shape_masks = jax.eval_shape(
-        lambda p: compute(p, scheduled(jnp.float32(0.0)), jax.random.key(seed)), params)
+        lambda p: compute(p, scheduled(jnp.float32(0.0)), jax.random.key(seed), r), params)
     masks = jax.tree.map(
         lambda mk, p: (_m.dense_marker() if _m.is_dense(mk)
                        else jnp.ones(jnp.shape(p), jnp.bool_)), shape_masks, params)
@@ -129,8 +153,10 @@ def prune_optimizer(tx: optax.GradientTransformation, schedule: Callable[[Any], 
     if update_until is not None:
       due = (due & (step <= update_until)) | (step == update_until)
     key = jax.random.fold_in(state.key, step)
+    r = roles_of(params)
     masks = jax.lax.cond(
-        due, lambda: compute(candidate, scheduled(schedule(step)), key), lambda: state.masks)
+        due, lambda: compute(candidate, scheduled(schedule(step)), key, r),
+        lambda: state.masks)
     new_updates = jax.tree.map(
         lambda u, p, c, mk: u if _m.is_dense(mk) else jnp.where(mk, c, jnp.zeros((), c.dtype)) - p,
         inner_updates, params, candidate, masks)
