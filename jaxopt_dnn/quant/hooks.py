@@ -523,9 +523,11 @@ def run(fn: Callable[..., Any], leaves: list, rest: Any, make_weight, mode, *,
   return jax.tree.unflatten(jax.tree.structure(out_shape), flat)
 
 
-def fq_weight(x, rule, op):
-  """The QAT view of a float weight: fake-quantized value, raw value, QArray codes."""
-  axis = rule.axis
+def fq_weight(x, rule, op, path=None):
+  """The QAT view of a float weight: fake-quantized value, raw value, QArray codes
+  (channel axes as :func:`~jaxopt_dnn.quant.rules.quantize_leaf` chooses them for
+  ``path``, so QAT simulates what serving stores)."""
+  axis = rule.axis_for(op if path is None else path, x)
   val = fake.fake_quant(x, bits=rule.bits, axis=axis, symmetric=rule.symmetric,
                         method=rule.method, name=f"{op}")
   q = None

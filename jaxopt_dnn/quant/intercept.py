@@ -167,7 +167,7 @@ class QatModel:
       if r is None:
         return None
       op = hooks.op_name(paths[i])
-      val, q = hooks.fq_weight(x, r, op)
+      val, q = hooks.fq_weight(x, r, op, paths[i])
       return hooks.Weight(op, r, val, raw=x, q=q)
 
     apply_fn = self._apply_fn()
@@ -271,7 +271,7 @@ def _nnx_qat_call(self, base, args, kwargs):
     if w is None:
       return None
     _, _, op, rule = w
-    val, q = hooks.fq_weight(x, rule, op)
+    val, q = hooks.fq_weight(x, rule, op, ppaths[i])
     return hooks.Weight(op, rule, val, raw=x, q=q)
 
   def fn(lv, r):

@@ -98,6 +98,18 @@ class QuantRule:
     g = self.granularity
     return -1 if g == "channel" else None if g == "tensor" else g
 
+  def axis_for(self, path: str, leaf: Any):
+    """Channel axes for the leaf at ``path``: as :attr:`axis`, except that
+    ``"channel"`` on an embedding table ``(vocab, embed)`` (by name,
+    :func:`jaxopt_dnn._tree.path_role`) means one scale per row (axis 0). A row is the
+    table's output channel in both of its uses: what a lookup returns, and what
+    ``Embed.attend`` (tied logits, ``y = x @ table.T``, contracting over embed) gives
+    one logit for; a per-embed-column scale would vary along attend's contraction and
+    force that dot to float."""
+    if self.granularity == "channel" and _tree.path_role(path, leaf) == "embedding":
+      return 0
+    return self.axis
+
 
 def as_rules(rules: Any, *, bits: int = 8, **defaults) -> tuple[QuantRule, ...] | None:
   """Normalizes ``None`` / regex / ``QuantRule`` / sequence / ``{regex: kwargs}`` to rules.
@@ -176,8 +188,8 @@ def explain(params: Any, rules: Any = None, *, bits: int = 8, print_fn=print,
 
 def quantize_leaf(path: str, x: Any, rule: QuantRule) -> QArray:
   """Quantizes one leaf by its rule (errors name ``path``)."""
-  return fake.quantize(x, bits=rule.bits, axis=rule.axis, symmetric=rule.symmetric,
-                       method=rule.method, name=path, group_size=rule.group_size,
+  return fake.quantize(x, bits=rule.bits, axis=rule.axis_for(path, x),
+                       symmetric=rule.symmetric, method=rule.method, name=path, group_size=rule.group_size,
                        group_axis=rule.group_axis, scale_dtype=rule.stored_scale_dtype)
 
 
