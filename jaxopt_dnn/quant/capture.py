@@ -279,9 +279,10 @@ class Capture:
       self.apply_fn({**self.variables, "params": params}, *args)
 
   def _check_stacked(self, op: str, kernel: Any, stacked: int | None = None) -> None:
-    """Raises when the kernel leaf of ``op`` is a layer stack (``nn.scan`` /
+    """Records when the kernel leaf of ``op`` is a layer stack (``nn.scan`` /
     ``nnx.scan``: ``(layers, ...)``) while its layer consumes one slice: the captured
-    inputs would be per-iteration values of the scan body, not one layer's."""
+    inputs would be per-iteration values of the scan body, not one layer's; the
+    error is raised by :meth:`_discover` if ``op`` is selected."""
     kp = f"{op}/kernel" if op else "kernel"
     leaf = self.leaves.get(kp)
     if leaf is None:

@@ -6,7 +6,9 @@ or any ``f(variables, *inputs)``) is traced once with ``jax.make_jaxpr`` and the
 re-evaluated by :func:`evaluate`. The selected weight leaves enter the evaluation as
 :class:`Weight` values; layout-only ops (``convert_element_type``, ``transpose``, sharding
 constraints) are applied to them lazily, and ``jit``-ed sub-programs (``jnp.einsum``...)
-are entered. When a ``dot_general`` / ``conv_general_dilated`` consumes a
+are entered, and a ``scan`` (``nn.scan`` / ``nnx.scan`` layer stacks) is re-issued with
+its body evaluated the same way, a stacked weight sliced per layer (:func:`_scan`).
+When a ``dot_general`` / ``conv_general_dilated`` consumes a
 :class:`Weight`, the *mode* decides what runs:
 
 * :class:`Qat`: fake-quant of the activation (per-tensor EMA range), the weight already
@@ -16,7 +18,7 @@ are entered. When a ``dot_general`` / ``conv_general_dilated`` consumes a
 * :class:`Serve`: ``s8 x s8 -> s32`` with the :class:`QArray` codes and the calibrated
   activation scale, rescaled after (:mod:`jaxopt_dnn.quant.ops`).
 
-Every other consumer (an embedding ``gather``, an add, a ``scan`` body...) sees the
+Every other consumer (an embedding ``gather``, an add, a ``while`` body...) sees the
 weight's float value: the fake-quantized weight in QAT, the dequantized one in serving,
 so QAT and serving treat every leaf, embedding tables included, the same way. This
 covers ``Dense``, ``DenseGeneral``, ``Conv``, ``Einsum``, ``Embed.attend``, attention

@@ -39,7 +39,10 @@ class QuantRule:
     pattern: regex over ``/``-joined key paths.
     bits: weight bits, 4 or 8.
     granularity: ``"channel"`` (one scale per index of the last axis, i.e. per output
-      channel of a Flax kernel), ``"tensor"``, or explicit channel axes (int / tuple).
+      channel of a Flax kernel; per row, axis 0, for a leaf named like an embedding
+      table, see :meth:`axis_for`), ``"tensor"``, or explicit channel axes (int /
+      tuple; ``(0, -1)``: per layer and output channel of a stacked ``(layers, in,
+      out)`` kernel of ``nn.scan``).
     act_bits: activation bits for the op using this kernel (8, or 4); ``None`` means
       weight-only (activations stay float).
     symmetric: symmetric weights (zero point 0). The int8 serving path needs True.
