@@ -139,8 +139,8 @@ def test_vit_scan_int8_serving(vit_pair, per_layer):
   layer and output channel (``granularity=(0, -1)``); outputs stay close to float, and
   the stacked kernel's activation range is the max of the unrolled layers' ranges."""
   flat, v, model, vs, x = vit_pair
-  rules = ([quant.QuantRule("encoderblock/.*kernel", granularity=(0, -1)), quant.QuantRule("kernel")]
-           if per_layer else None)
+  rules = ([quant.QuantRule("encoderblock/.*kernel", granularity=(0, -1)),
+            quant.QuantRule("kernel")] if per_layer else None)
   stats = quant.calibrate(model.apply, vs, [(x,)], rules=rules)
   flat_stats = quant.calibrate(flat.apply, v, [(x,)])
   for op in ("MlpBlock_0/Dense_0", "MultiHeadDotProductAttention_0/out"):
@@ -260,3 +260,27 @@ def test_nnx_scan_stack_int8_serving():
   assert _lowered_s8(serve, qp, x) == 3 == cov.int8_ops and cov.unattributed_int8 == 0
   y8, yf = serve(qp, x), model(x)
   assert float(jnp.max(jnp.abs(y8 - yf))) < 0.05 * float(jnp.max(jnp.abs(yf)))
+
+
+def test_hlo_trace_sources_follows_calls_while_and_cond():
+  """The dataflow under coverage: an s8 weight reaches dots through a ``jit`` call, a
+  ``scan`` (``while`` body, counted once) and both branches of a ``cond``; an untracked
+  parameter (the activation) never counts as the weight."""
+  def dot(x, w):
+    return jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())),
+                               preferred_element_type=jnp.int32)
+
+  def f(w, stack, x, flag):
+    y = jax.jit(dot)(x, w.T.T)
+    y = y + jax.lax.scan(lambda c, wi: (c + dot(x, wi), None), y, stack)[0]
+    return y + jax.lax.cond(flag, lambda: dot(x, w), lambda: dot(x, -w))
+
+  w = jnp.ones((4, 3), jnp.int8)
+  args = (w, jnp.ones((2, 4, 3), jnp.int8), jnp.ones((5, 4), jnp.int8), True)
+  text = jax.jit(f, keep_unused=True).lower(*args).as_text(dialect="hlo")
+  uses = _hlo.trace_sources(text, {0: (0, "value"), 1: (1, "value")})
+  dots = [u for u in uses if u.op == "dot"]
+  assert len(dots) == _hlo.census_from_hlo(text).count(*S8) == 4
+  owners = sorted(_hlo._owner(u.sources[1]) for u in dots)   # noqa: SLF001
+  assert owners == [0, 0, 0, 1]
+  assert all(_hlo._owner(u.sources[0]) is None for u in dots)   # noqa: SLF001

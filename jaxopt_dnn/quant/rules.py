@@ -192,7 +192,8 @@ def explain(params: Any, rules: Any = None, *, bits: int = 8, print_fn=print,
 def quantize_leaf(path: str, x: Any, rule: QuantRule) -> QArray:
   """Quantizes one leaf by its rule (errors name ``path``)."""
   return fake.quantize(x, bits=rule.bits, axis=rule.axis_for(path, x),
-                       symmetric=rule.symmetric, method=rule.method, name=path, group_size=rule.group_size,
+                       symmetric=rule.symmetric, method=rule.method, name=path,
+                       group_size=rule.group_size,
                        group_axis=rule.group_axis, scale_dtype=rule.stored_scale_dtype)
 
 
