@@ -31,7 +31,7 @@ def test_shadowed_rule_is_reported_as_shadowed():
 def test_explain_says_what_compiles_not_what_the_rule_hoped():
   model, inputs = zoo.linen_lm(layers=1)
   v = nn.unbox(model.init(jax.random.key(0), *inputs))
-  rules = [quant.QuantRule("embedding"), quant.QuantRule("kernel")]   # per-embed-channel table
+  rules = [quant.QuantRule("embedding", granularity=-1), quant.QuantRule("kernel")]   # per-embed-channel
   text = quant.explain(v["params"], rules, apply_fn=model, inputs=inputs, print_fn=None)
   rows = {line.split()[0]: line for line in text.splitlines()[1:]}
   assert "dot_general f32 x f32 -> f32 (float)" in rows["embed/embedding"]   # tied logits

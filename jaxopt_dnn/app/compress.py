@@ -454,8 +454,6 @@ def run_variant(recipe: Recipe, ds: data_lib.Dataset, out: str, *,
       served_as = "masked"
     served = built.serving(state, calib)
     place = built.place_batch
-  if served.int8:
-    served_as = "int8" if served_as == "dense" else served_as + "+int8"
   serve_dir = os.path.join(vdir, "serve")
   if os.path.exists(serve_dir):   # left by an interrupted run: written again, whole
     shutil.rmtree(serve_dir)
@@ -467,6 +465,10 @@ def run_variant(recipe: Recipe, ds: data_lib.Dataset, out: str, *,
   xb = ds.x_test[:latency_batch]
   xb_dev = place((xb, ds.y_test[:latency_batch]))[0]   # sharded as the training batches
   report = compile_lib.analyze(served.fn, served.variables, xb_dev)
+  # "int8" only when the lowered program has s8 x s8 -> s32 contractions (the recipe's
+  # request is not evidence; XLA:CPU widens s8 to s32 in the optimized HLO)
+  if served.int8 and report.lowered_census.count("s8", "s8", "s32") > 0:
+    served_as = "int8" if served_as == "dense" else served_as + "+int8"
   params, nnz = _weights(served.storage)
   scores = per_example_scores(served.fn, served.variables, ds.x_test, ds.y_test, metric,
                               batch=latency_batch)

@@ -237,6 +237,7 @@ class Capture:
       raise ValueError(f"{where}: the batches iterator is empty; pass at least one batch")
     self.batches = bl
     self.leaves = dict(_tree.leaves_with_paths(self.params, is_leaf=is_qarray))
+    self._stacked: dict[str, int] = {}   # kernel path -> leading layer axes (scan stacks)
     self.ops = self._discover(select)
 
   # ------------------------------------------------------------------ forward with a hook
@@ -250,6 +251,9 @@ class Capture:
         if isinstance(node, _NNX):
           op = "/".join(str(p) for p in path)
           n_in = 1 if isinstance(node, nnx.Linear) else len(node.axis)
+          n_out = 1 if isinstance(node, nnx.Linear) else len(node.out_features)
+          if node.kernel.ndim != n_in + n_out:
+            self._check_stacked(op, None, stacked=node.kernel.ndim - n_in - n_out)
           node.__class__ = _nnx_recorder(type(node))
           node.capture_hook = functools.partial(hook, op, n_in)
       self.apply_fn(m, *args)
@@ -260,7 +264,9 @@ class Capture:
       if ctx.method_name == "__call__" and isinstance(mod, _LINEN):
         info = _linen_ops(mod, jnp.ndim(a[0]))
         if info is not None:
-          hook("/".join(mod.path), info, a[0])
+          op = "/".join(mod.path)
+          self._check_stacked(op, mod.get_variable("params", "kernel"))
+          hook(op, info, a[0])
       y = next_fun(*a, **kw)
       if out_hook is not None and ctx.method_name == "__call__":
         if isinstance(mod, nn.LayerNorm) and mod.use_scale and mod.use_bias:
@@ -271,6 +277,31 @@ class Capture:
 
     with nn.intercept_methods(icpt):
       self.apply_fn({**self.variables, "params": params}, *args)
+
+  def _check_stacked(self, op: str, kernel: Any, stacked: int | None = None) -> None:
+    """Records when the kernel leaf of ``op`` is a layer stack (``nn.scan`` /
+    ``nnx.scan``: ``(layers, ...)``) while its layer consumes one slice: the captured
+    inputs would be per-iteration values of the scan body, not one layer's; the
+    error is raised by :meth:`_discover` if ``op`` is selected."""
+    kp = f"{op}/kernel" if op else "kernel"
+    leaf = self.leaves.get(kp)
+    if leaf is None:
+      return
+    if stacked is None:
+      if kernel is None or np.ndim(leaf) == np.ndim(kernel):
+        return
+      stacked = np.ndim(leaf) - np.ndim(kernel)
+    self._stacked[kp] = stacked
+
+  def _stacked_error(self, kp: str, leaf: Any) -> ValueError:
+    stacked = self._stacked[kp]
+    return ValueError(
+        f"{self.where}: kernel {kp!r} of shape {tuple(np.shape(leaf))} is a stack of "
+        f"layers (scanned with nn.scan / nnx.scan over its {stacked} leading axis/axes) "
+        f"and its layer consumes one slice; {self.where} needs one Hessian per layer, "
+        "which a scan body cannot hand out. Build the model unrolled (e.g. scan=False) "
+        "to calibrate it, or quantize the stack with quantize_params (RTN, per-layer "
+        "scales: QuantRule(..., granularity=(0, -1))) and serve it with int8_apply")
 
   def _discover(self, select) -> list[OpInfo]:
     seen: list[tuple[str, int, Any]] = []
@@ -294,6 +325,8 @@ class Capture:
       leaf = self.leaves.get(kp)
       if leaf is None or not select(kp, leaf):
         continue
+      if kp in self._stacked:
+        raise self._stacked_error(kp, leaf)
       if last_x is None or x is not last_x:
         rnd += 1
         last_x = x

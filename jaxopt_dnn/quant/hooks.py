@@ -6,7 +6,9 @@ or any ``f(variables, *inputs)``) is traced once with ``jax.make_jaxpr`` and the
 re-evaluated by :func:`evaluate`. The selected weight leaves enter the evaluation as
 :class:`Weight` values; layout-only ops (``convert_element_type``, ``transpose``, sharding
 constraints) are applied to them lazily, and ``jit``-ed sub-programs (``jnp.einsum``...)
-are entered. When a ``dot_general`` / ``conv_general_dilated`` consumes a
+are entered, and a ``scan`` (``nn.scan`` / ``nnx.scan`` layer stacks) is re-issued with
+its body evaluated the same way, a stacked weight sliced per layer (:func:`_scan`).
+When a ``dot_general`` / ``conv_general_dilated`` consumes a
 :class:`Weight`, the *mode* decides what runs:
 
 * :class:`Qat`: fake-quant of the activation (per-tensor EMA range), the weight already
@@ -16,7 +18,7 @@ are entered. When a ``dot_general`` / ``conv_general_dilated`` consumes a
 * :class:`Serve`: ``s8 x s8 -> s32`` with the :class:`QArray` codes and the calibrated
   activation scale, rescaled after (:mod:`jaxopt_dnn.quant.ops`).
 
-Every other consumer (an embedding ``gather``, an add, a ``scan`` body...) sees the
+Every other consumer (an embedding ``gather``, an add, a ``while`` body...) sees the
 weight's float value: the fake-quantized weight in QAT, the dequantized one in serving,
 so QAT and serving treat every leaf, embedding tables included, the same way. This
 covers ``Dense``, ``DenseGeneral``, ``Conv``, ``Einsum``, ``Embed.attend``, attention
@@ -48,7 +50,7 @@ from jaxopt_dnn.quant.ranges import batch_statistic
 
 _Q_LAYOUT = ("convert_element_type", "transpose", "copy", "copy_p", "sharding_constraint",
              "reduce_precision")
-_RECURSE = ("pjit", "jit", "closed_call", "core_call", "remat", "checkpoint")
+_RECURSE = ("pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint")
 
 
 def op_name(kernel_path: str) -> str:
@@ -154,6 +156,8 @@ def evaluate(jaxpr: jcore.Jaxpr, consts, args, mode) -> list:
       out = evaluate(sub, sub_consts, invals, mode)
       if not eqn.primitive.multiple_results:
         out = out[0]
+    elif name == "scan":
+      out = _scan(eqn, invals, mode)
     else:
       out = _bind(eqn, [x.val if isinstance(x, Weight) else x for x in invals])
     if eqn.primitive.multiple_results:
@@ -162,6 +166,60 @@ def evaluate(jaxpr: jcore.Jaxpr, consts, args, mode) -> list:
     else:
       env[eqn.outvars[0]] = out
   return [x.val if isinstance(x, Weight) else x for x in (read(v) for v in jaxpr.outvars)]
+
+
+# --------------------------------------------------------------------------- scan
+def _slice_q(q: QArray | None, i) -> QArray | None:
+  """Layer ``i`` of a stacked QArray ``(L, ...)``: codes ``[i]``, scale ``[i]`` (per-layer
+  scales) or ``[0]`` (one scale shared by the layers); int4 is unpacked to int8 codes
+  first (it is packed along axis 0, the layer axis)."""
+  if q is None or q.zero_point is not None or q.group_size is not None \
+      or np.ndim(q.scale) != len(q.shape):
+    return None
+  codes = lax.dynamic_index_in_dim(int_values(q), i, 0, keepdims=False)
+  scale = lax.dynamic_index_in_dim(q.scale, i if q.scale.shape[0] != 1 else 0, 0,
+                                   keepdims=False)
+  return QArray(codes, scale, None, bits=8,
+                channel_axes=[a - 1 for a in q.channel_axes if a != 0],
+                shape=q.shape[1:], dtype=q.dtype, name=q.name, super_scale=q.super_scale)
+
+
+def _scan(eqn, invals, mode):
+  """A ``scan`` whose inputs include :class:`Weight` values, re-issued with its body
+  evaluated by :func:`evaluate`, so a stacked kernel ``(L, ...)`` scanned over its
+  leading axis (``nn.scan`` / ``nnx.scan`` layer stacks) reaches the body's contraction
+  as a :class:`Weight` of layer ``i`` (codes and per-layer or shared scales sliced).
+
+  A weight among the constants is closed over whole; one in the carry runs in float.
+  Per-op statistics produced inside the body (calibration ranges, QAT EMAs) leave it as
+  extra stacked outputs and are merged into ``mode`` (:meth:`Mode.fork` / ``join``).
+  """
+  p = eqn.params
+  nc, nk = p["num_consts"], p["num_carry"]
+  body = p["jaxpr"]
+  consts, carry, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
+  carry = [x.val if isinstance(x, Weight) else x for x in carry]
+  length = p["length"]
+  wx = [(j, x) for j, x in enumerate(xs) if isinstance(x, Weight)]
+  plain = [None if isinstance(x, Weight) else x for x in xs]
+  w_arrays = [(x.val, x.raw) for _, x in wx]
+  subs = []
+
+  def step(c, inp):
+    sub = mode.fork()   # fresh per trace of the body: no tracer outlives it
+    subs.append(sub)
+    i, xs_plain, wvals = inp
+    xs_i = list(xs_plain)
+    for (j, w), (val, raw) in zip(wx, wvals):
+      xs_i[j] = Weight(w.op, w.rule, val, raw, _slice_q(w.q, i))
+    res = evaluate(body.jaxpr, body.consts, list(consts) + list(c) + xs_i, sub)
+    return res[:nk], (res[nk:], sub.export())
+
+  idx = jnp.arange(length)
+  c_out, (ys, stats) = lax.scan(step, carry, (idx, plain, w_arrays), length=length,
+                                reverse=p["reverse"], unroll=p["unroll"])
+  mode.join(subs[-1], stats)
+  return list(c_out) + list(ys)
 
 
 # --------------------------------------------------------------------------- modes
@@ -194,6 +252,19 @@ class Mode:
       self._float(eqn, invals, "weight is the conv input")
       return _bind(eqn, [x.val if isinstance(x, Weight) else x for x in invals])
     return self.on_weight(eqn, invals, wpos)
+
+  def fork(self) -> "Mode":
+    """The mode a ``scan`` body runs in: records are shared; per-op statistics made in
+    the body leave it through :meth:`export` and come back through :meth:`join`."""
+    return self
+
+  def export(self) -> dict:
+    """Per-iteration statistics of a forked mode (arrays, stacked by ``scan``)."""
+    return {}
+
+  def join(self, sub: "Mode", stacked: dict) -> None:
+    """Merges the stacked statistics of a scan body's forked mode."""
+    del sub, stacked
 
   def _float(self, eqn, invals, why):
     for x in invals:
@@ -266,6 +337,19 @@ class Calib(Mode):
     self.records.append(Record(w.op, eqn.primitive.name, False, "calibration (float)"))
     return _bind(eqn, [w.val if i == wpos else v for i, v in enumerate(invals)])
 
+  def fork(self):
+    sub = Calib(self.method, self.percentile)
+    sub.records = self.records
+    return sub
+
+  def export(self):
+    return {op: jnp.stack(v) for op, v in self.sink.items()}
+
+  def join(self, sub, stacked):
+    for op, v in stacked.items():   # (length, n): every layer's batch statistic
+      self.sink.setdefault(op, []).extend(jnp.reshape(v, (-1,)))
+    sub.sink.clear()
+
   def reduce(self):
     agg = jnp.max if self.method == "absmax" else jnp.mean
     return {op: agg(jnp.stack(v)) for op, v in self.sink.items()}
@@ -334,6 +418,7 @@ class Qat(Mode):
     self.stats = dict(stats)
     self.momentum, self.update, self.estimator = momentum, update, estimator
     self._seen: set[str] = set()
+    self._outer_seen: set[str] = set()   # ops seen before a scan body (fork)
 
   def amax(self, op, x):
     if op in self._seen:
@@ -349,6 +434,24 @@ class Qat(Mode):
       cur = jnp.where(prev < 0, batch, new)
     self.stats[op] = cur
     return cur
+
+  def fork(self):
+    sub = Qat(self.stats, momentum=self.momentum, update=self.update,
+              estimator=self.estimator)
+    sub.records = self.records
+    sub._seen = set(self._seen)
+    sub._outer_seen = set(self._seen)
+    return sub
+
+  def export(self):
+    return {op: self.stats[op] for op in self._seen - self._outer_seen}
+
+  def join(self, sub, stacked):
+    # a stacked kernel has one range for all its layers: the largest per-layer EMA,
+    # which equals the EMA of the largest batch range (the EMA is monotone in it)
+    for op, v in stacked.items():
+      self.stats[op] = jnp.max(v)
+      self._seen.add(op)
 
   def on_weight(self, eqn, invals, wpos):
     w = invals[wpos]
@@ -422,9 +525,11 @@ def run(fn: Callable[..., Any], leaves: list, rest: Any, make_weight, mode, *,
   return jax.tree.unflatten(jax.tree.structure(out_shape), flat)
 
 
-def fq_weight(x, rule, op):
-  """The QAT view of a float weight: fake-quantized value, raw value, QArray codes."""
-  axis = rule.axis
+def fq_weight(x, rule, op, path=None):
+  """The QAT view of a float weight: fake-quantized value, raw value, QArray codes
+  (channel axes as :func:`~jaxopt_dnn.quant.rules.quantize_leaf` chooses them for
+  ``path``, so QAT simulates what serving stores)."""
+  axis = rule.axis_for(op if path is None else path, x)
   val = fake.fake_quant(x, bits=rule.bits, axis=axis, symmetric=rule.symmetric,
                         method=rule.method, name=f"{op}")
   q = None

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxopt_dnn import _table, _tree
+from jaxopt_dnn import _hlo, _table, _tree
 from jaxopt_dnn import roles as _roles
 from jaxopt_dnn.quant import hooks
 from jaxopt_dnn.quant import rules as _rules
@@ -167,7 +167,7 @@ class QatModel:
       if r is None:
         return None
       op = hooks.op_name(paths[i])
-      val, q = hooks.fq_weight(x, r, op)
+      val, q = hooks.fq_weight(x, r, op, paths[i])
       return hooks.Weight(op, r, val, raw=x, q=q)
 
     apply_fn = self._apply_fn()
@@ -271,7 +271,7 @@ def _nnx_qat_call(self, base, args, kwargs):
     if w is None:
       return None
     _, _, op, rule = w
-    val, q = hooks.fq_weight(x, rule, op)
+    val, q = hooks.fq_weight(x, rule, op, ppaths[i])
     return hooks.Weight(op, rule, val, raw=x, q=q)
 
   def fn(lv, r):
@@ -516,17 +516,22 @@ def int8_apply(model: Any, qvariables: Any, calibration: Any = None,
 # --------------------------------------------------------------------------- coverage
 @dataclasses.dataclass(frozen=True)
 class CoverageRow:
-  """One consumer of one quantized weight in the traced serving program.
+  """One instruction of the lowered serving program that consumes one quantized weight.
 
   Attributes:
     path: the weight's leaf path.
-    primitive: ``dot_general`` / ``conv_general_dilated`` / ``gather`` / an opaque op.
-    signature: dtypes as compiled, ``"s8 x s8 -> s32"`` or e.g. ``"f32 x f32 -> f32"``.
+    primitive: ``dot_general`` / ``conv_general_dilated`` / ``gather``, or the HLO op
+      where the weight's value meets an activation (``add``, ``multiply``...).
+    signature: operand and result dtypes as lowered, ``"s8 x s8 -> s32"`` or e.g.
+      ``"f32 x f32 -> f32"``.
+    instruction: the HLO instruction (``computation/name``); a ``scan`` body's
+      instruction appears once, whatever the number of layers it runs.
   """
 
   path: str
   primitive: str
   signature: str
+  instruction: str = ""
 
   @property
   def int8(self) -> bool:
@@ -535,10 +540,18 @@ class CoverageRow:
 
 @dataclasses.dataclass(frozen=True)
 class Coverage:
-  """Per quantized weight, the ops that consumed it in the traced serving program."""
+  """Per quantized weight, the instructions of the lowered serving program consuming it.
+
+  Attributes:
+    rows: one :class:`CoverageRow` per (instruction, weight).
+    weights: the quantized leaf paths.
+    census: the dot/conv census of the same lowered HLO
+      (:func:`jaxopt_dnn._hlo.census_from_hlo`).
+  """
 
   rows: tuple[CoverageRow, ...]
   weights: tuple[str, ...]
+  census: Any = None
 
   def by_path(self) -> dict[str, list[CoverageRow]]:
     out: dict[str, list[CoverageRow]] = {p: [] for p in self.weights}
@@ -548,8 +561,17 @@ class Coverage:
 
   @property
   def int8_ops(self) -> int:
-    """Number of contractions compiled as ``s8 x s8 -> s32``."""
-    return sum(r.int8 for r in self.rows)
+    """Distinct ``s8 x s8 -> s32`` contractions of the lowered program fed by a
+    quantized weight (a ``scan`` body's contraction counts once, as in the census)."""
+    return len({r.instruction for r in self.rows if r.int8})
+
+  @property
+  def unattributed_int8(self) -> int:
+    """``s8 x s8 -> s32`` contractions of the census that no quantized weight feeds
+    (0 unless the program quantizes something else, e.g. a user's own int8 matmul)."""
+    if self.census is None:
+      return 0
+    return self.census.count("s8", "s8", "s32") - self.int8_ops
 
   def float_contractions(self) -> list[CoverageRow]:
     """Contractions that consumed a quantized weight in float."""
@@ -558,7 +580,7 @@ class Coverage:
   def __str__(self) -> str:
     lines = []
     w = max([len("weight")] + [len(p) for p in self.weights])
-    lines.append(f"{'weight':<{w}}  consumed by")
+    lines.append(f"{'weight':<{w}}  consumed by (lowered HLO)")
     for p, rows in self.by_path().items():
       what = ", ".join(f"{r.primitive} {r.signature}" for r in rows) or "nothing (unused)"
       lines.append(f"{p:<{w}}  {what}")
@@ -567,68 +589,73 @@ class Coverage:
     return "\n".join(lines)
 
 
-_SHORT = {"int8": "s8", "int32": "s32", "int4": "s4", "uint8": "u8", "float32": "f32",
-          "bfloat16": "bf16", "float16": "f16", "float64": "f64", "int16": "s16"}
-
-
-def _dt(aval) -> str:
-  return _SHORT.get(np.dtype(aval.dtype).name, np.dtype(aval.dtype).name)
+_HLO_PRIM = {"dot": "dot_general", "convolution": "conv_general_dilated"}
 
 
 def coverage(apply_fn: Any, qvariables: Any, *inputs: Any, calibration: Any = None,
              rules: Any = None, bits: int = 8, **kwargs) -> Coverage:
-  """Traces the int8 serving program and reports what consumed each quantized weight.
+  """What consumed each quantized weight in the *lowered* int8 serving program.
 
-  The serving function (``int8_apply``) is traced with ``jax.make_jaxpr`` with the
-  QArray values as program inputs; every such input is followed (through converts,
-  dequantizing multiplies, transposes, sub-programs) to the contractions / lookups that
-  consume it, and the dtypes those ops were traced with are read off the program: an
-  int8 contraction shows ``s8 x s8 -> s32``, a float one e.g. ``f32 x f32 -> f32``.
-  Nothing here is taken from the rules. ``coverage(...).int8_ops`` equals the
-  ``s8 x s8 -> s32`` count of :func:`~jaxopt_dnn.quant.int8_dot_census` on the same call.
+  The serving function (``int8_apply(apply_fn, ...)``) is jitted and lowered with the
+  QArray children as program parameters (``keep_unused=True``: parameter ``k`` is the
+  ``k``-th flattened argument); every instruction of the lowered HLO that those
+  parameters reach (through converts, dequantizing multiplies, layouts, ``call``s,
+  ``while`` bodies of ``scan``; :func:`jaxopt_dnn._hlo.trace_sources`) is a row, with
+  the dtypes it was lowered with. So a branch the program drops (an output the caller
+  discards) is not counted, a ``scan`` body's contraction is counted once (as the
+  census counts it), and nothing is taken from the rules or from what the interceptor
+  intended: ``coverage(...).int8_ops`` is the number of the census's
+  ``s8 x s8 -> s32`` contractions fed by a quantized weight, and equals
+  ``int8_dot_census(...).lowered.count("s8", "s8", "s32")`` on the same call whenever
+  ``unattributed_int8 == 0``.
 
   Args:
-    apply_fn: a linen module / ``model.apply`` / ``f(variables, *inputs)``, or an NNX
+    apply_fn: a linen module / ``model.apply`` / ``f(variables, *inputs)`` (serve
+      exactly what is served: e.g. ``lambda v, x: model.apply(v, x)[0]``), or an NNX
       module (then ``qvariables`` is its quantized pure param dict).
     qvariables, calibration, rules, bits: as for :func:`int8_apply`.
-    *inputs, **kwargs: sample inputs of the serving call.
+    *inputs, **kwargs: sample inputs of the serving call (array inputs are parameters of
+      the program, the others static).
   """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(qvariables, is_leaf=is_qarray)
+  qpos = [i for i, (_, x) in enumerate(flat) if is_qarray(x)]
+  names = [_tree.path_str(flat[i][0]) for i in qpos]
+  sources, pos = {}, 0
+  for k, (_, x) in enumerate(flat):
+    if is_qarray(x):
+      qi = qpos.index(k)
+      for key, child in (("value", x.value), ("scale", x.scale),
+                         ("zero_point", x.zero_point), ("super_scale", x.super_scale)):
+        if child is not None:
+          sources[pos] = (qi, "value" if key == "value" else "scale")
+          pos += 1
+    else:
+      pos += len(jax.tree.leaves(x))
+  ileaves, idef = jax.tree.flatten(inputs)
+  dyn = [i for i, x in enumerate(ileaves) if hooks._is_array(x)]   # noqa: SLF001
+
+  def serve(qv, dl):
+    il = list(ileaves)
+    for i, x in zip(dyn, dl):
+      il[i] = x
+    return int8_apply(apply_fn, qv, calibration, *jax.tree.unflatten(idef, il),
+                      rules=rules, bits=bits, **kwargs)
+
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(qvariables, is_leaf=is_qarray)
-    qpos = [i for i, (_, x) in enumerate(flat) if is_qarray(x)]
-    names = [_tree.path_str(flat[i][0]) for i in qpos]
-    leaves = [x for _, x in flat]
-
-    def serve(qv):
-      return int8_apply(apply_fn, qv, calibration, *inputs, rules=rules, bits=bits, **kwargs)
-
-    arg = jax.tree.unflatten(treedef, leaves)
-    closed = jax.make_jaxpr(serve)(arg)
-  # map each QArray's flattened children (value, scale) to the QArray index
-  src, pos = {}, 0
-  for k, (_, x) in enumerate(flat):
-    n = len(jax.tree.leaves(x))
-    if is_qarray(x):
-      for j in range(n):
-        src[pos + j] = qpos.index(k)
-    pos += n
-  cons = _roles.consumers(closed.jaxpr, src, through_all=True)
+    lowered = jax.jit(serve, keep_unused=True).lower(
+        jax.tree.unflatten(treedef, [x for _, x in flat]), [ileaves[i] for i in dyn])
+  text = lowered.as_text(dialect="hlo")
   rows = []
-  for qi, items in cons.items():
-    seen = set()
-    for c, eqn in items:
-      if id(eqn) in seen:
+  for use in _hlo.trace_sources(text, sources):
+    for ids in use.sources:
+      owner = _hlo._owner(ids)   # noqa: SLF001
+      if owner is None or (owner, "value") not in ids:
         continue
-      seen.add(id(eqn))
-      if eqn.primitive.name in _roles.CONTRACTIONS:
-        sig = (f"{_dt(eqn.invars[0].aval)} x {_dt(eqn.invars[1].aval)} -> "
-               f"{_dt(eqn.outvars[0].aval)}")
-      else:
-        sig = " x ".join(_dt(v.aval) for v in eqn.invars if hasattr(v, "aval")) + \
-            f" -> {_dt(eqn.outvars[0].aval)}"
-      rows.append(CoverageRow(names[qi], eqn.primitive.name, sig))
-  return Coverage(tuple(rows), tuple(names))
+      rows.append(CoverageRow(names[owner], _HLO_PRIM.get(use.op, use.op), use.signature,
+                              f"{use.computation}/{use.name}"))
+  rows = list(dict.fromkeys(rows))   # one row per (instruction, weight)
+  return Coverage(tuple(rows), tuple(names), _hlo.census_from_hlo(text))
 
 
 # --------------------------------------------------------------------------- explain

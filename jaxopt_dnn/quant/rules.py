@@ -39,7 +39,10 @@ class QuantRule:
     pattern: regex over ``/``-joined key paths.
     bits: weight bits, 4 or 8.
     granularity: ``"channel"`` (one scale per index of the last axis, i.e. per output
-      channel of a Flax kernel), ``"tensor"``, or explicit channel axes (int / tuple).
+      channel of a Flax kernel; per row, axis 0, for a leaf named like an embedding
+      table, see :meth:`axis_for`), ``"tensor"``, or explicit channel axes (int /
+      tuple; ``(0, -1)``: per layer and output channel of a stacked ``(layers, in,
+      out)`` kernel of ``nn.scan``).
     act_bits: activation bits for the op using this kernel (8, or 4); ``None`` means
       weight-only (activations stay float).
     symmetric: symmetric weights (zero point 0). The int8 serving path needs True.
@@ -97,6 +100,18 @@ class QuantRule:
     """Channel axes for :func:`fake.quantize` (``-1`` per channel, ``None`` per tensor)."""
     g = self.granularity
     return -1 if g == "channel" else None if g == "tensor" else g
+
+  def axis_for(self, path: str, leaf: Any):
+    """Channel axes for the leaf at ``path``: as :attr:`axis`, except that
+    ``"channel"`` on an embedding table ``(vocab, embed)`` (by name,
+    :func:`jaxopt_dnn._tree.path_role`) means one scale per row (axis 0). A row is the
+    table's output channel in both of its uses: what a lookup returns, and what
+    ``Embed.attend`` (tied logits, ``y = x @ table.T``, contracting over embed) gives
+    one logit for; a per-embed-column scale would vary along attend's contraction and
+    force that dot to float."""
+    if self.granularity == "channel" and _tree.path_role(path, leaf) == "embedding":
+      return 0
+    return self.axis
 
 
 def as_rules(rules: Any, *, bits: int = 8, **defaults) -> tuple[QuantRule, ...] | None:
@@ -176,8 +191,9 @@ def explain(params: Any, rules: Any = None, *, bits: int = 8, print_fn=print,
 
 def quantize_leaf(path: str, x: Any, rule: QuantRule) -> QArray:
   """Quantizes one leaf by its rule (errors name ``path``)."""
-  return fake.quantize(x, bits=rule.bits, axis=rule.axis, symmetric=rule.symmetric,
-                       method=rule.method, name=path, group_size=rule.group_size,
+  return fake.quantize(x, bits=rule.bits, axis=rule.axis_for(path, x),
+                       symmetric=rule.symmetric, method=rule.method, name=path,
+                       group_size=rule.group_size,
                        group_axis=rule.group_axis, scale_dtype=rule.stored_scale_dtype)
 
 
