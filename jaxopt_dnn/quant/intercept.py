@@ -29,6 +29,7 @@ import functools
 import re
 import threading
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -187,6 +188,10 @@ class QatModel:
     """``model.init`` plus the ``quant_stats`` of the first batch (its absmax)."""
     variables = dict(self.model.init(rngs, *args, **kwargs))
     kw = {k: v for k, v in kwargs.items() if k != "mutable"}
+    if isinstance(self.model, nn.Module):
+      # The ranges pass runs the model once more: with init's keys for every rng stream it
+      # draws (dropout on by config, as in flax's lm1b; other names fall back to "params").
+      kw.setdefault("rngs", dict(rngs) if isinstance(rngs, Mapping) else {"params": rngs})
     variables[STATS] = self._stats_from(variables, args, kw)
     return variables
 
