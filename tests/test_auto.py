@@ -216,8 +216,9 @@ def test_crossfit_sensitivity_calibrates_and_measures_on_different_halves(mlp):
   p = variables["params"]
 
   def measured(fit, on, layer="fc1"):
+    # each layer alone: GPTQ calibrated on the float model's inputs (not sequential)
     q = quant.gptq(model.apply, variables, [batches[i] for i in fit], bits=4,
-                   group_size=None, rules=rules)[layer]["kernel"]
+                   group_size=None, rules=rules, sequential=False)[layer]["kernel"]
     swapped = {**p, layer: {**p[layer], "kernel": np.asarray(quant.dequantize(q))}}
     return [float(jd.auto.output_distortion(model.apply({"params": swapped}, *batches[i]),
                                             model.apply(variables, *batches[i]))) for i in on]
