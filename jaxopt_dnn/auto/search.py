@@ -383,7 +383,7 @@ def sensitivity(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
     batches = list(halves)
   metric = metric or output_distortion
   say = log or (lambda _msg: None)
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   run = jax.jit(lambda p, *x: fwd(p, *x))
   refs = [run(fwd.params, *b) for b in batches]
   score_all = _score_all(fwd, metric, layers)
@@ -413,7 +413,8 @@ def sensitivity(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
         kept[cand.name] = stored
       say(f"auto.sensitivity: fold {k + 1}/{len(folds)} {cand.name}: realised {t2 - t1:.1f} s, "
           f"measured {len(layers)} layers x {len(measure_on)} batches "
-          f"{time.perf_counter() - t2:.1f} s (total {time.perf_counter() - t0:.0f} s)")
+          f"{time.perf_counter() - t2:.1f} s (total {time.perf_counter() - t0:.0f} s wall, "
+          f"{time.process_time() - c0:.0f} s process CPU)")
   for cand in cands:
     for p in layers:
       values[p][cand.name] = float(np.mean(scores[cand.name][p]))
