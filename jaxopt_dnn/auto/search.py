@@ -6,10 +6,15 @@ calibration batches when **only** ``l`` is compressed by ``c``::
 
   s[l, c] = mean_b metric(f(W with W_l <- Q_c(W_l); x_b), f(W; x_b))
 
-measured directly, with one compiled forward reused for every (layer, candidate): the
-candidate is realised once for all layers (``method``: RTN, GPTQ or AWQ), then each
-layer's compressed kernel is swapped in alone (for GPTQ / AWQ, calibrated on one half of
-the batches and measured on the other: see :func:`sensitivity`). The plan minimises
+measured directly: the candidate is realised once for all layers (``method``: RTN,
+GPTQ or AWQ), then every layer's compressed kernel is swapped in alone by one compiled
+program per input shape (a ``lax.map`` over the layers, reused by every candidate and
+fold). For GPTQ each layer is calibrated **alone**, on the float model's inputs (the
+setting ``s[l, c]`` describes: only ``l`` compressed): the input Hessians of every layer
+are captured once per fold by one jitted forward per batch and shared by all candidates,
+and same-shape layers are solved by one ``vmap``-ped GPTQ (SparseGPT first for a sparse
+candidate). GPTQ / AWQ are calibrated on one half of the batches and measured on the
+other (see :func:`sensitivity`). The plan minimises
 ``sum_l s[l, c_l]`` (additive, first-order) subject to
 ``sum_l bits(l, c_l) <= budget * sum_l n_l``, an exact multiple-choice knapsack
 (:mod:`jaxopt_dnn.auto.knapsack`); ``bits(l, c)`` counts the stored values **and** scales
