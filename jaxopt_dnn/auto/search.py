@@ -294,12 +294,12 @@ class _Alone:
                                  lambda p, x: p in chosen and not quant_lib.is_qarray(x),
                                  where="auto.sensitivity")
     got = {o.kernel for o in self.cap.ops}
-    missing = [p for p in layers if p not in got]
-    if missing:
-      raise ValueError(f"auto.sensitivity: method={method!r} needs every layer to be a "
-                       f"captured Dense/DenseGeneral kernel; not captured: {missing}")
+    # layers no captured Dense consumes (e.g. conv kernels): round to nearest, as
+    # quant.gptq does with chosen leaves it cannot calibrate
+    self.uncaptured = [p for p in layers if p not in got]
     self.hessians = gptq_lib.input_hessians(self.cap)
-    self.layers = list(layers)
+    self.layers = [p for p in layers if p in got]
+    self.leaves = dict(_tree.leaves_with_paths(fwd.params))
 
   def _pruned(self, cand: Candidate) -> dict[str, jax.Array]:
     oneshot_lib = importlib.import_module("jaxopt_dnn.sparsity.oneshot")
@@ -315,13 +315,28 @@ class _Alone:
     return out
 
   def realize(self, cand: Candidate) -> dict[str, Any]:
+    if cand.prune_kwargs is not None and self.uncaptured:
+      raise ValueError(f"auto.sensitivity: sparse candidate {cand.name!r} needs captured "
+                       f"Dense/DenseGeneral kernels; not captured: {self.uncaptured}")
     weights = self._pruned(cand) if cand.prune_kwargs is not None else None
     if cand.bits == 16:
       src = weights or {p: self.cap.leaves[p] for p in self.layers}
-      return {p: jnp.asarray(src[p]).astype(jnp.bfloat16) for p in self.layers}
+      out = {p: jnp.asarray(src[p]).astype(jnp.bfloat16) for p in self.layers}
+      out.update({p: jnp.asarray(self.leaves[p]).astype(jnp.bfloat16) for p in self.uncaptured})
+      return out
     rule = quant_lib.QuantRule(".*", **cand.quant_kwargs)
-    return self.gptq.solve_alone(self.cap, self.hessians, {p: rule for p in self.layers},
-                                 weights=weights, keep_zeros=weights is not None)
+    out = self.gptq.solve_alone(self.cap, self.hessians, {p: rule for p in self.layers},
+                                weights=weights, keep_zeros=weights is not None)
+    if self.uncaptured:
+      rtn = quant_lib.quantize_params(self.leaves_tree(), [(f"^{re.escape(p)}$",
+                                                            cand.quant_kwargs)
+                                                           for p in self.uncaptured])
+      got = dict(_tree.leaves_with_paths(rtn, is_leaf=quant_lib.is_qarray))
+      out.update({p: got[p] for p in self.uncaptured})
+    return out
+
+  def leaves_tree(self):
+    return self.cap.params
 
 
 @dataclasses.dataclass
