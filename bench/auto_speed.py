@@ -41,10 +41,8 @@ def main() -> None:
   ev = P.batches(P.EVALUATION + P.EVALUATION_VARIED, tok, 64)[0]
   f = jax.jit(model.apply)
   ref = f(v, *ev)
-  sens = jd.auto.sensitivity  # noqa: F841 (documented: plans below reuse the pass)
   for b in (4.5, 6.0):
-    p = plan if b == 4.5 else jd.auto.plan_for_budget(
-        _sens_of(plan), b)
+    p = plan if b == 4.5 else jd.auto.plan_for_budget(_sens_of(plan), b)
     params = p.apply(model.apply, v, cal)
     cos = P.cosines(f({**v, "params": quant.dequantize_params(params)}, *ev), ref)
     print(f"auto @ {b:g}: {p.bits_per_weight:.3f} bits/weight, min cos 16 eval "
