@@ -7,7 +7,8 @@ compressed sentence embeddings; only the 36 attention/MLP kernels are compressed
 ``pretrained.EVALUATION``.
 
 Rows: RTN vs GPTQ at int4 per-channel / g128 / g64 / g32; W8A8 (calibrate absmax +
-``int8_apply``, every projection s8 x s8 -> s32) without and with ``smooth``;
+``int8_apply``, every projection s8 x s8 -> s32) without and with ``smooth``, and with
+per-token dynamic activation scales (RTN or GPTQ int8 weights);
 magnitude vs Wanda vs SparseGPT at 50% unstructured and 2:4; orbax bytes of the
 compressed kernels; GPTQ int4 g128 wall time and peak memory for two model sizes (the
 first 3 and all 6 layers, each in a fresh process).
@@ -106,6 +107,12 @@ def main() -> None:
     return P.min_cosine(ref, out)
 
   row("W8A8 int8_apply", "calibrate absmax", w8a8(v))
+  dyn = lambda params: P.min_cosine(ref, quant.int8_apply(  # noqa: E731
+      model, {**v, "params": params}, "dynamic", *ev[0], rules=R))
+  row("W8A8 int8_apply", "per-token dynamic (calibration='dynamic')",
+      dyn(quant.quantize_params(v["params"], R)), "scales from each row inside the jitted op")
+  row("W8A8 int8_apply", "GPTQ int8 weights + per-token dynamic",
+      dyn(quant.gptq(model.apply, v, cal, bits=8, group_size=None, rules=R)))
   folds = {r"(.*)/dense$": r"\1/self/value"}   # attention output <- value projection
   log = []
   sv = quant.smooth(model.apply, v, cal, alpha=0.5, rules=R, folds=folds, log=log.append)

@@ -216,8 +216,9 @@ def test_crossfit_sensitivity_calibrates_and_measures_on_different_halves(mlp):
   p = variables["params"]
 
   def measured(fit, on, layer="fc1"):
+    # each layer alone: GPTQ calibrated on the float model's inputs (not sequential)
     q = quant.gptq(model.apply, variables, [batches[i] for i in fit], bits=4,
-                   group_size=None, rules=rules)[layer]["kernel"]
+                   group_size=None, rules=rules, sequential=False)[layer]["kernel"]
     swapped = {**p, layer: {**p[layer], "kernel": np.asarray(quant.dequantize(q))}}
     return [float(jd.auto.output_distortion(model.apply({"params": swapped}, *batches[i]),
                                             model.apply(variables, *batches[i]))) for i in on]
@@ -295,3 +296,26 @@ def test_gptq_keep_zeros_keeps_a_pruned_pattern_and_compensates():
   # without the mask, GPTQ's updates refill the pruned weights
   refilled, _ = quant.gptq_solve(jnp.asarray(wp), h, bits=4, group_size=None)
   assert np.any(np.asarray(refilled)[~keep] != 0)
+
+
+def test_gptq_sensitivity_rounds_uncaptured_conv_kernels_to_nearest():
+  """A conv kernel (no captured Dense input): its GPTQ candidate is RTN, as quant.gptq
+  quantizes chosen leaves it cannot calibrate; the Dense layer is calibrated alone."""
+  class C(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Conv(8, (3,), name="conv")(x))
+      return nn.Dense(4, name="head")(x.reshape(x.shape[0], -1))
+
+  x = np.random.default_rng(0).normal(size=(16, 12, 3)).astype(np.float32)
+  m = C()
+  v = m.init(jax.random.key(0), x)
+  sens = jd.auto.sensitivity(m.apply, v, [(x[:8],), (x[8:],)], method="gptq",
+                             candidates=["int4", "int8"], crossfit=False)
+  assert sens.layers == ["conv/kernel", "head/kernel"]
+  rtn = quant.dequantize(quant.quantize_params(v["params"], r"^conv/kernel$", bits=4,
+                                               group_size=None)["conv"]["kernel"])
+  np.testing.assert_array_equal(np.asarray(quant.dequantize(sens.stored["int4"]["conv/kernel"])),
+                                np.asarray(rtn))
+  for layer in sens.layers:
+    assert sens.values[layer]["int4"] > sens.values[layer]["int8"] > 0

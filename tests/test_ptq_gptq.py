@@ -256,3 +256,29 @@ def test_gptq_nnx():
   out = quant.int8_apply(m, qp, None, batches[0][0], weight_only=True)
   ref = m(batches[0][0])
   assert float(jnp.max(jnp.abs(out - ref))) < 0.1 * float(jnp.max(jnp.abs(ref)))
+
+
+@pytest.mark.slow
+def test_solve_alone_is_gptq_without_sequential_from_one_jitted_capture(net):
+  """The auto planner's path: Hessians of every round from one jitted forward per batch,
+  then every kernel solved alone (same-shape kernels vmapped together)."""
+  import importlib
+  G = importlib.import_module("jaxopt_dnn.quant.gptq")
+  model, variables, batches = net
+  cap = quant.Capture(model.apply, variables, batches, lambda p, x: True)
+  hs = G.input_hessians(cap)
+  for ops in cap.rounds():      # equal to the eager per-round capture
+    np.testing.assert_allclose(np.asarray(hs[ops[0].op]),
+                               np.asarray(cap.stats(cap.params, ops).hessian),
+                               rtol=1e-4, atol=1e-3)
+  rule = quant.QuantRule(".*", bits=4, group_size=16)
+  got = G.solve_alone(cap, hs, {o.kernel: rule for o in cap.ops})
+  want = quant.gptq(model.apply, variables, batches, bits=4, group_size=16, sequential=False)
+  for o in cap.ops:
+    w = want
+    for k in o.kernel.split("/"):
+      w = w[k]
+    a, b = np.asarray(quant.dequantize(got[o.kernel])), np.asarray(quant.dequantize(w))
+    # identical up to a rare code flipped by float summation order
+    assert np.mean(a != b) < 0.01, o.kernel
+    assert got[o.kernel].shape == w.shape and got[o.kernel].group_size == w.group_size

@@ -141,3 +141,24 @@ def test_oneshot_bad_args(mlp):
     sparsity.oneshot(model.apply, variables, batches, n=2, m=5)
   with pytest.raises(ValueError, match="nothing"):
     sparsity.oneshot(model.apply, variables, batches, rules=["nothing"])
+
+
+def test_float_target_is_the_kernel_when_inputs_agree_and_fits_float_outputs():
+  from jaxopt_dnn.sparsity.oneshot import float_target
+  rng = np.random.default_rng(0)
+  xq = jnp.asarray(rng.standard_normal((256, 24)), jnp.float32)
+  # the float inputs: a linear distortion of the pruned model's (fittable by the kernel)
+  xf = xq @ (jnp.eye(24) + 0.2 * jnp.asarray(rng.standard_normal((24, 24)), jnp.float32))
+  w = jnp.asarray(rng.standard_normal((24, 8)), jnp.float32)
+  h = 2 * xq.T @ xq
+  same = float_target(w, h, jnp.zeros_like(h), 0.1)
+  np.testing.assert_allclose(same, w, rtol=1e-6, atol=1e-6)
+  wt = float_target(w, h, 2 * xq.T @ (xf - xq), 0.01)
+  err = lambda v: float(jnp.sum((xf @ w - xq @ v) ** 2))  # noqa: E731
+  assert err(wt) < 0.05 * err(w)          # towards the float model's outputs
+  model, b = Mlp(), _batches()
+  v = model.init(jax.random.key(0), b[0][0])
+  for ft in (False, True):
+    p, m = sparsity.oneshot(model.apply, v, b, method="sparsegpt", n=2, m=4, float_targets=ft)
+    k = np.asarray(p["fc2"]["kernel"])
+    assert np.all((k.reshape(-1, 4, k.shape[1]) != 0).sum(1) <= 2)

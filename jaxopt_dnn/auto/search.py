@@ -6,10 +6,15 @@ calibration batches when **only** ``l`` is compressed by ``c``::
 
   s[l, c] = mean_b metric(f(W with W_l <- Q_c(W_l); x_b), f(W; x_b))
 
-measured directly, with one compiled forward reused for every (layer, candidate): the
-candidate is realised once for all layers (``method``: RTN, GPTQ or AWQ), then each
-layer's compressed kernel is swapped in alone (for GPTQ / AWQ, calibrated on one half of
-the batches and measured on the other: see :func:`sensitivity`). The plan minimises
+measured directly: the candidate is realised once for all layers (``method``: RTN,
+GPTQ or AWQ), then every layer's compressed kernel is swapped in alone by one compiled
+program per input shape (a ``lax.map`` over the layers, reused by every candidate and
+fold). For GPTQ each layer is calibrated **alone**, on the float model's inputs (the
+setting ``s[l, c]`` describes: only ``l`` compressed): the input Hessians of every layer
+are captured once per fold by one jitted forward per batch and shared by all candidates,
+and same-shape layers are solved by one ``vmap``-ped GPTQ (SparseGPT first for a sparse
+candidate). GPTQ / AWQ are calibrated on one half of the batches and measured on the
+other (see :func:`sensitivity`). The plan minimises
 ``sum_l s[l, c_l]`` (additive, first-order) subject to
 ``sum_l bits(l, c_l) <= budget * sum_l n_l``, an exact multiple-choice knapsack
 (:mod:`jaxopt_dnn.auto.knapsack`); ``bits(l, c)`` counts the stored values **and** scales
@@ -20,8 +25,10 @@ of the realised leaf (nonzero values and their index metadata for a sparse candi
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -254,6 +261,84 @@ def _measure(fwd: _Forward, batches: list, trees: list, metric: Callable) -> lis
           for t in trees]
 
 
+def _score_all(fwd: _Forward, metric: Callable, layers: Sequence[str]):
+  """``f(params, new, ref, *x) -> (L,)``: ``metric(f(params with layer l <- new[l]; x), ref)``
+  for every layer ``l``, one compiled program (per input shape) for all layers and
+  candidates: a ``lax.map`` over the layer index, each step selecting exactly one
+  swapped kernel (``where(l == j, new_j, w_j)``: the swapped tree is exact)."""
+  pos = {p: j for j, p in enumerate(layers)}
+
+  @jax.jit
+  def f(params, new, ref, *x):
+    def one(i):
+      swapped = _tree.map_with_path_str(
+          lambda q, w: jnp.where(i == pos[q], new[q].astype(w.dtype), w) if q in pos else w,
+          params)
+      return metric(fwd(swapped, *x), ref)
+    return jax.lax.map(one, jnp.arange(len(layers)))
+  return f
+
+
+class _Alone:
+  """GPTQ (and SparseGPT for sparse candidates) of every layer **alone**: each kernel
+  calibrated on the float model's inputs, as it is when only that layer is compressed.
+  The input Hessians are captured once (one jitted forward per batch) and shared by
+  every candidate; each candidate is then one GPTQ solve per layer
+  (:func:`jaxopt_dnn.quant.gptq.solve_alone`)."""
+
+  def __init__(self, method: str, fwd: _Forward, batches: list, layers: Sequence[str]):
+    gptq_lib = importlib.import_module("jaxopt_dnn.quant.gptq")   # (the name is the function)
+    chosen = set(layers)
+    self.gptq = gptq_lib
+    self.cap = quant_lib.Capture(*fwd.quant_args(), batches,
+                                 lambda p, x: p in chosen and not quant_lib.is_qarray(x),
+                                 where="auto.sensitivity")
+    got = {o.kernel for o in self.cap.ops}
+    # layers no captured Dense consumes (e.g. conv kernels): round to nearest, as
+    # quant.gptq does with chosen leaves it cannot calibrate
+    self.uncaptured = [p for p in layers if p not in got]
+    self.hessians = gptq_lib.input_hessians(self.cap)
+    self.layers = [p for p in layers if p in got]
+    self.leaves = dict(_tree.leaves_with_paths(fwd.params))
+
+  def _pruned(self, cand: Candidate) -> dict[str, jax.Array]:
+    oneshot_lib = importlib.import_module("jaxopt_dnn.sparsity.oneshot")
+    kw = cand.prune_kwargs
+    out = {}
+    for o in self.cap.ops:
+      if o.kernel not in self.layers:
+        continue
+      op0 = next(r[0].op for r in self.cap.rounds() if r[0].round == o.round)
+      w = self.cap.leaves[o.kernel]
+      new, _ = oneshot_lib.prune_layer(o, w, self.hessians[op0], method="sparsegpt", **kw)
+      out[o.kernel] = new
+    return out
+
+  def realize(self, cand: Candidate) -> dict[str, Any]:
+    if cand.prune_kwargs is not None and self.uncaptured:
+      raise ValueError(f"auto.sensitivity: sparse candidate {cand.name!r} needs captured "
+                       f"Dense/DenseGeneral kernels; not captured: {self.uncaptured}")
+    weights = self._pruned(cand) if cand.prune_kwargs is not None else None
+    if cand.bits == 16:
+      src = weights or {p: self.cap.leaves[p] for p in self.layers}
+      out = {p: jnp.asarray(src[p]).astype(jnp.bfloat16) for p in self.layers}
+      out.update({p: jnp.asarray(self.leaves[p]).astype(jnp.bfloat16) for p in self.uncaptured})
+      return out
+    rule = quant_lib.QuantRule(".*", **cand.quant_kwargs)
+    out = self.gptq.solve_alone(self.cap, self.hessians, {p: rule for p in self.layers},
+                                weights=weights, keep_zeros=weights is not None)
+    if self.uncaptured:
+      rtn = quant_lib.quantize_params(self.leaves_tree(), [(f"^{re.escape(p)}$",
+                                                            cand.quant_kwargs)
+                                                           for p in self.uncaptured])
+      got = dict(_tree.leaves_with_paths(rtn, is_leaf=quant_lib.is_qarray))
+      out.update({p: got[p] for p in self.uncaptured})
+    return out
+
+  def leaves_tree(self):
+    return self.cap.params
+
+
 @dataclasses.dataclass
 class Sensitivity:
   """``s[l, c]`` and ``bits[l, c]`` for every chosen layer and candidate."""
@@ -277,7 +362,8 @@ class Sensitivity:
 def sensitivity(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
                 candidates: Sequence[str | Candidate] | None = None, method: str = "rtn",
                 rules: str | Sequence[str] | None = None,
-                metric: Callable | None = None, crossfit: bool | None = None) -> Sensitivity:
+                metric: Callable | None = None, crossfit: bool | None = None,
+                log: Callable[[str], Any] | None = None) -> Sensitivity:
   """Measures ``s[l, c]`` (see the module docstring) and each layer's stored bits.
 
   ``crossfit`` (default: on for GPTQ / AWQ): the batches are split in two folds (even /
@@ -316,29 +402,42 @@ def sensitivity(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
                        "inputs share a leading (batch) axis of length >= 2 to split")
     batches = list(halves)
   metric = metric or output_distortion
+  say = log or (lambda _msg: None)
+  t0, c0 = time.perf_counter(), time.process_time()
   run = jax.jit(lambda p, *x: fwd(p, *x))
   refs = [run(fwd.params, *b) for b in batches]
-  score = jax.jit(lambda p, r, *x: metric(fwd(p, *x), r))
+  score_all = _score_all(fwd, metric, layers)
   values: dict[str, dict[str, float]] = {p: {} for p in layers}
   bits: dict[str, dict[str, int]] = {p: {} for p in layers}
   idx = list(range(len(batches)))
   # (calibrate on, measure on) index sets
   folds = [(idx[0::2], idx[1::2]), (idx[1::2], idx[0::2])] if crossfit else [(idx, idx)]
   kept: dict[str, dict[str, Any]] = {}
-  for cand in cands:
-    scores: dict[str, list[float]] = {p: [] for p in layers}
-    for fit_on, measure_on in folds:
-      stored = realize(method, fwd, [batches[i] for i in fit_on], {p: cand for p in layers})
+  scores: dict[str, dict[str, list[float]]] = {c.name: {p: [] for p in layers} for c in cands}
+  for k, (fit_on, measure_on) in enumerate(folds):
+    fit = [batches[i] for i in fit_on]
+    alone = _Alone(method, fwd, fit, layers) if method == "gptq" else None
+    for cand in cands:
+      t1 = time.perf_counter()
+      stored = (alone.realize(cand) if alone is not None
+                else realize(method, fwd, fit, {p: cand for p in layers}))
+      new = {p: _float(stored[p], jnp.asarray(leaves[p]).dtype) for p in layers}
+      t2 = time.perf_counter()
+      for i in measure_on:
+        got = np.asarray(score_all(fwd.params, new, refs[i], *batches[i]))
+        for p, v in zip(layers, got):
+          scores[cand.name][p].append(float(v))
       for p in layers:
         bits[p][cand.name] = cand.cost_bits(stored[p])
-        swapped = _tree.map_with_path_str(
-            lambda q, x, p=p: _float(stored[p], jnp.asarray(x).dtype) if q == p else x,
-            fwd.params)
-        scores[p] += [float(score(swapped, refs[i], *batches[i])) for i in measure_on]
-    if not crossfit:
-      kept[cand.name] = stored
+      if not crossfit:
+        kept[cand.name] = stored
+      say(f"auto.sensitivity: fold {k + 1}/{len(folds)} {cand.name}: realised {t2 - t1:.1f} s, "
+          f"measured {len(layers)} layers x {len(measure_on)} batches "
+          f"{time.perf_counter() - t2:.1f} s (total {time.perf_counter() - t0:.0f} s wall, "
+          f"{time.process_time() - c0:.0f} s process CPU)")
+  for cand in cands:
     for p in layers:
-      values[p][cand.name] = float(np.mean(scores[p]))
+      values[p][cand.name] = float(np.mean(scores[cand.name][p]))
   return Sensitivity(layers, by_name, values, bits, sizes, method, kept or None)
 
 
@@ -383,7 +482,8 @@ def search(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
            method: str = "gptq", rules: str | Sequence[str] | None = None,
            metric: Callable | None = None, budget_bytes: int | None = None,
            target: float | None = None, verify: bool = False,
-           sens: Sensitivity | None = None, crossfit: bool | None = None) -> Plan:
+           sens: Sensitivity | None = None, crossfit: bool | None = None,
+           log: Callable[[str], Any] | None = None) -> Plan:
   """The automatic per-layer plan.
 
   Args:
@@ -406,10 +506,13 @@ def search(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
     sens: reuse a :class:`Sensitivity` (e.g. for several budgets).
     crossfit: calibrate and measure the sensitivities on different halves of the
       batches (default: on for GPTQ / AWQ; see :func:`sensitivity`).
+    log: called with one progress line per (fold, candidate) of the sensitivity pass
+      (``print`` to watch it).
   """
   batches = [_as_inputs(b) for b in batches]
   sens = sens or sensitivity(apply_fn, variables, batches, candidates=candidates,
-                             method=method, rules=rules, metric=metric, crossfit=crossfit)
+                             method=method, rules=rules, metric=metric, crossfit=crossfit,
+                             log=log)
   n = sum(sens.sizes.values())
   if target is not None:
     return _smallest_meeting(sens, target, apply_fn, variables, batches, metric)

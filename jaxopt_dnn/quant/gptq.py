@@ -38,7 +38,8 @@ import jax.numpy as jnp
 
 from jaxopt_dnn.quant import fake
 from jaxopt_dnn.quant import rules as _rules
-from jaxopt_dnn.quant.capture import OpInfo, kernel_2d, run_sequential, set_leaves
+from jaxopt_dnn.quant.capture import (Capture, OpInfo, Stats, kernel_2d, run_sequential,
+                                     set_leaves)
 from jaxopt_dnn.quant.qarray import QArray, is_qarray, pack_int4, round_scale, scale_value
 
 
@@ -367,3 +368,80 @@ def _drive(where, apply_fn, variables, batches, params0, *, bits, group_size, ru
       if p not in out and not is_qarray(cap.leaves[p]):
         out[p] = _rules.quantize_leaf(p, cap.leaves[p], r)
   return set_leaves(cap.params, out)
+
+
+# ----------------------------------------------------------- every layer alone (float inputs)
+def input_hessians(cap: Capture) -> dict[str, jax.Array]:
+  """``{op: H = 2 sum_b X_b^T X_b}`` of every round's input on the **float** model.
+
+  One jitted forward per batch records every round's input at once (instead of one
+  eager forward per round): the Hessians :func:`gptq` uses with ``sequential=False``
+  (equal up to float summation order), e.g. to quantize each layer *alone* under
+  several settings from one capture (:func:`solve_alone`).
+  """
+  wanted = {ops[0].op: ops[0].n_in for ops in cap.rounds()}
+
+  def grams(params, args):
+    got: dict[str, jax.Array] = {}
+
+    def hook(op, _n, x):
+      if op in wanted and op not in got:
+        x2 = x.reshape((-1, math.prod(x.shape[x.ndim - wanted[op]:]))).astype(jnp.float32)
+        got[op] = x2.T @ x2
+    cap._run(params, args, hook)  # noqa: SLF001 (the capture's own hooked forward)
+    return got
+
+  run = jax.jit(grams) if not cap.nnx else grams
+  fparams = cap.float_params(cap.params)
+  total: dict[str, jax.Array] = {}
+  for args in cap.batches:
+    for op, h in run(fparams, tuple(args)).items():
+      total[op] = h if op not in total else total[op] + h
+  missing = sorted(set(wanted) - set(total))
+  if missing:
+    raise ValueError(f"{cap.where}: ops {missing} did not run on the calibration batches")
+  return {op: 2.0 * h for op, h in total.items()}
+
+
+def solve_alone(cap: Capture, hessians: dict[str, jax.Array], rules: dict[str, Any], *,
+                weights: dict[str, jax.Array] | None = None, act_order: bool = True,
+                damp: float = 0.1, block_size: int = 128, clip: float | None = None,
+                keep_zeros: bool = False) -> dict[str, QArray]:
+  """``{kernel path: QArray}``: GPTQ of each chosen kernel with its float-input Hessian
+  (``hessians`` from :func:`input_hessians`), i.e. every layer quantized as if it were
+  the only compressed one (:func:`gptq` with ``sequential=False``).
+
+  Kernels with the same ``(K, N)`` shape and rule are solved together: one
+  ``vmap``-ped :func:`gptq_solve` (one compiled program and one sweep for all of them).
+
+  ``rules``: ``{kernel path: QuantRule}`` (bits, group size, scale storage);
+  ``weights``: kernels to solve instead of the captured ones (e.g. pruned first, with
+  ``keep_zeros``).
+  """
+  by_kernel = {o.kernel: o for o in cap.ops}
+  first = {ops[0].round: ops[0].op for ops in cap.rounds()}
+  groups: dict[tuple, list] = {}
+  for path, rule in rules.items():
+    if path not in by_kernel:
+      raise ValueError(f"solve_alone: {path!r} is not a captured kernel")
+    o = by_kernel[path]
+    w = cap.leaves[path] if weights is None or path not in weights else weights[path]
+    g = layer_groups(o.shape, o.n_in, rule.group_size, o.kernel)
+    key = (kernel_2d(w, o.n_in).shape, rule.bits, g, _sdt(rule))
+    groups.setdefault(key, []).append((path, o, w, rule, g))
+  out = {}
+  for (_, bits, g, sdt), items in groups.items():
+    w2 = jnp.stack([kernel_2d(w, o.n_in) for _, o, w, _, _ in items])
+    hs = jnp.stack([hessians[first[o.round]] for _, o, _, _, _ in items])
+    keep = (w2 != 0) if keep_zeros else None
+    solve = functools.partial(gptq_solve, bits=bits, group_size=g, act_order=act_order,
+                              damp=float(damp), block_size=block_size, scale_dtype=sdt,
+                              clip=clip)
+    if keep is None:
+      codes, scales = jax.vmap(lambda a, b: solve(a, b))(w2, hs)
+    else:
+      codes, scales = jax.vmap(lambda a, b, c: solve(a, b, keep=c))(w2, hs, keep)
+    for i, (path, o, w, rule, g) in enumerate(items):
+      out[path] = to_qarray(codes[i], scales[i], o.shape, o.n_in, bits=rule.bits,
+                            group_size=g, dtype=w.dtype, name=o.kernel, scale_dtype=_sdt(rule))
+  return {p: out[p] for p in rules}

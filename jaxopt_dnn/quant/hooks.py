@@ -377,10 +377,13 @@ class Serve(Mode):
     if why:
       self.records.append(Record(w.op, name, False, why))
       return _bind(eqn, args)
-    if w.op not in self.amax:
+    if self.amax is None:   # per-token dynamic activation scales (computed in the op)
+      sx = None
+    elif w.op not in self.amax:
       raise ValueError(f"int8_apply: op {w.op!r} has no calibrated activation range; run "
                        f"calibrate(...) with the same rules (have: {sorted(self.amax)})")
-    sx = fake.scale_from_absmax(self.amax[w.op], w.rule.act_bits)
+    else:
+      sx = fake.scale_from_absmax(self.amax[w.op], w.rule.act_bits)
     self.records.append(Record(w.op, name, True))
     return int8_contract(eqn, invals[1 - wpos], w.q, sx, wpos, w.rule.act_bits, w.op)
 

@@ -475,7 +475,9 @@ def int8_apply(model: Any, qvariables: Any, calibration: Any = None,
     qvariables: linen: ``{"params": quantize_params(params, rules), ...}``; NNX:
       ``quantize_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), rules)``.
     calibration: ``quant_stats`` tree from :func:`calibrate` or QAT (linen collection,
-      NNX ``nnx.state(qat_model, QuantStat)``); default ``qvariables["quant_stats"]``.
+      NNX ``nnx.state(qat_model, QuantStat)``); default ``qvariables["quant_stats"]``;
+      ``"dynamic"``: per-token dynamic activation scales computed inside each int8 op
+      from its input (``max_k |x[t, k]| / 127`` per row; no calibration needed).
     *args, **kwargs: model inputs, as for ``model.apply``.
     rules: the rules used for :func:`quantize_params` (they carry ``act_bits``).
     strict: raise instead of warning when a quantized weight is consumed in float.
@@ -494,7 +496,7 @@ def int8_apply(model: Any, qvariables: Any, calibration: Any = None,
       with _Tracing():
         return nnx.merge(gd, jax.tree.unflatten(sdef, lv))(*a, **kw)
 
-    out, mode = _serve(fn, leaves, paths, (args, kwargs), rs, bits, flat_stats(calibration))
+    out, mode = _serve(fn, leaves, paths, (args, kwargs), rs, bits, _amax(calibration))
     _check_coverage(mode.records, strict)
     return out
   apply_fn = model.apply if isinstance(model, nn.Module) else model
@@ -513,9 +515,19 @@ def int8_apply(model: Any, qvariables: Any, calibration: Any = None,
     a, kw = r
     return apply_fn(jax.tree.unflatten(treedef, lv), *a, **kw)
 
-  out, mode = _serve(fn, leaves, paths, (args, kwargs), rs, bits, flat_stats(calibration))
+  out, mode = _serve(fn, leaves, paths, (args, kwargs), rs, bits, _amax(calibration))
   _check_coverage(mode.records, strict)
   return out
+
+
+def _amax(calibration):
+  """``flat_stats(calibration)``, or ``None`` (per-token dynamic scales) for "dynamic"."""
+  if isinstance(calibration, str):
+    if calibration != "dynamic":
+      raise ValueError(f"int8_apply: calibration must be a quant_stats tree or 'dynamic', "
+                       f"got {calibration!r}")
+    return None
+  return flat_stats(calibration)
 
 
 # --------------------------------------------------------------------------- coverage

@@ -8,6 +8,16 @@ With a per-tensor activation scale ``s_x`` and per-output-channel weight scale `
     y   = float32(acc) * (s_x * s_w)                                (s_w broadcast to y)
 
 which equals the fake-quantized float computation up to float summation order.
+
+``x_scale=None`` selects **per-token dynamic** activation scales, computed inside the
+(jitted) op from the activation itself: one scale per row of ``x``, i.e. per index of
+its non-contracted axes (per example for a convolution, whose outputs mix positions)::
+
+    s_x[t] = max_k |x[t, k]| / (2^(b-1) - 1)      (1 where the row is 0)
+    y[t, n] = float32(acc[t, n]) * s_x[t] * s_w[n]
+
+The contraction stays ``s8 x s8 -> s32``; the row maximum is one extra reduction over
+``x``.
 ``preferred_element_type=int32`` keeps XLA on its integer GEMM path (s8 x s8 -> s8 falls
 off it). XLA:CPU widens the s8 operands to s32 inside the compiled program (it has no
 s8 GEMM); GPU/TPU keep s8. :func:`int8_dot_census` reports both the op the program
@@ -35,6 +45,14 @@ def quantize_activation(x: jax.Array, scale: jax.Array, bits: int = 8) -> jax.Ar
   return jnp.clip(jnp.round(x.astype(jnp.float32) * (1.0 / scale)), -hi, hi).astype(jnp.int8)
 
 
+def dynamic_scale(x: jax.Array, axes, bits: int = 8) -> jax.Array:
+  """Per-row scale ``max |x| / (2^(b-1) - 1)`` over ``axes`` (kept with size 1), float32;
+  1 where the row is all zero."""
+  hi = 2 ** (bits - 1) - 1
+  a = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=tuple(axes), keepdims=True)
+  return jnp.where(a > 0, a / hi, 1.0)
+
+
 def _check_weight(w: QArray, op: str) -> None:
   if not isinstance(w, QArray):
     raise TypeError(f"{op}: int8 op needs a QArray weight, got {type(w).__name__}")
@@ -56,15 +74,20 @@ def _scale_keep(w: QArray, contracted, op: str):
   return kept, s.reshape([s.shape[a] for a in kept])
 
 
-def int8_dot_general(x: jax.Array, w: QArray, x_scale: jax.Array, dimension_numbers, *,
+def int8_dot_general(x: jax.Array, w: QArray, x_scale: jax.Array | None, dimension_numbers, *,
                      out_dtype=None, op: str = "dot_general", act_bits: int = 8) -> jax.Array:
   """``dot_general(x, dequantize(w))`` computed as s8 x s8 -> s32 and rescaled.
 
+  ``x_scale``: the per-tensor activation scale, or ``None`` for per-token dynamic scales
+  (one per index of ``x``'s non-contracted axes, computed here; module docstring).
   ``act_bits``: the activation codes are clipped to ``±(2^(act_bits-1) - 1)``.
   """
   _check_weight(w, op)
   (lc, rc), (lb, rb) = dimension_numbers
   kept, s = _scale_keep(w, tuple(rc), op)
+  dynamic = x_scale is None
+  if dynamic:   # per token: one scale per index of x's batch and free axes
+    x_scale = dynamic_scale(x, lc, act_bits)
   acc = lax.dot_general(quantize_activation(x, x_scale, act_bits), int_values(w), dimension_numbers,
                         preferred_element_type=jnp.int32)
   # output layout: batch dims (rhs order rb), lhs free dims, rhs free dims
@@ -73,11 +96,17 @@ def int8_dot_general(x: jax.Array, w: QArray, x_scale: jax.Array, dimension_numb
   order = [kept.index(a) for a in rb] + [kept.index(a) for a in rfree]
   s = jnp.transpose(s, order)
   shape = list(s.shape[:len(rb)]) + [1] * n_lhs_free + list(s.shape[len(rb):])
+  if dynamic:   # x's (batch, free) axes into the output's (batch, lhs free) layout
+    rest = [a for a in range(x.ndim) if a not in lc]
+    lfree = [a for a in rest if a not in lb]
+    sx = jnp.transpose(jnp.squeeze(x_scale, tuple(lc)),
+                       [rest.index(a) for a in lb] + [rest.index(a) for a in lfree])
+    x_scale = sx.reshape(sx.shape + (1,) * len(rfree))
   y = acc.astype(jnp.float32) * (s.reshape(shape) * x_scale)
   return y.astype(out_dtype or x.dtype)
 
 
-def int8_einsum(eq: str, x: jax.Array, w: QArray, x_scale: jax.Array, *, out_dtype=None,
+def int8_einsum(eq: str, x: jax.Array, w: QArray, x_scale: jax.Array | None, *, out_dtype=None,
                 op: str = "einsum", act_bits: int = 8) -> jax.Array:
   """``einsum(eq, x, dequantize(w))`` as an s8 x s8 -> s32 einsum, rescaled after."""
   _check_weight(w, op)
@@ -88,6 +117,13 @@ def int8_einsum(eq: str, x: jax.Array, w: QArray, x_scale: jax.Array, *, out_dty
     raise ValueError(f"{op}: int8 einsum needs explicit kernel subscripts, got {eq!r}")
   contracted = tuple(i for i, c in enumerate(k_sub) if c not in out)
   kept, s = _scale_keep(w, contracted, op)
+  x_sub = ins.split(",")[0]
+  dynamic = x_scale is None
+  if dynamic:
+    if "." in x_sub or "." in out:
+      raise ValueError(f"{op}: per-token dynamic scales (x_scale=None) need explicit "
+                       f"einsum subscripts, got {eq!r}")
+    x_scale = dynamic_scale(x, [i for i, c in enumerate(x_sub) if c not in out], act_bits)
   acc = jnp.einsum(eq, quantize_activation(x, x_scale, act_bits), int_values(w),
                    preferred_element_type=jnp.int32)
   letters = out.replace("...", "." * (acc.ndim - len(out.replace("...", ""))))
@@ -96,6 +132,11 @@ def int8_einsum(eq: str, x: jax.Array, w: QArray, x_scale: jax.Array, *, out_dty
   s = jnp.transpose(s, order)
   sorted_letters = [kept_letters[i] for i in order]
   shape = [s.shape[sorted_letters.index(c)] if c in sorted_letters else 1 for c in letters]
+  if dynamic:   # x's kept letters, in the output's order
+    xk = [c for c in x_sub if c in out]
+    sx = jnp.squeeze(x_scale, tuple(i for i, c in enumerate(x_sub) if c not in out))
+    sx = jnp.transpose(sx, sorted(range(len(xk)), key=lambda i: letters.index(xk[i])))
+    x_scale = sx.reshape([x.shape[x_sub.index(c)] if c in xk else 1 for c in letters])
   y = acc.astype(jnp.float32) * (s.reshape(shape) * x_scale)
   return y.astype(out_dtype or x.dtype)
 
@@ -115,7 +156,7 @@ def int8_conv_supported(backend: str | None = None) -> bool:
     return False
 
 
-def int8_conv(x: jax.Array, w: QArray, x_scale: jax.Array, window_strides, padding, *,
+def int8_conv(x: jax.Array, w: QArray, x_scale: jax.Array | None, window_strides, padding, *,
               lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
               feature_group_count: int = 1, out_dtype=None, op: str = "conv",
               act_bits: int = 8) -> jax.Array:
@@ -131,6 +172,12 @@ def int8_conv(x: jax.Array, w: QArray, x_scale: jax.Array, window_strides, paddi
   _, s = _scale_keep(w, contracted, op)
   kw = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dn,
             feature_group_count=feature_group_count)
+  if x_scale is None:   # per example (an output position mixes input positions)
+    x_scale = dynamic_scale(x, [a for a in range(x.ndim) if a != dn.lhs_spec[0]], act_bits)
+    out_scale = jnp.reshape(x_scale, (-1,) + (1,) * (x.ndim - 1))
+    out_scale = jnp.moveaxis(out_scale, 0, dn.out_spec[0])
+  else:
+    out_scale = x_scale
   qx = quantize_activation(x, x_scale, act_bits)
   if int8_conv_supported():
     acc = lax.conv_general_dilated(qx, int_values(w), window_strides, padding,
@@ -143,7 +190,7 @@ def int8_conv(x: jax.Array, w: QArray, x_scale: jax.Array, window_strides, paddi
                                    window_strides, padding, **kw)
   shape = [1] * acc.ndim
   shape[out_feat_y] = s.shape[0]
-  y = acc * (s.reshape(shape) * x_scale)
+  y = acc * (s.reshape(shape) * out_scale)
   return y.astype(out_dtype or x.dtype)
 
 

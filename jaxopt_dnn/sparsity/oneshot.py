@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_dnn import _tree
-from jaxopt_dnn.quant.capture import kernel_2d, run_sequential, set_leaves
+from jaxopt_dnn.quant.capture import Capture, Stats, kernel_2d, run_sequential, set_leaves
 from jaxopt_dnn.quant.gptq import inverse_cholesky_upper, prepare_hessian
 from jaxopt_dnn.quant.qarray import is_qarray
 from jaxopt_dnn.sparsity.masks import dense_marker
@@ -147,6 +147,60 @@ def sparsegpt_solve(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5,
   return jnp.where(keep, wt[:, :k].T, 0.0), keep
 
 
+def float_target(w2: jax.Array, h: jax.Array, d: jax.Array, damp: float) -> jax.Array:
+  """``W* = W + (H + lambda I)^-1 D W``: the kernel whose (damped) reconstruction on the
+  pruned model's inputs best matches the **float** model's outputs.
+
+  With ``X_q`` the inputs the already-pruned earlier layers produce and ``X_f`` the float
+  model's, ``H = 2 X_q^T X_q``, ``D = 2 X_q^T (X_f - X_q)`` and
+  ``lambda = damp * mean(diag H)`` (SparseGPT's damping)::
+
+    ||X_f W - X_q W'||^2 + lambda ||W' - W||^2 = ||X_q (W' - W*)||^2 + lambda ||W' - W*||^2 + c
+
+  so SparseGPT (which minimises the right side's first two terms) run on ``W*`` instead
+  of ``W`` prunes towards the float outputs: the error of the earlier pruned layers is
+  compensated instead of carried forward. ``X_q = X_f`` gives ``W* = W``.
+  """
+  h = h.astype(jnp.float32)
+  dg = jnp.diag(h)
+  dead = dg <= 0
+  h = h + jnp.diag(dead.astype(h.dtype))
+  lam = damp * jnp.mean(jnp.diag(h))
+  hd = h + lam * jnp.eye(h.shape[0], dtype=h.dtype)
+  delta = jax.scipy.linalg.solve(hd, d.astype(jnp.float32) @ w2, assume_a="pos")
+  return w2 + jnp.where(dead[:, None], 0.0, delta)
+
+
+def _sequential_float_targets(apply_fn, variables, batches, select, layer, *, damp,
+                              max_batches):
+  """:func:`~jaxopt_dnn.quant.capture.run_sequential` for SparseGPT with float targets:
+  each round's inputs are captured with the earlier rounds pruned (``X_q``) and on the
+  float model (``X_f``); each kernel is pruned from :func:`float_target`."""
+  cap = Capture(apply_fn, variables, batches, select, max_batches=max_batches,
+                where="oneshot")
+  if not cap.ops:
+    raise ValueError("oneshot: no Dense/DenseGeneral (nnx.Linear/LinearGeneral) kernel "
+                     "was chosen by the rules and ran on the calibration batches")
+  out: dict[str, Any] = {}
+  cur = cap.params
+  for r, ops in enumerate(cap.rounds()):
+    xq = [x.astype(jnp.float32) for x in cap.outputs(cur, ops[0])]
+    h = 2.0 * sum(x.T @ x for x in xq)
+    d = None
+    if r and out:
+      xf = [x.astype(jnp.float32) for x in cap.outputs(cap.params, ops[0])]
+      d = 2.0 * sum(a.T @ (b - a) for a, b in zip(xq, xf))
+    st = Stats(h, sum(jnp.sum(x * x, 0) for x in xq), None, None,
+               sum(x.shape[0] for x in xq), None)
+    for o in ops:
+      w = cap.leaves[o.kernel]
+      if d is not None:
+        w = float_target(kernel_2d(w, o.n_in), h, d, damp).reshape(o.shape).astype(w.dtype)
+      out[o.kernel] = layer(o, w, st)
+    cur = set_leaves(cur, {o.kernel: out[o.kernel][0] for o in ops})
+  return cap, out
+
+
 def _check(sparsity, n, m, method):
   if method not in METHODS:
     raise ValueError(f"oneshot: method must be one of {METHODS}, got {method!r}")
@@ -161,10 +215,36 @@ def _check(sparsity, n, m, method):
     raise ValueError(f"oneshot: sparsity must be a float in [0, 1), got {sparsity!r}")
 
 
+def prune_layer(o, w: jax.Array, stat: jax.Array | None, *, method: str = "sparsegpt",
+                sparsity: float = 0.5, n: int | None = None, m: int | None = None,
+                damp: float = 0.1, block_size: int = 128):
+  """Prunes one captured kernel ``w`` (``o``: its :class:`~jaxopt_dnn.quant.capture.OpInfo`).
+
+  ``stat``: the input Hessian ``2 X^T X`` (``(K, K)``) for SparseGPT, the per-input
+  ``sum_t X_tj^2`` (``(K,)``) for Wanda, unused by magnitude. Returns ``(kernel of w's
+  shape and dtype, keep-mask of w's shape)``.
+  """
+  _check(sparsity, n, m, method)
+  if n is not None and o.k % m:
+    raise ValueError(f"oneshot: leaf {o.kernel!r} {o.shape}: its contraction (the first "
+                     f"{o.n_in} axes) has length K={o.k}, which is not a multiple of m={m}, "
+                     "so there are no N:M groups along it; exclude it with `rules`")
+  w2 = kernel_2d(w, o.n_in)
+  k_remove = 0 if n is not None else int(np.round(sparsity * o.k))
+  if method == "sparsegpt":
+    new, keep = sparsegpt_solve(w2, stat, sparsity=float(sparsity), n=n, m=m,
+                                damp=float(damp), block_size=block_size)
+  else:
+    score = jnp.abs(w2) if method == "magnitude" else wanda_score(w2, stat)
+    keep = score_mask(score, k_remove=k_remove, n=n, m=m)
+    new = jnp.where(keep, w2, 0.0)
+  return new.reshape(o.shape).astype(w.dtype), keep.reshape(o.shape)
+
+
 def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any], *,
             method: str = "wanda", sparsity: float = 0.5, n: int | None = None,
             m: int | None = None, rules: Any = None, damp: float = 0.1,
-            sequential: bool = True, block_size: int = 128,
+            sequential: bool = True, block_size: int = 128, float_targets: bool = False,
             max_batches: int | None = None, log: Callable[[str], Any] | None = None):
   """One-shot pruning of a linen or NNX model's kernels from calibration batches.
 
@@ -184,6 +264,10 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
       32 calibration sentences, 50% min-cosine 0.835 at 0.01 vs 0.865 at 0.1; 2:4 0.723
       vs 0.787).
     sequential: calibrate each round on the outputs of the already-pruned layers.
+    float_targets: SparseGPT (sequential) prunes each kernel towards the **float**
+      model's outputs (:func:`float_target`: the earlier layers' pruning error is
+      compensated, not carried forward); ``False``: towards its own outputs on the
+      pruned inputs (the SparseGPT paper).
     block_size: SparseGPT's block (also the adaptive mask-selection block).
     max_batches: use at most this many batches.
     log: called with one line per layer.
@@ -209,26 +293,20 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
     select = lambda p, x: p in chosen  # noqa: E731
 
   def layer(o, w, st):
-    if n is not None and o.k % m:
-      raise ValueError(f"oneshot: leaf {o.kernel!r} {o.shape}: its contraction (the first "
-                       f"{o.n_in} axes) has length K={o.k}, which is not a multiple of m={m}, "
-                       "so there are no N:M groups along it; exclude it with `rules`")
-    w2 = kernel_2d(w, o.n_in)
-    k_remove = 0 if n is not None else int(np.round(sparsity * o.k))
-    if method == "sparsegpt":
-      new, keep = sparsegpt_solve(w2, st.hessian, sparsity=float(sparsity), n=n, m=m,
-                                  damp=float(damp), block_size=block_size)
-    else:
-      score = jnp.abs(w2) if method == "magnitude" else wanda_score(w2, st.sq)
-      keep = score_mask(score, k_remove=k_remove, n=n, m=m)
-      new = jnp.where(keep, w2, 0.0)
+    new, keep = prune_layer(o, w, st.hessian if method == "sparsegpt" else st.sq,
+                            method=method, sparsity=sparsity, n=n, m=m, damp=damp,
+                            block_size=block_size)
     if log is not None:
       log(f"oneshot[{method}]: {o.kernel} {o.shape} zeros {int((~keep).sum())}/{keep.size}")
-    return new.reshape(o.shape).astype(w.dtype), keep.reshape(o.shape)
+    return new, keep
 
-  cap, out = run_sequential("oneshot", apply_fn, variables, batches, select, layer,
-                            sequential=sequential, max_batches=max_batches,
-                            as_float=lambda r: r[0], hessian=(method == "sparsegpt"))
+  if method == "sparsegpt" and sequential and float_targets:
+    cap, out = _sequential_float_targets(apply_fn, variables, batches, select, layer,
+                                         damp=float(damp), max_batches=max_batches)
+  else:
+    cap, out = run_sequential("oneshot", apply_fn, variables, batches, select, layer,
+                              sequential=sequential, max_batches=max_batches,
+                              as_float=lambda r: r[0], hessian=(method == "sparsegpt"))
   if rules is not None:
     missing = sorted(set(chosen) - set(out))
     if missing:
