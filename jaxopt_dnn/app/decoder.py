@@ -127,14 +127,21 @@ def gguf_types(path: str | None = None) -> dict[str, str]:
   return dict(_read(path or gguf_path())[2])
 
 
-def load(path: str | None = None) -> tuple[LlamaConfig, dict]:
+def load(path: str | None = None, layers: int | None = None) -> tuple[LlamaConfig, dict]:
   """Reads a Llama GGUF into ``(config, params)``, every tensor dequantized to float32.
+
+  ``layers``: keep only the first this many blocks (a shallower model with the real
+  weights, for quick demos; ``None``: all).
 
   Params tree: ``embed/embedding (V, D)``, ``layers_i/{attn_norm,mlp_norm}/scale``,
   ``layers_i/attn/{q,k,v,o}/kernel``, ``layers_i/mlp/{gate,up,down}/kernel`` (``(in,
   out)``), ``norm/scale``. GGUF stores a matrix as ``(out, in)``: kernels are transposed.
   """
   cfg, t, _, _ = _read(path or gguf_path())
+  if layers is not None:
+    if not 1 <= layers <= cfg.n_layers:
+      raise ValueError(f"load: layers must be in [1, {cfg.n_layers}], got {layers!r}")
+    cfg = dataclasses.replace(cfg, n_layers=int(layers))
   params: dict[str, Any] = {"embed": {"embedding": t["token_embd.weight"]},
                             "norm": {"scale": t["output_norm.weight"]}}
   names = {"attn": {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output"},
