@@ -96,6 +96,18 @@ def _field(reader, key):
   return reader.fields[key].contents()
 
 
+class _Lazy(dict):
+  """name -> float32 array, each GGUF tensor dequantized on first access."""
+
+  def __getitem__(self, name):
+    t = super().__getitem__(name)
+    if not isinstance(t, np.ndarray):
+      import gguf
+      t = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+      super().__setitem__(name, t)
+    return t
+
+
 @functools.lru_cache(maxsize=2)
 def _read(path: str):
   import gguf
@@ -103,8 +115,7 @@ def _read(path: str):
   arch = _field(r, "general.architecture")
   if arch != "llama":
     raise ValueError(f"gguf: only architecture 'llama' is supported, got {arch!r}")
-  tensors = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-             for t in r.tensors}
+  tensors = _Lazy({t.name: t for t in r.tensors})
   kinds = {t.name: t.tensor_type.name for t in r.tensors}
   g = lambda k: _field(r, f"llama.{k}")  # noqa: E731
   cfg = LlamaConfig(vocab=len(r.fields["tokenizer.ggml.tokens"].data),
