@@ -136,6 +136,7 @@ def test_kv_cache_int8_fp8_bytes_and_accuracy(llama):
   assert census.lowered.float == census.lowered.total and census.compiled.integer == 0
 
 
+@pytest.mark.slow
 def test_weight_only_and_w8a8_census(llama):
   dec, v = llama
   base, _ = _step_census(dec, v)
@@ -169,6 +170,7 @@ def test_weight_only_and_w8a8_census(llama):
   assert kl < 0.05
 
 
+@pytest.mark.slow
 def test_gptq_plan_composes(llama):
   dec, v = llama
   toks = np.asarray(jax.random.randint(jax.random.key(7), (4, 16), 0, CFG.vocab))
