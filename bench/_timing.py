@@ -33,6 +33,24 @@ def alternate(contenders: dict[str, Callable[[], object]], *, rounds: int = 10,
   return {k: statistics.median(v) for k, v in times.items()}
 
 
+def alternate_samples(contenders: dict[str, Callable[[], object]], *, rounds: int = 10,
+                      reps: int = 20, warmup: int = 3) -> dict[str, list[float]]:
+  """Like :func:`alternate`, but every per-call time (seconds) of every contender."""
+  for fn in contenders.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times: dict[str, list[float]] = {k: [] for k in contenders}
+  for r in range(rounds):
+    order = list(contenders) if r % 2 == 0 else list(reversed(contenders))
+    for name in order:
+      fn = contenders[name]
+      for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times[name].append(time.perf_counter() - t)
+  return times
+
+
 def machine() -> str:
   return (f"{platform.processor() or platform.machine()}, jax {jax.__version__}, "
           f"backend {jax.default_backend()}, {jax.device_count()} device(s)")

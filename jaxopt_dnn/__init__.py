@@ -11,6 +11,8 @@ Public modules (everything not listed here is private):
 * :mod:`jaxopt_dnn.lora`      - LoRA / QLoRA adapters on a frozen float, bf16, int8, int4 or NF4 base.
 * :mod:`jaxopt_dnn.distill`, :mod:`jaxopt_dnn.fold` - distillation loss, BatchNorm folding.
 * :mod:`jaxopt_dnn.checkpoint` - orbax checkpoints.
+* :mod:`jaxopt_dnn.decode`    - decoder LLMs: KV-cache generation (float/int8/fp8 caches),
+  perplexity, KL and greedy agreement against a reference.
 * :class:`Trainer` (:mod:`jaxopt_dnn.trainer`) - any Flax model, the user's loss and
   optimizer, with pruning, QAT, a precision policy and sharding in ONE jitted step;
   :func:`fit` (:mod:`jaxopt_dnn.loop`) - the loop: checkpoints, exact resume, metrics.
@@ -25,6 +27,7 @@ __version__ = "0.1.0"
 from jaxopt_dnn import auto
 from jaxopt_dnn import checkpoint
 from jaxopt_dnn import compile
+from jaxopt_dnn import decode
 from jaxopt_dnn import distill
 from jaxopt_dnn import fold
 from jaxopt_dnn import lora
@@ -35,6 +38,8 @@ from jaxopt_dnn import quant
 from jaxopt_dnn import roles
 from jaxopt_dnn import sparsity
 from jaxopt_dnn import trainer
+from jaxopt_dnn.decode import generate
+from jaxopt_dnn.decode import perplexity
 from jaxopt_dnn.loop import fit
 from jaxopt_dnn.trainer import PruneConfig
 from jaxopt_dnn.trainer import QuantConfig
