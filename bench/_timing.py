@@ -18,18 +18,7 @@ def alternate(contenders: dict[str, Callable[[], object]], *, rounds: int = 10,
   each call) and records the per-call times; contenders take turns every round so that
   machine noise hits them alike.
   """
-  for fn in contenders.values():
-    for _ in range(warmup):
-      jax.block_until_ready(fn())
-  times: dict[str, list[float]] = {k: [] for k in contenders}
-  for r in range(rounds):
-    order = list(contenders) if r % 2 == 0 else list(reversed(contenders))
-    for name in order:
-      fn = contenders[name]
-      for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times[name].append(time.perf_counter() - t)
+  times = alternate_samples(contenders, rounds=rounds, reps=reps, warmup=warmup)
   return {k: statistics.median(v) for k, v in times.items()}
 
 

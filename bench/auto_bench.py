@@ -26,6 +26,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+import _results  # noqa: E402  (bench/ is the script's directory)
 
 START, END = "<!-- auto_bench:start -->", "<!-- auto_bench:end -->"
 BUDGETS = (4.25, 4.5, 5.0, 6.0)
@@ -205,15 +206,7 @@ def main() -> None:
   print(text)
   if a.no_write:
     return
-  path = os.path.join(HERE, "RESULTS.md")
-  old = open(path).read() if os.path.exists(path) else ""
-  block = f"{START}\n{text}\n{END}"
-  if START in old and END in old:
-    new = old[:old.index(START)] + block + old[old.index(END) + len(END):]
-  else:
-    new = old.rstrip("\n") + "\n\n" + block + "\n"
-  with open(path, "w") as f:
-    f.write(new)
+  _results.write_section(f"{START}\n{text}\n{END}", START, END)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import _results  # noqa: E402
 import _timing  # noqa: E402
 from jaxopt_dnn import decode, quant  # noqa: E402
 from jaxopt_dnn._hlo import census_from_hlo  # noqa: E402
@@ -190,15 +191,7 @@ def main():
   text = "\n".join(lines)
   print("\n" + text)
   if not a.no_write:
-    path = os.path.join(HERE, "RESULTS.md")
-    old = open(path).read() if os.path.exists(path) else ""
-    if START in old and END in old:
-      new = old[:old.index(START)] + text + old[old.index(END) + len(END):]
-    else:
-      new = old.rstrip() + "\n\n" + text + "\n"
-    with open(path, "w") as fh:
-      fh.write(new)
-    print(f"updated {path}")
+    _results.write_section(text, START, END)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+import _results  # noqa: E402  (bench/ is the script's directory)
 
 START, END = "<!-- lora_bench:start -->", "<!-- lora_bench:end -->"
 
@@ -184,14 +185,7 @@ def main() -> None:
              "and embeddings on the 32 calibration sentences, each batch half sentences, half "
              "random windows of their token stream; cosines on the 64 held-out "
              "sentences).\n\n" + text + f"\n{END}")
-  path = os.path.join(HERE, "RESULTS.md")
-  old = open(path).read() if os.path.exists(path) else ""
-  if START in old:
-    new = old[:old.index(START)] + section + old[old.index(END) + len(END):]
-  else:
-    new = old.rstrip() + "\n\n" + section + "\n"
-  with open(path, "w") as fh:
-    fh.write(new)
+  _results.write_section(section, START, END)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+import _results  # noqa: E402  (bench/ is the script's directory)
 
 START, END = "<!-- ptq_bench:start -->", "<!-- ptq_bench:end -->"
 
@@ -167,15 +168,7 @@ def main() -> None:
   text = "\n".join(lines)
   print("\n" + text)
   if not a.no_write:
-    path = os.path.join(HERE, "RESULTS.md")
-    old = open(path).read() if os.path.exists(path) else ""
-    if START in old and END in old:
-      new = old[:old.index(START)] + text + old[old.index(END) + len(END):]
-    else:
-      new = old.rstrip() + "\n\n" + text + "\n"
-    with open(path, "w") as fh:
-      fh.write(new)
-    print(f"updated {path}")
+    _results.write_section(text, START, END)
 
 
 def P_leaves(tree):
