@@ -430,14 +430,19 @@ def _global_view_interceptor(next_fun, args, kwargs, context):
   cross-replica mean, and the ``pmean`` would fail (unbound axis name). Names that an
   enclosing ``shard_map`` / ``vmap`` binds are kept.
   """
-  mod = context.module
+  return _call_in_global_view(context.module, next_fun, *args, **kwargs)
+
+
+def _call_in_global_view(mod: Any, call: Callable, *args, **kwargs):
+  """``call(*args, **kwargs)`` with ``mod.axis_name`` stripped of its unbound names
+  (:func:`_unbound`) meanwhile, then restored; linen and NNX modules alike."""
   old = getattr(mod, "axis_name", None)
   new, changed = _unbound(old)
   if not changed:
-    return next_fun(*args, **kwargs)
+    return call(*args, **kwargs)
   object.__setattr__(mod, "axis_name", new)
   try:
-    return next_fun(*args, **kwargs)
+    return call(*args, **kwargs)
   finally:
     object.__setattr__(mod, "axis_name", old)
 
@@ -456,15 +461,7 @@ def _global_view_class(cls: type) -> type:
   """NNX: a subclass of ``cls`` whose ``__call__`` unsets unbound ``axis_name``s (see
   :func:`_global_view_interceptor`) while it runs."""
   def __call__(self, *args, **kwargs):
-    old = self.axis_name
-    new, changed = _unbound(old)
-    if not changed:
-      return cls.__call__(self, *args, **kwargs)
-    object.__setattr__(self, "axis_name", new)
-    try:
-      return cls.__call__(self, *args, **kwargs)
-    finally:
-      object.__setattr__(self, "axis_name", old)
+    return _call_in_global_view(self, cls.__call__, self, *args, **kwargs)
   return type(f"GlobalView{cls.__name__}", (cls,), {"__call__": __call__})
 
 
