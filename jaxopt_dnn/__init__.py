@@ -41,7 +41,7 @@ from jaxopt_dnn import trainer
 from jaxopt_dnn.decode import generate
 from jaxopt_dnn.decode import perplexity
 from jaxopt_dnn.loop import fit
-from jaxopt_dnn.trainer import PruneConfig
-from jaxopt_dnn.trainer import QuantConfig
+from jaxopt_dnn.train_state import PruneConfig
+from jaxopt_dnn.train_state import QuantConfig
+from jaxopt_dnn.train_state import TrainState
 from jaxopt_dnn.trainer import Trainer
-from jaxopt_dnn.trainer import TrainState

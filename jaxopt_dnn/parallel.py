@@ -27,9 +27,11 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxopt_dnn import _tree
@@ -378,3 +380,59 @@ def initialize_distributed(coordinator_address: str | None = None,
           "or devices already exist in this process. Call it first thing in the program, "
           "before creating any jax.Array or calling jax.devices().") from e
     raise
+
+
+# ------------------------------------------------------------------- sharding
+
+
+def is_logical_rules(value: Any) -> bool:
+  return (isinstance(value, (tuple, list)) and len(value) > 0 and all(
+      isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str)
+      and (r[1] is None or isinstance(r[1], (str, tuple))) for r in value))
+
+
+def fsdp_axis(mesh: Mesh) -> str | tuple[str, ...] | None:
+  """The mesh axis FSDP shards over: ``fsdp`` if it has > 1 device, else the batch axes."""
+  if mesh.shape.get("fsdp", 1) > 1:
+    return "fsdp"
+  axes = tuple(a for a in batch_axes(mesh) if mesh.shape[a] > 1)
+  return axes[0] if len(axes) == 1 else (axes or None)
+
+
+def fsdp_shardings(params: PyTree, mesh: Mesh) -> PyTree:
+  axis = fsdp_axis(mesh)
+  size = 1 if axis is None else int(np.prod([mesh.shape[a] for a in
+                                             (axis if isinstance(axis, tuple) else (axis,))]))
+
+  def one(x):
+    spec = fsdp_spec(np.shape(x), size, axis) if axis else P()
+    return NamedSharding(mesh, spec)
+  return jax.tree.map(one, params)
+
+
+def logical_specs(boxed_params: PyTree, rules: Sequence[tuple[str, Any]], mesh: Mesh,
+                   nnx_state: Any = None) -> PyTree:
+  """Mesh ``PartitionSpec`` of every param from its logical-axis annotation.
+
+  linen: ``nn.LogicallyPartitioned`` / ``nn.Partitioned`` boxes; NNX: the variables'
+  ``out_sharding`` metadata. Unannotated leaves are replicated.
+  """
+  if nnx_state is not None:
+    names = nnx.get_partition_spec(nnx_state)
+    names = nnx.to_pure_dict(names)
+  else:
+    names = nn.get_partition_spec(boxed_params)
+  rules = tuple((str(k), v) for k, v in rules)
+  return jax.tree.map(lambda s: nn.logical_to_mesh_axes(tuple(s), rules)
+                      if isinstance(s, P) else P(), names,
+                      is_leaf=lambda s: isinstance(s, P))
+
+
+def checked_shardings(specs: PyTree, params: PyTree, mesh: Mesh) -> PyTree:
+  out = []
+  leaves, treedef = jax.tree.flatten(params)
+  spec_leaves = treedef.flatten_up_to(specs)
+  for (path, x), spec in zip(_tree.leaves_with_paths(params), spec_leaves):
+    spec = check_spec(P(*spec), mesh, path, tuple(np.shape(x)))
+    out.append(NamedSharding(mesh, spec))
+  return jax.tree.unflatten(treedef, out)

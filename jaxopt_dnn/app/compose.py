@@ -24,7 +24,8 @@ from jaxopt_dnn import roles as roles_lib
 from jaxopt_dnn import sparsity as sparsity_lib
 from jaxopt_dnn.app.recipe import OptimizerConfig, PruneConfig, Recipe
 from jaxopt_dnn.app import train as train_lib
-from jaxopt_dnn.trainer import Trainer, TrainState
+from jaxopt_dnn.train_state import TrainState
+from jaxopt_dnn.trainer import Trainer
 from flax import nnx
 
 PyTree = Any

@@ -19,7 +19,7 @@ import optax
 
 from jaxopt_dnn import loop
 from jaxopt_dnn.app import data as data_lib
-from jaxopt_dnn.trainer import TrainState  # noqa: F401  (re-export for app code)
+from jaxopt_dnn.train_state import TrainState  # noqa: F401  (re-export for app code)
 
 PyTree = Any
 

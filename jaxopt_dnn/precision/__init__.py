@@ -20,6 +20,7 @@ from jaxopt_dnn.precision.loss_scale import guarded_update
 from jaxopt_dnn.precision.loss_scale import select_tree
 from jaxopt_dnn.precision.loss_scale import value_and_grad
 from jaxopt_dnn.precision.policy import DEFAULT_EXCEPTIONS
+from jaxopt_dnn.precision.policy import nnx_apply_policy
 from jaxopt_dnn.precision.policy import ComputeCensus
 from jaxopt_dnn.precision.policy import Policy
 from jaxopt_dnn.precision.policy import as_dtype

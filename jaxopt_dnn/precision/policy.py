@@ -27,9 +27,11 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxopt_dnn import _tree
 from jaxopt_dnn.quant.qarray import is_qarray
@@ -296,14 +298,9 @@ def _nnx_call(apply_fn, policy: Policy, model, args, kwargs):
   """NNX: runs ``apply_fn`` on a clone with compute-dtype params and module dtypes; the
   updated non-parameter state (BatchNorm statistics, RNG counts) is written back to
   ``model`` in the parameter dtype."""
-  from flax import nnx  # noqa: PLC0415
-
   gd, params, rest = nnx.split(model, nnx.Param, ...)
   clone = nnx.merge(gd, policy.cast_to_compute(params), rest)
-  for _, node in nnx.iter_graph(clone):
-    if isinstance(node, nnx.Module) and _overridable(getattr(node, "dtype", None)):
-      node.dtype = policy.compute_dtype
-  out = apply_fn(clone, *args, **kwargs)
+  out = apply_fn(nnx_apply_policy(clone, policy), *args, **kwargs)
   _, _, new_rest = nnx.split(clone, nnx.Param, ...)
   nnx.update(model, policy.cast_to_param(new_rest))
   return out
@@ -321,9 +318,9 @@ def with_policy(apply_fn: Callable[..., Any], policy: Policy | str, *,
   returned ``(out, state)`` has ``state`` cast back with :meth:`Policy.cast_to_param`.
   With ``override_module_dtype`` (default) every module whose ``dtype`` attribute is a
   floating dtype (``dtype=jnp.float32`` set explicitly, as most Flax code does) computes
-  in ``compute_dtype`` instead: linen through an interceptor, NNX on a clone whose
-  modules get ``dtype = compute_dtype`` (the original module keeps its attributes; its
-  non-parameter state is updated). With ``norm_outputs_in_compute`` (linen) outputs of
+  in ``compute_dtype`` instead: linen through an interceptor, NNX on a clone prepared by
+  :func:`nnx_apply_policy` (the original module keeps its attributes; its non-parameter
+  state is updated). With ``norm_outputs_in_compute`` (linen) outputs of
   normalization modules are cast back to ``compute_dtype``. Gradients flow through the
   casts, so ``grad`` of a loss of the wrapper w.r.t. float32 params is float32. Check
   the result with :func:`compute_census` (or ``Policy.report(tree, fn, *args)``).
@@ -335,9 +332,6 @@ def with_policy(apply_fn: Callable[..., Any], policy: Policy | str, *,
 
   @functools.wraps(apply_fn)
   def wrapped(variables, *args, **kwargs):
-    import flax.linen as nn  # noqa: PLC0415 - linen-only hooks; no-ops for other functions
-    from flax import nnx  # noqa: PLC0415
-
     args = policy.cast_to_compute(args, exceptions=False)
     kwargs = {k: policy.cast_to_compute(v, exceptions=False) for k, v in kwargs.items()}
     if isinstance(variables, nnx.Module):
@@ -359,3 +353,44 @@ def with_policy(apply_fn: Callable[..., Any], policy: Policy | str, *,
     return policy.cast_to_output(out)
 
   return wrapped
+
+
+# ------------------------------------------------------------------- NNX
+
+
+_NORMS = (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm)
+
+
+@functools.lru_cache(maxsize=None)
+def _cast_call_class(cls: type, in_dtype: Any, out_dtype: Any) -> type:
+  """A subclass of ``cls`` whose ``__call__`` casts floating inputs / outputs."""
+  def cast(tree, dt):
+    if dt is None:
+      return tree
+    return jax.tree.map(lambda x: x.astype(dt) if isinstance(x, jax.Array | np.ndarray)
+                        and jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+  def __call__(self, *args, **kwargs):
+    out = cls.__call__(self, *cast(args, in_dtype), **cast(kwargs, in_dtype))
+    return cast(out, out_dtype)
+  return type(f"Policy{cls.__name__}", (cls,), {"__call__": __call__})
+
+
+def nnx_apply_policy(module: nnx.Module, policy: Policy) -> nnx.Module:
+  """Makes an NNX module (a fresh merge, mutated in place) compute in the policy's dtype.
+
+  The top module casts its floating inputs to ``compute_dtype`` and its outputs to
+  ``output_dtype``; submodules with an explicit floating ``dtype`` get
+  ``compute_dtype`` (norms keep theirs: their statistics stay float32) and norm outputs
+  are cast back to ``compute_dtype`` so the layers after them stay in it.
+  """
+  cd, od = policy.compute_dtype, policy.output_dtype
+  for _, node in list(nnx.iter_graph(module)):
+    if not isinstance(node, nnx.Module) or node is module:
+      continue
+    if isinstance(node, _NORMS):
+      node.__class__ = _cast_call_class(type(node), None, cd)
+    elif _overridable(getattr(node, "dtype", None)):
+      object.__setattr__(node, "dtype", cd)
+  module.__class__ = _cast_call_class(type(module), cd, od)
+  return module
