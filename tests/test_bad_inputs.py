@@ -483,3 +483,22 @@ def test_inspect_of_a_damaged_checkpoint_says_corrupted(serve_dir, tmp_path, cap
   rc, err = _cli(capsys, "inspect", ck)
   _assert_one_line(rc, err, "corrupted")
   assert "step 0" in err and "tensorstore_spec" not in err
+
+
+def test_core_imports_no_app_dependency_and_the_app_names_its_extra():
+  """The library core (``import jaxopt_dnn`` and its subpackages) loads none of the app's
+  own dependencies (PyYAML is not checked: flax imports it); a missing one is named with
+  the extra that brings it."""
+  import subprocess
+  import sys
+
+  code = ("import sys, jaxopt_dnn, jaxopt_dnn.quant, jaxopt_dnn.sparsity, jaxopt_dnn.auto, "
+          "jaxopt_dnn.decode, jaxopt_dnn.lora; "
+          "print(sorted(m for m in ('sklearn', 'matplotlib', 'mnist1d', "
+          "'jaxopt_dnn.app') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, check=True).stdout
+  assert out.strip() == "[]", out
+  from jaxopt_dnn.app import require
+  with pytest.raises(ImportError, match=r'no_such_module_xyz.*pip install "jaxopt-dnn\[app\]"'):
+    require("no_such_module_xyz.sub", "the thing")

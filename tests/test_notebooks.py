@@ -106,11 +106,12 @@ def _resolve(cell, cwd, monkeypatch, source=None):
 
 def test_install_cell_source_default_checkout_wheel_or_a_clear_error(tmp_path, monkeypatch):
   cell = _install_cell()
-  assert _resolve(cell, ROOT / "notebooks", monkeypatch) == str(ROOT)   # in a checkout
+  # always with the app extra (the notebooks use its datasets and plots)
+  assert _resolve(cell, ROOT / "notebooks", monkeypatch) == f"{ROOT}[app]"   # in a checkout
   (tmp_path / "jaxopt_dnn-0.1.0-py3-none-any.whl").write_bytes(b"")
-  assert _resolve(cell, tmp_path, monkeypatch) == "jaxopt_dnn-0.1.0-py3-none-any.whl"
+  assert _resolve(cell, tmp_path, monkeypatch) == "jaxopt_dnn-0.1.0-py3-none-any.whl[app]"
   url = "git+https://example.com/me/jaxopt_dnn@v1"
-  assert _resolve(cell, tmp_path, monkeypatch, source=url) == url
+  assert _resolve(cell, tmp_path, monkeypatch, source=url) == f"jaxopt-dnn[app] @ {url}"
   empty = tmp_path / "empty"
   empty.mkdir()
   with pytest.raises(RuntimeError, match="set JAXOPT_DNN_SOURCE"):
@@ -144,7 +145,7 @@ def test_install_cell_installs_the_built_wheel_in_a_fresh_venv(tmp_path):
   p = subprocess.run([str(py), "-c", _install_cell()], cwd=work, env=env, text=True,
                      capture_output=True, timeout=300)
   assert p.returncode == 0, p.stderr
-  assert f"installing jaxopt_dnn from {wheel}" in p.stdout
+  assert f"installing {wheel}[app]" in p.stdout
   q = subprocess.run([str(py), "-c", "import importlib.metadata as m, importlib.util as u; "
                       "print(m.version('jaxopt-dnn'), u.find_spec('jaxopt_dnn').origin)"],
                      cwd=work, env=env, text=True, capture_output=True, timeout=60)

@@ -89,11 +89,11 @@ def test_setup_installs_on_all_workers_from_git_or_wheel():
   assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "n1"]
   text = remote_command(ssh)
   assert r"jax\[tpu\]" in text and "gcsfs" in text
-  assert r"jaxopt-dnn\ @\ git+https://example.com/me/jaxopt_dnn@v0.1" in text
+  assert r"jaxopt-dnn\[app\]\ @\ git+https://example.com/me/jaxopt_dnn@v0.1" in text
   assert "--python 3.12" in text  # JAX needs Python >= 3.11
   wheel_scp, _, ssh = dry("setup.sh", "--wheel", "dist/jaxopt_dnn-0.1.0-py3-none-any.whl")
   assert wheel_scp[5:7] == ["dist/jaxopt_dnn-0.1.0-py3-none-any.whl", "jaxopt-dnn:"]
-  assert '"$HOME/jaxopt_dnn-0.1.0-py3-none-any.whl"' in remote_command(ssh)
+  assert r'"$HOME"/jaxopt_dnn-0.1.0-py3-none-any.whl\[app\]' in remote_command(ssh)
 
 
 def test_setup_installs_from_jaxopt_dnn_source_default_this_checkout():
@@ -111,7 +111,7 @@ def test_setup_installs_from_jaxopt_dnn_source_default_this_checkout():
   assert build[-1] == str(ROOT)
   version = re.search(r'^version = "(.*)"', (ROOT / "pyproject.toml").read_text(), re.M)[1]
   assert wheel_scp[5] == str(ROOT / "dist" / f"jaxopt_dnn-{version}-py3-none-any.whl")
-  assert f'"$HOME/jaxopt_dnn-{version}-py3-none-any.whl"' in remote_command(ssh)
+  assert f'"$HOME"/jaxopt_dnn-{version}-py3-none-any.whl\\[app\\]' in remote_command(ssh)
   url = "git+https://example.com/me/jaxopt_dnn@v0.2"
   _, ssh = run(JAXOPT_DNN_SOURCE=url)         # a requirement: the workers' pip resolves it
   assert shlex.quote(url) in remote_command(ssh) or url in remote_command(ssh)
@@ -237,7 +237,7 @@ def test_setup_quotes_hostile_values_for_the_workers_shell(tmp_path, name):
   assert calls[1] == [uv, "venv", "--python", name, venv]
   assert calls[2] == [uv, "pip", "install", "--python", f"{venv}/bin/python", "--upgrade",
                       "jax[tpu]", "gcsfs",
-                      f"jaxopt-dnn @ git+https://example.com/me/jaxopt_dnn@{name}", name]
+                      f"jaxopt-dnn[app] @ git+https://example.com/me/jaxopt_dnn@{name}", name]
   assert calls[3][0] == f"{venv}/bin/python" and calls[3][1] == "-c"
   # A wheel must carry a wheel's (plain) file name: a hostile one is refused up front.
   p = dry("setup.sh", "--wheel", f"dist/{name}.whl", ok=False)

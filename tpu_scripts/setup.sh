@@ -78,9 +78,9 @@ if [[ -n "$WHEEL" ]]; then
   [[ "$(basename "$WHEEL")" =~ ^[A-Za-z0-9_][A-Za-z0-9_.+!-]*\.whl$ ]] ||
     die "--wheel must be a wheel file named NAME-VERSION-TAGS.whl, got $(quote_arg "$WHEEL")"
   run gcloud compute tpus tpu-vm scp "$WHEEL" "$TPU_NAME:" "${LOCATION[@]}" --worker=all
-  package="\$HOME/$(basename "$WHEEL")"
+  package="\$HOME/$(basename "$WHEEL")[app]"   # with the app extra: train_tpu.py's data
 elif [[ -n "$GIT" ]]; then
-  package="jaxopt-dnn @ git+$GIT${REF:+@$REF}"
+  package="jaxopt-dnn[app] @ git+$GIT${REF:+@$REF}"
 else
   package="$JAXOPT_DNN_SOURCE"   # a requirement the workers' pip resolves
 fi

@@ -41,9 +41,9 @@ def split(x: np.ndarray, y: np.ndarray, *, test_fraction: float, seed: int,
 
 def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
   """scikit-learn's bundled digits as ``(N, 8, 8, 1)`` float32 in [0, 1]."""
-  from sklearn.datasets import load_digits as _sk_digits
+  from jaxopt_dnn.app import require
 
-  d = _sk_digits()
+  d = require("sklearn.datasets", "the digits dataset").load_digits()
   x = (d.images.astype(np.float32) / 16.0)[..., None]
   y = d.target.astype(np.int32)
   return split(x, y, test_fraction=test_fraction, seed=seed, num_classes=10, name="digits")
@@ -78,11 +78,9 @@ def load_mnist1d(*, num_samples: int = 5000, train_split: float = 0.8,
     raise ValueError(f"mnist1d: train_split must be in (0, 1), got {train_split}")
   key = (num_samples, float(train_split), int(seed))
   if key not in _MNIST1D_CACHE:
-    try:
-      from mnist1d.data import get_dataset_args, make_dataset
-    except ImportError:
-      raise ImportError("the MNIST-1D dataset needs the mnist1d package: pip install mnist1d "
-                        "(it generates the data; nothing is downloaded)") from None
+    from jaxopt_dnn.app import require
+    mnist1d_data = require("mnist1d.data", "the MNIST-1D dataset (generated, not downloaded)")
+    get_dataset_args, make_dataset = mnist1d_data.get_dataset_args, mnist1d_data.make_dataset
     import random
     args = get_dataset_args()
     args.num_samples, args.train_split, args.seed = num_samples, train_split, seed

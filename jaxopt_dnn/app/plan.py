@@ -80,8 +80,8 @@ def _point(name, plan, apply_fn, variables, batches, x_test, y_test) -> dict:
 def pareto_plot(result: dict, path: str, *, title: str = "") -> str:
   """Accuracy and distortion vs bits/weight: uniform settings as points, auto plans as a
   line, on the same axes."""
-  import matplotlib
-  matplotlib.use("Agg")
+  from jaxopt_dnn.app import require
+  require("matplotlib", "the Pareto plot").use("Agg")
   import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))

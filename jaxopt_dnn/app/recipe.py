@@ -164,7 +164,8 @@ class Recipe:
       raise ValueError(f"recipe file {path!r} is not UTF-8 text (byte {e.start}: "
                        f"{e.object[e.start:e.start + 1]!r})") from None
     if path.endswith((".yaml", ".yml")):
-      import yaml
+      from jaxopt_dnn.app import require
+      yaml = require("yaml", "a .yaml recipe")
       try:
         d = yaml.safe_load(text)
       except yaml.YAMLError as e:

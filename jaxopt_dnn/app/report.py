@@ -131,8 +131,8 @@ NOTES = (
 def plot(results: Sequence[Any], path: str) -> str:
   """Accuracy (with its 95% interval as an error bar) vs size on disk, one labelled point
   per variant (PNG)."""
-  import matplotlib
-  matplotlib.use("Agg")
+  from jaxopt_dnn.app import require
+  require("matplotlib", "the report's plot").use("Agg")
   import matplotlib.pyplot as plt
 
   rs = rows(results)
