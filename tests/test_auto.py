@@ -1,5 +1,6 @@
 """jd.auto: multiple-choice knapsack, per-layer sensitivity, budgeted plans."""
 
+import importlib
 import itertools
 
 import flax.linen as nn
@@ -319,3 +320,24 @@ def test_gptq_sensitivity_rounds_uncaptured_conv_kernels_to_nearest():
                                 np.asarray(rtn))
   for layer in sens.layers:
     assert sens.values[layer]["int4"] > sens.values[layer]["int8"] > 0
+
+
+def test_background_workers_change_nothing_and_errors_still_surface(mlp, monkeypatch):
+  """The pipelined pass (compiles ahead, realises the next candidate while measuring)
+  gives exactly the sequential pass's numbers, with batches of two different shapes."""
+  model, variables, batches, _ = mlp
+  mixed = batches[:2] + [(batches[2][0][:12],), (batches[3][0][:12],)]
+  kw = dict(method="gptq", candidates=["int4", "int8", "16-bit"])
+  seq = jd.auto.sensitivity(model.apply, variables, mixed, workers=0, **kw)
+  par = jd.auto.sensitivity(model.apply, variables, mixed, workers=2, **kw)
+  assert par.values == seq.values and par.bits == seq.bits
+  with pytest.raises(ValueError, match="workers must be"):
+    jd.auto.sensitivity(model.apply, variables, mixed, workers=3, **kw)
+  # an error inside a background realisation reaches the caller
+  gptq_module = importlib.import_module("jaxopt_dnn.quant.gptq")   # (quant.gptq is the function)
+
+  def broken(*_a, **_k):
+    raise RuntimeError("solver broke")
+  monkeypatch.setattr(gptq_module, "solve_alone", broken)
+  with pytest.raises(RuntimeError, match="solver broke"):
+    jd.auto.sensitivity(model.apply, variables, mixed, workers=2, **kw)

@@ -24,6 +24,8 @@ of the realised leaf (nonzero values and their index metadata for a sparse candi
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import importlib
 import math
@@ -279,6 +281,89 @@ def _score_all(fwd: _Forward, metric: Callable, layers: Sequence[str]):
   return f
 
 
+def _shape_key(args: tuple) -> tuple:
+  leaves, tree = jax.tree.flatten(args)
+  return (tree,) + tuple((np.shape(x), jnp.result_type(x).name) for x in leaves)
+
+
+class _Pipeline:
+  """Background threads of the sensitivity pass (``workers`` of them, at most 2).
+
+  ``programs`` compiles ``score_all`` ahead of time, once per distinct batch shape, on
+  one thread; ``map(fn, jobs)`` yields ``(job, fn(*job))`` in order while a second thread
+  computes up to ``lookahead`` jobs ahead. With ``workers=0`` both run in order on the
+  calling thread. JAX dispatch and tracing are thread-safe (flax keeps its module and
+  interceptor contexts thread-local); each job only reads what earlier jobs wrote.
+  """
+
+  def __init__(self, workers: int, lookahead: int = 2):
+    if workers not in (0, 1, 2):
+      raise ValueError(f"workers must be 0, 1 or 2, got {workers!r}")
+    self._pools = [concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jd-auto")
+                   for _ in range(workers)]
+    self.lookahead = lookahead
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    for pool in self._pools:
+      pool.shutdown(wait=True, cancel_futures=True)
+
+  def _submit(self, pool_index: int, fn, *args):
+    if not self._pools:
+      done = concurrent.futures.Future()
+      try:
+        done.set_result(fn(*args))
+      except BaseException as e:  # noqa: BLE001 - re-raised by .result()
+        done.set_exception(e)
+      return done
+    return self._pools[min(pool_index, len(self._pools) - 1)].submit(fn, *args)
+
+  def programs(self, score_all, fwd, leaves, layers, batches):
+    """``program(i)``: the compiled ``score_all`` for batch ``i``'s shapes (falls back to
+    the jitted function when an argument's type differs from the ahead-of-time one)."""
+    spec = {p: jax.ShapeDtypeStruct(np.shape(leaves[p]), jnp.asarray(leaves[p]).dtype)
+            for p in layers}
+
+    def compile_for(b):
+      ref = jax.eval_shape(lambda p, *x: fwd(p, *x), fwd.params, *b)
+      return score_all.lower(fwd.params, spec, ref, *b).compile()
+
+    futures: dict[tuple, Any] = {}
+    if self._pools:   # ahead of time only when a thread can do it
+      for b in batches:
+        futures.setdefault(_shape_key(b), self._submit(0, compile_for, b))
+
+    def program(i):
+      fut = futures.get(_shape_key(batches[i]))
+      if fut is None:
+        return score_all
+      compiled = fut.result()
+
+      def call(*args):
+        try:
+          return compiled(*args)
+        except (TypeError, ValueError):   # e.g. a weak-typed or differently placed input
+          return score_all(*args)
+      return call
+    return program
+
+  def map(self, fn, jobs):
+    pending: collections.deque = collections.deque()
+    it = iter(jobs)
+    while True:
+      while len(pending) < max(self.lookahead, 1):
+        job = next(it, None)
+        if job is None:
+          break
+        pending.append((job, self._submit(1, fn, *job)))
+      if not pending:
+        return
+      job, fut = pending.popleft()
+      yield job, fut.result()
+
+
 class _Alone:
   """GPTQ (and SparseGPT for sparse candidates) of every layer **alone**: each kernel
   calibrated on the float model's inputs, as it is when only that layer is compressed.
@@ -363,7 +448,7 @@ def sensitivity(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
                 candidates: Sequence[str | Candidate] | None = None, method: str = "rtn",
                 rules: str | Sequence[str] | None = None,
                 metric: Callable | None = None, crossfit: bool | None = None,
-                log: Callable[[str], Any] | None = None) -> Sensitivity:
+                log: Callable[[str], Any] | None = None, workers: int = 2) -> Sensitivity:
   """Measures ``s[l, c]`` (see the module docstring) and each layer's stored bits.
 
   ``crossfit`` (default: on for GPTQ / AWQ): the batches are split in two folds (even /
@@ -404,8 +489,6 @@ def sensitivity(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
   metric = metric or output_distortion
   say = log or (lambda _msg: None)
   t0, c0 = time.perf_counter(), time.process_time()
-  run = jax.jit(lambda p, *x: fwd(p, *x))
-  refs = [run(fwd.params, *b) for b in batches]
   score_all = _score_all(fwd, metric, layers)
   values: dict[str, dict[str, float]] = {p: {} for p in layers}
   bits: dict[str, dict[str, int]] = {p: {} for p in layers}
@@ -414,25 +497,38 @@ def sensitivity(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
   folds = [(idx[0::2], idx[1::2]), (idx[1::2], idx[0::2])] if crossfit else [(idx, idx)]
   kept: dict[str, dict[str, Any]] = {}
   scores: dict[str, dict[str, list[float]]] = {c.name: {p: [] for p in layers} for c in cands}
-  for k, (fit_on, measure_on) in enumerate(folds):
-    fit = [batches[i] for i in fit_on]
-    alone = _Alone(method, fwd, fit, layers) if method == "gptq" else None
-    for cand in cands:
+  jobs = [(k, cand) for k in range(len(folds)) for cand in cands]
+  with _Pipeline(workers) as pipe:
+    # compile the measuring program for every batch shape while the references run and
+    # the first candidates are realised
+    program = pipe.programs(score_all, fwd, leaves, layers, batches)
+    run = jax.jit(lambda p, *x: fwd(p, *x))
+    refs = [run(fwd.params, *b) for b in batches]
+    alones: dict[int, Any] = {}
+
+    def realise(k: int, cand: Candidate):
       t1 = time.perf_counter()
-      stored = (alone.realize(cand) if alone is not None
+      fit = [batches[i] for i in folds[k][0]]
+      if method == "gptq" and k not in alones:
+        alones[k] = _Alone(method, fwd, fit, layers)
+      stored = (alones[k].realize(cand) if method == "gptq"
                 else realize(method, fwd, fit, {p: cand for p in layers}))
       new = {p: _float(stored[p], jnp.asarray(leaves[p]).dtype) for p in layers}
+      jax.block_until_ready(new)
+      return stored, new, time.perf_counter() - t1
+
+    for (k, cand), (stored, new, took) in pipe.map(realise, jobs):
       t2 = time.perf_counter()
-      for i in measure_on:
-        got = np.asarray(score_all(fwd.params, new, refs[i], *batches[i]))
+      for i in folds[k][1]:
+        got = np.asarray(program(i)(fwd.params, new, refs[i], *batches[i]))
         for p, v in zip(layers, got):
           scores[cand.name][p].append(float(v))
       for p in layers:
         bits[p][cand.name] = cand.cost_bits(stored[p])
       if not crossfit:
         kept[cand.name] = stored
-      say(f"auto.sensitivity: fold {k + 1}/{len(folds)} {cand.name}: realised {t2 - t1:.1f} s, "
-          f"measured {len(layers)} layers x {len(measure_on)} batches "
+      say(f"auto.sensitivity: fold {k + 1}/{len(folds)} {cand.name}: realised in {took:.1f} s, "
+          f"measured {len(layers)} layers x {len(folds[k][1])} batches "
           f"{time.perf_counter() - t2:.1f} s (total {time.perf_counter() - t0:.0f} s wall, "
           f"{time.process_time() - c0:.0f} s process CPU)")
   for cand in cands:
@@ -483,7 +579,7 @@ def search(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
            metric: Callable | None = None, budget_bytes: int | None = None,
            target: float | None = None, verify: bool = False,
            sens: Sensitivity | None = None, crossfit: bool | None = None,
-           log: Callable[[str], Any] | None = None) -> Plan:
+           log: Callable[[str], Any] | None = None, workers: int = 2) -> Plan:
   """The automatic per-layer plan.
 
   Args:
@@ -508,11 +604,12 @@ def search(apply_fn: Any, variables: PyTree, batches: Iterable[Any], *,
       batches (default: on for GPTQ / AWQ; see :func:`sensitivity`).
     log: called with one progress line per (fold, candidate) of the sensitivity pass
       (``print`` to watch it).
+    workers: background threads of the sensitivity pass (see :func:`sensitivity`).
   """
   batches = [_as_inputs(b) for b in batches]
   sens = sens or sensitivity(apply_fn, variables, batches, candidates=candidates,
                              method=method, rules=rules, metric=metric, crossfit=crossfit,
-                             log=log)
+                             log=log, workers=workers)
   n = sum(sens.sizes.values())
   if target is not None:
     return _smallest_meeting(sens, target, apply_fn, variables, batches, metric)
