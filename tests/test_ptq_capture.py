@@ -290,3 +290,23 @@ class _Body(nn.Module):
   @nn.compact
   def __call__(self, c, _):
     return nn.Dense(8, name="fc")(c), None
+
+
+def test_oneshot_sparsegpt_prunes_convs_exactly_and_beats_magnitude(cnn):
+  from jaxopt_dnn import sparsity
+  m, v, batches = cnn
+
+  def run(method):
+    return sparsity.oneshot(m.apply, v, batches, method=method, sparsity=0.5,
+                            sequential=False)
+
+  (sp, sm), (mp, _) = run("sparsegpt"), run("magnitude")
+  for name in ("c1", "c2"):
+    keep = np.asarray(sm[name]["kernel"])
+    assert keep.shape == v["params"][name]["kernel"].shape
+    k = keep.reshape(-1, keep.shape[-1])      # (H * W * I, O): every column half zeros
+    np.testing.assert_array_equal(k.sum(0), np.full(k.shape[1], k.shape[0] // 2))
+    assert np.all(np.asarray(sp[name]["kernel"])[~keep] == 0)
+  err = lambda p: sum(float(jnp.sum((m.apply(v, x) - m.apply({"params": p}, x)) ** 2))  # noqa: E731
+                      for (x,) in batches)
+  assert err(sp) < err(mp)
