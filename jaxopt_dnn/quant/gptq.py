@@ -304,7 +304,10 @@ def gptq(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any], *
     bits: 4 or 8.
     group_size: inputs per scale along the contraction axis (``None``: per channel).
     rules: quantization rules (see :mod:`jaxopt_dnn.quant.rules`); default: every
-      ``Dense`` / ``DenseGeneral`` (``nnx.Linear`` / ``LinearGeneral``) kernel.
+      leaf named like a contraction weight (:func:`jaxopt_dnn._tree.default_prunable`)
+      that a ``dot_general`` / ``conv_general_dilated`` consumes: ``Dense``,
+      ``DenseGeneral``, ``Conv``, ``Einsum``, a raw ``x @ w`` param, linen or NNX
+      (Hessians from :mod:`jaxopt_dnn.quant.hessian`).
     act_order: visit inputs by decreasing Hessian diagonal (static groups).
     damp: relative Hessian damping ``lambda = damp * mean(diag H)``. The default 0.1
       (the GPTQ paper uses 0.01) suits the small calibration sets of post-training

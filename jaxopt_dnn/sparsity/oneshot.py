@@ -281,9 +281,10 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
     sparsity: fraction of each chosen kernel removed (per output column, exact).
     n, m: N:M sparsity along the contraction axis instead (``n=2, m=4`` for 2:4).
     rules: which kernels (a regex, a sequence of regexes, or a predicate
-      ``(path, leaf) -> bool`` over params paths); default every ``Dense`` /
-      ``DenseGeneral`` (``nnx.Linear`` / ``LinearGeneral``) kernel, never biases, norm
-      scales or embeddings.
+      ``(path, leaf) -> bool`` over params paths); default every leaf named like a
+      contraction weight that a dot / conv consumes (``Dense``, ``Conv``, ``Einsum``, a
+      raw ``x @ w``; :mod:`jaxopt_dnn.quant.hessian`), never biases, norm scales or
+      embeddings (``float_targets`` still captures ``Dense`` / ``DenseGeneral`` only).
     damp: SparseGPT's relative Hessian damping (0.1: measured on all-MiniLM-L6-v2 with
       32 calibration sentences, 50% min-cosine 0.835 at 0.01 vs 0.865 at 0.1; 2:4 0.723
       vs 0.787).
