@@ -59,6 +59,10 @@ class OpInfo:
       ``n_in`` axes (``Dense``: ``(K, N)``, ``n_in = 1``).
     n_in: number of contracted (input) kernel axes.
     round: index of the group of ops that share one input tensor.
+    perm: ``None`` when the contracted axes are the leading ``n_in`` axes; else the
+      kernel's contracted axes then its free axes (ascending each), the order in
+      which :func:`kernel_matrix` reads it (``Embed.attend``'s ``(vocab, embed)``
+      table: ``(1, 0)``).
   """
 
   op: str
@@ -66,14 +70,20 @@ class OpInfo:
   shape: tuple[int, ...]
   n_in: int
   round: int
+  perm: tuple[int, ...] | None = None
+
+  @property
+  def tshape(self) -> tuple[int, ...]:
+    """The kernel's shape with its contracted axes first (``shape`` permuted)."""
+    return self.shape if self.perm is None else tuple(self.shape[a] for a in self.perm)
 
   @property
   def k(self) -> int:
-    return math.prod(self.shape[:self.n_in])
+    return math.prod(self.tshape[:self.n_in])
 
   @property
   def n(self) -> int:
-    return math.prod(self.shape[self.n_in:])
+    return math.prod(self.tshape[self.n_in:])
 
 
 @dataclasses.dataclass
@@ -404,6 +414,19 @@ def kernel_2d(w: jax.Array, n_in: int) -> jax.Array:
   """Kernel ``(k1..kn, out...) -> (K, N)`` float32."""
   k = math.prod(w.shape[:n_in])
   return jnp.asarray(w, jnp.float32).reshape((k, -1))
+
+
+def kernel_matrix(w: jax.Array, o: OpInfo) -> jax.Array:
+  """The ``(K, N)`` float32 matrix of kernel ``w`` as ``o`` contracts it: contracted axes
+  first (``o.perm``), then :func:`kernel_2d`."""
+  w = jnp.asarray(w)
+  return kernel_2d(w if o.perm is None else jnp.transpose(w, o.perm), o.n_in)
+
+
+def from_matrix(w2: jax.Array, o: OpInfo) -> jax.Array:
+  """Inverse of :func:`kernel_matrix`: ``(K, N)`` -> the kernel's own shape."""
+  w = w2.reshape(o.tshape)
+  return w if o.perm is None else jnp.transpose(w, np.argsort(o.perm))
 
 
 def run_sequential(where: str, apply_fn, variables, batches, select, layer, *,

@@ -35,11 +35,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxopt_dnn import _tree
 from jaxopt_dnn.quant import fake
+from jaxopt_dnn.quant import hessian as _hessian
 from jaxopt_dnn.quant import rules as _rules
-from jaxopt_dnn.quant.capture import (Capture, OpInfo, Stats, kernel_2d, run_sequential,
-                                     set_leaves)
+from jaxopt_dnn.quant.capture import (Capture, OpInfo, Stats, kernel_2d, kernel_matrix,
+                                     run_sequential, set_leaves)
 from jaxopt_dnn.quant.qarray import QArray, is_qarray, pack_int4, round_scale, scale_value
 
 
@@ -226,29 +229,38 @@ def layer_groups(shape: tuple[int, ...], n_in: int, group_size: int | None,
 
 def to_qarray(codes: jax.Array, scales: jax.Array, shape: tuple[int, ...], n_in: int, *,
               bits: int, group_size: int | None, dtype: Any = jnp.float32, name: str = "",
-              scale_dtype: Any = None) -> QArray:
+              scale_dtype: Any = None, perm: tuple[int, ...] | None = None) -> QArray:
   """Wraps a ``(K, N)`` solve result as a :class:`QArray` of the kernel's ``shape``.
 
   The group axis is the last contracted axis (``n_in - 1``); channel axes are the output
   axes; int4 codes are packed two per byte; scales are stored as ``scale_dtype``.
+  With ``perm`` (:attr:`~jaxopt_dnn.quant.capture.OpInfo.perm`), ``shape`` is the
+  kernel's shape with its contracted axes first and the QArray is laid out in the
+  kernel's own axis order (codes and scales transposed by ``argsort(perm)``; the group
+  axis is then ``perm[n_in - 1]``).
   """
-  q = codes.reshape(shape)
+  inv = None if perm is None else tuple(int(a) for a in np.argsort(perm))
+  put = (lambda a: a) if inv is None else (lambda a: jnp.transpose(a, inv))  # noqa: E731
+  own = tuple(shape) if perm is None else tuple(shape[i] for i in inv)
+  axis = (lambda a: a) if perm is None else (lambda a: int(perm[a]))  # noqa: E731
+  q = put(codes.reshape(shape))
   value = pack_int4(q) if bits == 4 else q.astype(jnp.int8)
-  out_axes = tuple(range(n_in, len(shape)))
+  out_axes = tuple(sorted(axis(a) for a in range(n_in, len(shape))))
   if group_size is None:
-    sc = scales.reshape((1,) * n_in + tuple(shape[n_in:]))
+    sc = put(scales.reshape((1,) * n_in + tuple(shape[n_in:])))
     stored, sup = round_scale(sc, scale_dtype)
-    return QArray(value, stored, None, bits=bits, channel_axes=out_axes, shape=shape,
+    return QArray(value, stored, None, bits=bits, channel_axes=out_axes, shape=own,
                   dtype=dtype, name=name, super_scale=sup)
   ga = n_in - 1
   g_last = -(-shape[ga] // group_size)
   total = math.prod(shape[:ga]) * g_last
-  sc = scales[:total].reshape(tuple(shape[:ga]) + (g_last,) + tuple(shape[n_in:]))
+  sc = put(scales[:total].reshape(tuple(shape[:ga]) + (g_last,) + tuple(shape[n_in:])))
   # exact: the solve's scales are on this grid (8-bit: its super scale >= this one, both
   # powers of two)
   stored, sup = round_scale(sc, scale_dtype)
-  return QArray(value, stored, None, bits=bits, channel_axes=out_axes, shape=shape,
-                dtype=dtype, name=name, group_size=group_size, group_axis=ga, super_scale=sup)
+  return QArray(value, stored, None, bits=bits, channel_axes=out_axes, shape=own,
+                dtype=dtype, name=name, group_size=group_size, group_axis=axis(ga),
+                super_scale=sup)
 
 
 def op_rules(params: Any, rules: Any, *, bits: int, group_size: int | None,
@@ -292,7 +304,10 @@ def gptq(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any], *
     bits: 4 or 8.
     group_size: inputs per scale along the contraction axis (``None``: per channel).
     rules: quantization rules (see :mod:`jaxopt_dnn.quant.rules`); default: every
-      ``Dense`` / ``DenseGeneral`` (``nnx.Linear`` / ``LinearGeneral``) kernel.
+      leaf named like a contraction weight (:func:`jaxopt_dnn._tree.default_prunable`)
+      that a ``dot_general`` / ``conv_general_dilated`` consumes: ``Dense``,
+      ``DenseGeneral``, ``Conv``, ``Einsum``, a raw ``x @ w`` param, linen or NNX
+      (Hessians from :mod:`jaxopt_dnn.quant.hessian`).
     act_order: visit inputs by decreasing Hessian diagonal (static groups).
     damp: relative Hessian damping ``lambda = damp * mean(diag H)``. The default 0.1
       (the GPTQ paper uses 0.01) suits the small calibration sets of post-training
@@ -320,54 +335,53 @@ def gptq(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any], *
     raise ValueError(f"gptq: damp must be a float >= 0, got {damp!r}")
   if not isinstance(block_size, int) or block_size < 1:
     raise ValueError(f"gptq: block_size must be a positive int, got {block_size!r}")
-  params0 = variables["params"] if isinstance(variables, dict) and "params" in variables \
-      else None
-  return _drive("gptq", apply_fn, variables, batches, params0, bits=bits,
-                group_size=group_size, rules=rules, sequential=sequential,
-                scale_dtype=scale_dtype, max_batches=max_batches, log=log,
-                solve=functools.partial(_gptq_layer, act_order=act_order, damp=float(damp),
-                                        block_size=block_size, clip=clip,
-                                        keep_zeros=bool(keep_zeros)))
-
-
-def _gptq_layer(o: OpInfo, w: jax.Array, st, rule, *, act_order, damp, block_size, clip=None,
-                keep_zeros=False):
-  g = layer_groups(o.shape, o.n_in, rule.group_size, o.kernel)
-  w2 = kernel_2d(w, o.n_in)
-  codes, scales = gptq_solve(w2, st.hessian, bits=rule.bits, group_size=g,
-                             act_order=act_order, damp=damp, block_size=block_size,
-                             scale_dtype=_sdt(rule), clip=clip,
-                             keep=(w2 != 0) if keep_zeros else None)
-  return to_qarray(codes, scales, o.shape, o.n_in, bits=rule.bits, group_size=g,
-                   dtype=w.dtype, name=o.kernel, scale_dtype=_sdt(rule))
-
-
-def _drive(where, apply_fn, variables, batches, params0, *, bits, group_size, rules,
-           sequential, scale_dtype, max_batches, log, solve):
-  """GPTQ/AWQ driver: rules -> sequential capture/solve -> params with QArray kernels."""
-  from flax import nnx
-
-  params = nnx.to_pure_dict(nnx.state(variables, nnx.Param)) \
-      if isinstance(variables, nnx.Module) else params0
+  solve = functools.partial(_gptq_kernel, act_order=act_order, damp=float(damp),
+                            block_size=block_size, clip=clip, keep_zeros=bool(keep_zeros))
+  params = _hessian.Forward(apply_fn, variables, "gptq").params
   chosen, default = op_rules(params, rules, bits=bits, group_size=group_size,
-                             scale_dtype=scale_dtype, where=where)
-  select = (lambda p, x: not is_qarray(x)) if chosen is None else \
-      (lambda p, x: p in chosen and not is_qarray(x))
+                             scale_dtype=scale_dtype, where="gptq")
+  select = _tree.default_prunable if chosen is None else (lambda p, x: p in chosen)
+  cap = _hessian.HessianCapture(apply_fn, variables, batches, select,
+                                max_batches=max_batches, where="gptq")
+  if not cap.ops:
+    raise ValueError("gptq: no kernel chosen by the rules was consumed by a contraction "
+                     "(dot_general / conv_general_dilated) on the calibration batches")
+  out: dict[str, Any] = {}
 
-  def layer(o, w, st):
+  def layer(o, h):
     rule = default if chosen is None else chosen[o.kernel]
     if log is not None:
-      log(f"{where}: {o.kernel} {o.shape} int{rule.bits} g{rule.group_size}")
-    return solve(o, w, st, rule)
+      log(f"gptq: {o.kernel} {o.shape} int{rule.bits} g{rule.group_size}")
+    out[o.kernel] = solve(o, cap.leaves[o.kernel], h, rule)
 
-  cap, out = run_sequential(where, apply_fn, variables, batches, select, layer,
-                            sequential=sequential, max_batches=max_batches,
-                            as_float=lambda q: q)
-  if chosen is not None:   # chosen leaves that no captured op consumes: round to nearest
+  if sequential:   # each round sees the earlier rounds quantized
+    for ops in cap.rounds():
+      hs = cap.round_hessians(out, ops)
+      for o in ops:
+        layer(o, hs[o.kernel])
+  else:
+    hs = cap.hessians()
+    for o in cap.ops:
+      layer(o, hs[o.kernel])
+  if chosen is not None:   # chosen leaves that no contraction consumes: round to nearest
     for p, r in chosen.items():
       if p not in out and not is_qarray(cap.leaves[p]):
         out[p] = _rules.quantize_leaf(p, cap.leaves[p], r)
   return set_leaves(cap.params, out)
+
+
+def _gptq_kernel(o: OpInfo, w: jax.Array, h: jax.Array, rule, *, act_order, damp,
+                 block_size, clip=None, keep_zeros=False) -> QArray:
+  """GPTQ of kernel ``w`` (contracted as ``o`` says) with its ``(K, K)`` Hessian ``h``:
+  a :class:`QArray` of ``w``'s shape, groups along its last contracted axis."""
+  g = layer_groups(o.tshape, o.n_in, rule.group_size, o.kernel)
+  w2 = kernel_matrix(w, o)
+  codes, scales = gptq_solve(w2, h, bits=rule.bits, group_size=g,
+                             act_order=act_order, damp=damp, block_size=block_size,
+                             scale_dtype=_sdt(rule), clip=clip,
+                             keep=(w2 != 0) if keep_zeros else None)
+  return to_qarray(codes, scales, o.tshape, o.n_in, bits=rule.bits, group_size=g,
+                   dtype=w.dtype, name=o.kernel, scale_dtype=_sdt(rule), perm=o.perm)
 
 
 # ----------------------------------------------------------- every layer alone (float inputs)
@@ -378,7 +392,12 @@ def input_hessians(cap: Capture) -> dict[str, jax.Array]:
   eager forward per round): the Hessians :func:`gptq` uses with ``sequential=False``
   (equal up to float summation order), e.g. to quantize each layer *alone* under
   several settings from one capture (:func:`solve_alone`).
+
+  With a :class:`~jaxopt_dnn.quant.hessian.HessianCapture` (every contraction: convs,
+  ``Einsum``, raw dots) the keys are the kernel paths instead.
   """
+  if isinstance(cap, _hessian.HessianCapture):
+    return cap.hessians()
   wanted = {ops[0].op: ops[0].n_in for ops in cap.rounds()}
 
   def grams(params, args):
@@ -426,13 +445,14 @@ def solve_alone(cap: Capture, hessians: dict[str, jax.Array], rules: dict[str, A
       raise ValueError(f"solve_alone: {path!r} is not a captured kernel")
     o = by_kernel[path]
     w = cap.leaves[path] if weights is None or path not in weights else weights[path]
-    g = layer_groups(o.shape, o.n_in, rule.group_size, o.kernel)
-    key = (kernel_2d(w, o.n_in).shape, rule.bits, g, _sdt(rule))
+    g = layer_groups(o.tshape, o.n_in, rule.group_size, o.kernel)
+    key = (kernel_matrix(w, o).shape, rule.bits, g, _sdt(rule))
     groups.setdefault(key, []).append((path, o, w, rule, g))
   out = {}
   for (_, bits, g, sdt), items in groups.items():
-    w2 = jnp.stack([kernel_2d(w, o.n_in) for _, o, w, _, _ in items])
-    hs = jnp.stack([hessians[first[o.round]] for _, o, _, _, _ in items])
+    w2 = jnp.stack([kernel_matrix(w, o) for _, o, w, _, _ in items])
+    hs = jnp.stack([hessians[o.kernel] if o.kernel in hessians else hessians[first[o.round]]
+                    for _, o, _, _, _ in items])
     keep = (w2 != 0) if keep_zeros else None
     solve = functools.partial(gptq_solve, bits=bits, group_size=g, act_order=act_order,
                               damp=float(damp), block_size=block_size, scale_dtype=sdt,
@@ -442,6 +462,7 @@ def solve_alone(cap: Capture, hessians: dict[str, jax.Array], rules: dict[str, A
     else:
       codes, scales = jax.vmap(lambda a, b, c: solve(a, b, keep=c))(w2, hs, keep)
     for i, (path, o, w, rule, g) in enumerate(items):
-      out[path] = to_qarray(codes[i], scales[i], o.shape, o.n_in, bits=rule.bits,
-                            group_size=g, dtype=w.dtype, name=o.kernel, scale_dtype=_sdt(rule))
+      out[path] = to_qarray(codes[i], scales[i], o.tshape, o.n_in, bits=rule.bits,
+                            group_size=g, dtype=w.dtype, name=o.kernel,
+                            scale_dtype=_sdt(rule), perm=o.perm)
   return {p: out[p] for p in rules}

@@ -71,6 +71,9 @@ class Weight:
     raw: the unquantized float value (QAT), or None.
     q: a :class:`QArray` view with the same layout as ``val``, or None when a layout op
       could not be applied to the codes (then contractions run in float).
+    axes: when tracked (set by the caller, e.g. ``tuple(range(ndim))`` for the leaf
+      itself), the leaf axis of each axis of ``val`` (follows transposes and dtype
+      casts; None after a reshape/broadcast).
   """
 
   op: str
@@ -78,6 +81,7 @@ class Weight:
   val: Any
   raw: Any = None
   q: QArray | None = None
+  axes: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,13 +115,16 @@ def _layout(eqn, w: Weight, rest) -> Weight:
   val = _bind(eqn, [w.val, *rest])
   raw = None if w.raw is None else _bind(eqn, [w.raw, *rest])
   name = eqn.primitive.name
+  axes = None
   if name == "transpose":
     q = _transpose_q(w.q, eqn.params["permutation"])
+    if w.axes is not None:
+      axes = tuple(w.axes[p] for p in eqn.params["permutation"])
   elif name in _Q_LAYOUT:
-    q = w.q
+    q, axes = w.q, w.axes
   else:
     q = None
-  return Weight(w.op, w.rule, val, raw, q)
+  return Weight(w.op, w.rule, val, raw, q, axes)
 
 
 def _sub(eqn):

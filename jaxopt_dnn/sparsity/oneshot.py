@@ -41,7 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_dnn import _tree
-from jaxopt_dnn.quant.capture import Capture, Stats, kernel_2d, run_sequential, set_leaves
+from jaxopt_dnn.quant import hessian as _hessian
+from jaxopt_dnn.quant.capture import (Capture, Stats, from_matrix, kernel_2d, kernel_matrix,
+                                     set_leaves)
 from jaxopt_dnn.quant.gptq import inverse_cholesky_upper, prepare_hessian
 from jaxopt_dnn.quant.qarray import is_qarray
 from jaxopt_dnn.sparsity.masks import dense_marker
@@ -201,6 +203,28 @@ def _sequential_float_targets(apply_fn, variables, batches, select, layer, *, da
   return cap, out
 
 
+def _captured(apply_fn, variables, batches, select, layer, *, sequential, max_batches):
+  """Rounds of kernels through the interpreter's Hessian capture
+  (:class:`~jaxopt_dnn.quant.hessian.HessianCapture`: Dense, Conv, Einsum, raw dots):
+  ``layer(o, w, stats)`` per kernel, each round on the already-pruned earlier rounds
+  when ``sequential``; ``stats.sq = diag(H) / 2`` (Wanda's ``||X_j||^2``)."""
+  cap = _hessian.HessianCapture(apply_fn, variables, batches, select,
+                                max_batches=max_batches, where="oneshot")
+  if not cap.ops:
+    raise ValueError("oneshot: no kernel chosen by the rules was consumed by a contraction "
+                     "(dot_general / conv_general_dilated) on the calibration batches")
+  out: dict[str, Any] = {}
+  hs = None if sequential else cap.hessians()
+  for ops in cap.rounds():
+    if sequential:
+      hs = cap.round_hessians({p: r[0] for p, r in out.items()}, ops)
+    for o in ops:
+      h = hs[o.kernel]
+      st = Stats(h, 0.5 * jnp.diag(h), None, None, 0, None)
+      out[o.kernel] = layer(o, cap.leaves[o.kernel], st)
+  return cap, out
+
+
 def _check(sparsity, n, m, method):
   if method not in METHODS:
     raise ValueError(f"oneshot: method must be one of {METHODS}, got {method!r}")
@@ -229,7 +253,7 @@ def prune_layer(o, w: jax.Array, stat: jax.Array | None, *, method: str = "spars
     raise ValueError(f"oneshot: leaf {o.kernel!r} {o.shape}: its contraction (the first "
                      f"{o.n_in} axes) has length K={o.k}, which is not a multiple of m={m}, "
                      "so there are no N:M groups along it; exclude it with `rules`")
-  w2 = kernel_2d(w, o.n_in)
+  w2 = kernel_matrix(w, o)
   k_remove = 0 if n is not None else int(np.round(sparsity * o.k))
   if method == "sparsegpt":
     new, keep = sparsegpt_solve(w2, stat, sparsity=float(sparsity), n=n, m=m,
@@ -238,7 +262,7 @@ def prune_layer(o, w: jax.Array, stat: jax.Array | None, *, method: str = "spars
     score = jnp.abs(w2) if method == "magnitude" else wanda_score(w2, stat)
     keep = score_mask(score, k_remove=k_remove, n=n, m=m)
     new = jnp.where(keep, w2, 0.0)
-  return new.reshape(o.shape).astype(w.dtype), keep.reshape(o.shape)
+  return from_matrix(new, o).astype(w.dtype), from_matrix(keep, o)
 
 
 def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any], *,
@@ -257,9 +281,10 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
     sparsity: fraction of each chosen kernel removed (per output column, exact).
     n, m: N:M sparsity along the contraction axis instead (``n=2, m=4`` for 2:4).
     rules: which kernels (a regex, a sequence of regexes, or a predicate
-      ``(path, leaf) -> bool`` over params paths); default every ``Dense`` /
-      ``DenseGeneral`` (``nnx.Linear`` / ``LinearGeneral``) kernel, never biases, norm
-      scales or embeddings.
+      ``(path, leaf) -> bool`` over params paths); default every leaf named like a
+      contraction weight that a dot / conv consumes (``Dense``, ``Conv``, ``Einsum``, a
+      raw ``x @ w``; :mod:`jaxopt_dnn.quant.hessian`), never biases, norm scales or
+      embeddings (``float_targets`` still captures ``Dense`` / ``DenseGeneral`` only).
     damp: SparseGPT's relative Hessian damping (0.1: measured on all-MiniLM-L6-v2 with
       32 calibration sentences, 50% min-cosine 0.835 at 0.01 vs 0.865 at 0.1; 2:4 0.723
       vs 0.787).
@@ -304,14 +329,14 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
     cap, out = _sequential_float_targets(apply_fn, variables, batches, select, layer,
                                          damp=float(damp), max_batches=max_batches)
   else:
-    cap, out = run_sequential("oneshot", apply_fn, variables, batches, select, layer,
-                              sequential=sequential, max_batches=max_batches,
-                              as_float=lambda r: r[0], hessian=(method == "sparsegpt"))
+    cap, out = _captured(apply_fn, variables, batches,
+                         _tree.default_prunable if rules is None else select, layer,
+                         sequential=sequential, max_batches=max_batches)
   if rules is not None:
     missing = sorted(set(chosen) - set(out))
     if missing:
-      raise ValueError(f"oneshot: rules chose {missing}, which no captured Dense/"
-                       "DenseGeneral (nnx.Linear/LinearGeneral) consumes")
+      raise ValueError(f"oneshot: rules chose {missing}, which no captured contraction "
+                       "(dot_general / conv_general_dilated) consumes")
   new_params = set_leaves(cap.params, {p: r[0] for p, r in out.items()})
   masks = _tree.map_with_path_str(
       lambda p, x: out[p][1] if p in out else dense_marker(), cap.params, is_leaf=is_qarray)
