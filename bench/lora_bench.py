@@ -2,9 +2,10 @@
 
 all-MiniLM-L6-v2 (``jaxopt_dnn.app.pretrained``): its 36 attention/MLP kernels
 (``pretrained.KERNELS``) are stored int4 g64 (RTN, bfloat16 scales, 4.25 bits/weight)
-and frozen; rank-16 adapters (LoftQ init: the rank-r SVD of the int4 residual) on the same kernels are trained through ``jd.Trainer(lora=
-...)`` to reproduce the float model (distillation on the 32 calibration sentences of
-``pretrained.CALIBRATION``: MSE of every layer's hidden states, normalised by the
+and frozen; rank-16 adapters on the same kernels (LoftQ init: ``scale * a @ b`` starts
+at the rank-r truncated SVD of the int4 residual ``W - dequantize(Q)``) are trained
+through ``jd.Trainer(lora=...)`` to reproduce the float model (distillation on the 32
+calibration sentences of ``pretrained.CALIBRATION``: MSE of every layer's hidden states, normalised by the
 teacher's, plus ``1 - cos`` of the sentence embeddings; each batch holds 4 calibration
 sentences and 4 random windows of the calibration token stream). Reported: min / mean cosine to
 the float model's embeddings on the 64 held-out sentences (``EVALUATION`` +
