@@ -18,6 +18,9 @@ means for the op; without a traced program the kernel's last axis is taken as ``
 
 ``a`` starts uniform in ``+-1/sqrt(prod K)`` (Kaiming-uniform with ``a = sqrt(5)``, as
 in the reference implementation), ``b`` at zero: the initial forward equals the base.
+``init="loftq"`` (LoftQ, Li et al., 2023) starts them instead at the best rank-``r``
+correction of the quantization error: ``(alpha / r) a @ b = SVD_r(W - dequantize(base))``
+(:func:`loftq_factors`; ``loftq_iters`` > 1 alternates re-quantizing ``W - delta``).
 The base is frozen and stored as given (``base=None``), as ``bfloat16``, or quantized:
 ``int8`` (per output channel), ``int4`` (``group_size`` groups along the last
 contracted axis, ``bfloat16`` scales: 4.25 bits per weight at ``g = 64``) as a
