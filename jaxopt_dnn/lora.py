@@ -18,6 +18,9 @@ means for the op; without a traced program the kernel's last axis is taken as ``
 
 ``a`` starts uniform in ``+-1/sqrt(prod K)`` (Kaiming-uniform with ``a = sqrt(5)``, as
 in the reference implementation), ``b`` at zero: the initial forward equals the base.
+``init="loftq"`` (LoftQ, Li et al., 2023) starts them instead at the best rank-``r``
+correction of the quantization error: ``(alpha / r) a @ b = SVD_r(W - dequantize(base))``
+(:func:`loftq_factors`; ``loftq_iters`` > 1 alternates re-quantizing ``W - delta``).
 The base is frozen and stored as given (``base=None``), as ``bfloat16``, or quantized:
 ``int8`` (per output channel), ``int4`` (``group_size`` groups along the last
 contracted axis, ``bfloat16`` scales: 4.25 bits per weight at ``g = 64``) as a
@@ -56,6 +59,7 @@ from jaxopt_dnn.quant.qarray import dequantize as q_dequantize
 
 PyTree = Any
 BASES = (None, "float", "bf16", "int8", "int4", "nf4")
+INITS = ("zero", "loftq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,14 +291,58 @@ def _make_base(path: str, x: Any, base: str | None, contracting: tuple[int, ...]
                           name=path)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
-def _make_leaf(x, key, path, base, k, group_size, rank, scale) -> LoraArray:
-  """One adapted kernel (one compiled program per leaf signature, not ~30 eager ops)."""
+def _as_matrix(w: jax.Array, k: Sequence[int]) -> jax.Array:
+  """``w`` with its contracted axes ``k`` first, reshaped to ``(prod K, prod N)``."""
+  kk, n = _perm(w.shape, k)
+  kdim = int(np.prod([w.shape[d] for d in kk]))
+  return jnp.transpose(w, kk + n).reshape(kdim, -1)
+
+
+def loftq_factors(residual: jax.Array, rank: int, scale: float) -> tuple[jax.Array, jax.Array]:
+  """The best rank-``r`` correction of ``residual`` ``(prod K, prod N)`` as adapters.
+
+  With the SVD ``residual = U S V^T`` (singular values descending),
+
+      a = U_r sqrt(S_r / scale),   b = sqrt(S_r / scale) V_r^T,
+      scale * a @ b = U_r S_r V_r^T   (Eckart-Young: the closest rank-r matrix, Frobenius)
+
+  (LoftQ, Li et al., 2023, eq. 6, with the singular values split evenly between the two
+  factors). Returns float32 ``a: (prod K, r)``, ``b: (r, prod N)``; when ``r`` exceeds
+  ``min(prod K, prod N)`` the extra columns of ``a`` / rows of ``b`` are zero.
+  """
+  u, s, vt = jnp.linalg.svd(residual.astype(jnp.float32), full_matrices=False)
+  m = min(rank, s.shape[0])
+  root = jnp.sqrt(s[:m] / scale)
+  a = u[:, :m] * root
+  b = root[:, None] * vt[:m]
+  if m < rank:
+    a = jnp.pad(a, ((0, 0), (0, rank - m)))
+    b = jnp.pad(b, ((0, rank - m), (0, 0)))
+  return a, b
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7, 8, 9))
+def _make_leaf(x, key, path, base, k, group_size, rank, scale, init="zero",
+               loftq_iters=1) -> LoraArray:
+  """One adapted kernel (one compiled program per leaf signature, not ~30 eager ops).
+
+  ``init="loftq"``: ``loftq_iters`` alternations of ``Q = quantize(W - scale a b)``,
+  ``(a, b) = loftq_factors(W - dequantize(Q))`` starting from ``a b = 0`` (one
+  iteration: the base is the plain round-to-nearest quantization of ``W``)."""
   shape, dtype = tuple(x.shape), x.dtype
   kdim = int(np.prod([shape[d] for d in k]))
   adt = dtype if jnp.dtype(dtype) != jnp.bfloat16 else jnp.float32
-  init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-  a = init(key, (kdim, rank), adt)
+  if init == "loftq":
+    w = jnp.asarray(x, jnp.float32)
+    corr = jnp.zeros_like(w)
+    for _ in range(loftq_iters):
+      q = _make_base(path, (w - corr).astype(dtype), base, k, group_size)
+      a, b = loftq_factors(_as_matrix(w - _dequant(q), k), rank, scale)
+      corr = delta(LoraArray(q, a, b, scale=scale, contracting=k, shape=shape, dtype=dtype))
+    return LoraArray(q, a.astype(adt), b.astype(adt), scale=scale, contracting=k,
+                     shape=shape, dtype=dtype, name=path)
+  init_fn = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+  a = init_fn(key, (kdim, rank), adt)
   b = jnp.zeros((rank, int(np.prod(shape)) // kdim), adt)
   return LoraArray(_make_base(path, x, base, k, group_size), a, b, scale=scale,
                    contracting=k, shape=shape, dtype=dtype, name=path)
@@ -302,7 +350,7 @@ def _make_leaf(x, key, path, base, k, group_size, rank, scale) -> LoraArray:
 
 def lora(params: PyTree, rules: Any = None, rank: int = 8, alpha: float | None = None, *,
          key: Any = 0, base: str | None = None, group_size: int = 64,
-         roles: Mapping | None = None) -> PyTree:
+         roles: Mapping | None = None, init: str = "zero", loftq_iters: int = 1) -> PyTree:
   """Adds rank-``rank`` adapters to the kernels chosen by ``rules``.
 
   Args:
@@ -321,6 +369,14 @@ def lora(params: PyTree, rules: Any = None, rank: int = 8, alpha: float | None =
       axis length).
     roles: ``roles.trace(apply_fn, variables, *x)``: the kernels' contracted axes (and
       the default choice); without it the last axis of a kernel is its output.
+    init: ``"zero"`` (``a`` Kaiming-uniform, ``b = 0``: the initial forward is the base's)
+      or ``"loftq"`` (LoftQ: the adapters start at the best rank-``r`` correction of the
+      quantization error, ``scale * a @ b = SVD_r(W - dequantize(base))``, see
+      :func:`loftq_factors`; needs float kernels and a lossy ``base``: ``"bf16"``,
+      ``"int8"``, ``"int4"`` or ``"nf4"``).
+    loftq_iters: LoftQ's alternations ``Q = quantize(W - scale a b)``, ``(a, b) =
+      SVD_r(W - dequantize(Q))``; ``1`` (default) keeps the base the round-to-nearest
+      quantization of ``W``, more lower ``||W - dequantize(Q) - scale a b||``.
 
   Returns:
     ``params`` with every chosen leaf replaced by a :class:`LoraArray`; the other leaves
@@ -332,6 +388,14 @@ def lora(params: PyTree, rules: Any = None, rank: int = 8, alpha: float | None =
   if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) \
       or group_size < 1:
     raise ValueError(f"lora: group_size must be a positive int, got {group_size!r}")
+  if init not in INITS:
+    raise ValueError(f"lora: init must be one of {INITS}, got {init!r}")
+  if isinstance(loftq_iters, bool) or not isinstance(loftq_iters, (int, np.integer)) \
+      or loftq_iters < 1:
+    raise ValueError(f"lora: loftq_iters must be a positive int, got {loftq_iters!r}")
+  if init == "loftq" and base in (None, "float"):
+    raise ValueError("lora: init='loftq' corrects the quantization error of a lossy base; "
+                     f"give base='bf16'|'int8'|'int4'|'nf4' (got base={base!r})")
   if alpha is None:
     alpha = float(rank)
   if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
@@ -366,12 +430,15 @@ def lora(params: PyTree, rules: Any = None, rank: int = 8, alpha: float | None =
     if role is not None and role.role != "kernel":
       raise TypeError(f"lora: {p!r} is traced as a {role.role!r}, not a kernel (the weight "
                       "of a dot/conv); adapters go on kernels")
+    if init == "loftq" and isinstance(x, (QArray, nf4_lib.NF4Array)):
+      raise TypeError(f"lora: init='loftq' needs the float kernel of {p!r}, which is already "
+                      f"stored as {_base_kind(x)}; pass the float params with base=")
     k = _contracting_of(p, x, roles)
     if not k or len(k) == len(shape):
       raise ValueError(f"lora: {p!r} {list(shape)} has contracted axes {k}; need some but "
                        "not all axes")
     out.append(_make_leaf(x, jax.random.fold_in(key, i), p, base, k, group_size, rank,
-                          float(alpha) / rank))
+                          float(alpha) / rank, init, int(loftq_iters)))
   return jax.tree.unflatten(treedef, out)
 
 
@@ -383,7 +450,7 @@ class LoraConfig:
   """LoRA in the :class:`~jaxopt_dnn.Trainer`: only the adapters are trained.
 
   Attributes:
-    rank, alpha, base, group_size: as for :func:`lora`.
+    rank, alpha, base, group_size, init, loftq_iters: as for :func:`lora`.
     rules: as for :func:`lora`; ``None`` adapts every kernel the Trainer traces in the
       model (``roles.kernels``), with the traced contracted axes.
   """
@@ -392,11 +459,15 @@ class LoraConfig:
   rules: Any = None
   base: str | None = None
   group_size: int = 64
+  init: str = "zero"
+  loftq_iters: int = 1
 
   def __post_init__(self):
     _check_rank(self.rank)
     if self.base not in BASES:
       raise ValueError(f"lora.base must be one of {BASES}, got {self.base!r}")
+    if self.init not in INITS:
+      raise ValueError(f"lora.init must be one of {INITS}, got {self.init!r}")
     if isinstance(self.rules, list):
       object.__setattr__(self, "rules", tuple(self.rules))
     if self.alpha is not None and (isinstance(self.alpha, bool)
@@ -406,7 +477,8 @@ class LoraConfig:
   def apply(self, params: PyTree, key: Any, roles: Mapping | None = None) -> PyTree:
     """:func:`lora` of ``params`` with this config."""
     return lora(params, self.rules, rank=self.rank, alpha=self.alpha, key=key,
-                base=self.base, group_size=self.group_size, roles=roles)
+                base=self.base, group_size=self.group_size, roles=roles, init=self.init,
+                loftq_iters=self.loftq_iters)
 
 
 def trace_roles(model: Any, params: PyTree, collections: Mapping, *inputs: Any,
@@ -422,4 +494,5 @@ def trace_roles(model: Any, params: PyTree, collections: Mapping, *inputs: Any,
 
 
 __all__ = ["LoraArray", "LoraConfig", "adapters", "count", "delta", "effective", "is_lora",
-           "lora", "materialize", "merge", "nbytes", "trace_roles", "with_adapters"]
+           "loftq_factors", "lora", "materialize", "merge", "nbytes", "trace_roles",
+           "with_adapters"]

@@ -134,6 +134,74 @@ def test_quantized_base_merge_equals_unmerged_forward(linen_case, base):
                                                                 x.base.group_axis)
 
 
+@pytest.mark.parametrize("base", ["int4", "nf4"])
+def test_loftq_init_is_the_truncated_svd_of_the_quantization_residual(linen_case, base):
+  """init="loftq": base = RTN of W (one iteration), scale * a @ b = the rank-r truncated
+  SVD of W - dequantize(base) in the (prod K, prod N) layout of the traced contraction;
+  the kernel error and the forward error both shrink at step 0."""
+  m, v, r = linen_case
+  rank = 2
+  zero = lora.lora(v["params"], rank=rank, base=base, roles=r, group_size=4, alpha=4.0)
+  lq = lora.lora(v["params"], rank=rank, base=base, roles=r, group_size=4, alpha=4.0,
+                 init="loftq")
+  z, q = _loras(zero), _loras(lq)
+  assert sorted(z) == sorted(q)
+  for path, x in q.items():
+    w = v["params"]
+    for k in path.split("/"):
+      w = w[k]
+    w = np.asarray(w, np.float64)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 x.base, z[path].base)                      # the base is plain RTN
+    kk = list(x.contracting)
+    nn_ = [d for d in range(w.ndim) if d not in kk]
+    res = w - np.asarray(lora.materialize({"k": x.base})["k"], np.float64)
+    mat = np.transpose(res, kk + nn_).reshape(x.a.shape[0], -1)
+    u, sv, vt = np.linalg.svd(mat, full_matrices=False)
+    best = (u[:, :rank] * sv[:rank]) @ vt[:rank]
+    got = x.scale * np.asarray(x.a, np.float64) @ np.asarray(x.b, np.float64)
+    np.testing.assert_allclose(got, best, atol=1e-5 * np.abs(mat).max())
+    # Eckart-Young: the kernel error drops by exactly the top-r singular energy
+    e_loftq = np.linalg.norm(np.asarray(lora.effective(x), np.float64) - w)
+    np.testing.assert_allclose(e_loftq ** 2, np.sum(sv[rank:] ** 2), rtol=1e-3)
+    assert e_loftq < np.linalg.norm(res)
+  ref = m.apply(v, X)
+  err = lambda p: _rel(m.apply({"params": lora.materialize(p)}, X), ref)  # noqa: E731
+  assert err(lq) < err(zero)
+  # merge == unmerged holds for a LoftQ start too
+  assert _rel(m.apply({"params": lora.merge(lq)}, X),
+              m.apply({"params": lora.materialize(lq)}, X)) <= 1e-5
+  # more alternations: a different base, a smaller kernel error than one
+  l3 = _loras(lora.lora(v["params"], rank=rank, base=base, roles=r, group_size=4, alpha=4.0,
+                        init="loftq", loftq_iters=3))
+  tot = lambda t: sum(float(jnp.sum((lora.effective(x) - _leaf(v["params"], p)) ** 2))  # noqa: E731
+                      for p, x in t.items())
+  assert tot(l3) <= tot(q) * (1 + 1e-4)
+
+
+def _leaf(tree, path):
+  for k in path.split("/"):
+    tree = tree[k]
+  return tree
+
+
+def test_loftq_bad_inputs(linen_case):
+  _, v, r = linen_case
+  with pytest.raises(ValueError, match="init"):
+    lora.lora(v["params"], rank=2, base="int4", init="svd")
+  with pytest.raises(ValueError, match="lossy base"):
+    lora.lora(v["params"], rank=2, init="loftq")
+  with pytest.raises(ValueError, match="loftq_iters"):
+    lora.lora(v["params"], rank=2, base="int4", init="loftq", loftq_iters=0)
+  pre = dict(v["params"])
+  pre["head"] = {**pre["head"], "kernel": quant.quantize(pre["head"]["kernel"], bits=4,
+                                                         axis=1)}
+  with pytest.raises(TypeError, match="head/kernel"):
+    lora.lora(pre, "head/kernel", rank=2, base="int4", init="loftq")
+  with pytest.raises(ValueError, match="lora.init"):
+    lora.LoraConfig(init="svd")
+
+
 def test_nf4_code_book_and_error_bound():
   np.testing.assert_allclose(nf4.normal_code_book(), nf4.NF4_CODE, atol=1e-6)
   w = jax.random.normal(jax.random.key(0), (96, 5))
