@@ -1,5 +1,6 @@
 """Group-wise int8 weights in the real s8 x s8 -> s32 dot_general (issue 19)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,3 +60,27 @@ def test_scale_varying_along_two_contracted_axes_raises():
   x = jnp.asarray(rng.standard_normal((5, 4, 32)), jnp.float32)
   with pytest.raises(ValueError, match="ONE contracted axis"):
     ops.int8_dot_general(x, qw, None, (((1, 2), (0, 1)), ((), ())))
+
+
+class _Net(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(4, name="b")(nn.relu(nn.Dense(16, name="a")(x)))
+
+
+def test_int8_apply_serves_grouped_weights_as_int8():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((6, 64)), jnp.float32)
+  net = _Net()
+  v = net.init(jax.random.key(0), x)
+  qp = quant.quantize_params(v["params"], group_size=16)   # "a": (64, 16) -> 4 groups
+  assert qp["a"]["kernel"].group_size == 16
+  f = jax.jit(lambda qp, x: quant.int8_apply(net, {"params": qp}, "dynamic", x, strict=True))
+  got = f(qp, x)
+  ref = net.apply({"params": quant.dequantize_params(qp)}, x)
+  rel = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
+  assert rel < 0.03
+  assert quant.int8_dot_census(f, qp, x).lowered.int8 == 2
+  cov = quant.coverage(lambda vv, x: net.apply(vv, x), {"params": qp}, x, calibration="dynamic")
+  assert cov.int8_ops == 2 and cov.unattributed_int8 == 0, str(cov)
+  assert cov.float_contractions() == [], str(cov)
