@@ -190,3 +190,24 @@ def test_eval_metrics():
   assert decode.kl_divergence(lg, lg) == pytest.approx(0.0, abs=1e-12)
   with pytest.raises(ValueError, match="at least 2"):
     decode.perplexity(None, None, [1])
+
+
+def test_teacher_forced_agreement(llama):
+  dec, v = llama
+  prompts = np.asarray(jax.random.randint(jax.random.key(3), (3, 6), 0, CFG.vocab))
+  gen = np.asarray(decode.generate(dec, v, prompts, 10))
+  seqs = np.concatenate([prompts, gen], axis=1)
+  ref = decode.logits(dec, v, seqs)
+  # the reference against itself agrees everywhere, and its argmax IS its greedy tokens
+  assert decode.teacher_forced_agreement(dec, v, seqs, reference_logits=ref, start=5) == 1.0
+  np.testing.assert_array_equal(np.stack([r[5:-1].argmax(-1) for r in ref]), gen)
+  # a perturbed model: agreement is the argmax match rate on the generated positions
+  noisy = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(jax.random.key(4), x.shape), v)
+  q = decode.logits(dec, noisy, seqs)
+  want = np.mean([r[5:-1].argmax(-1) == x[5:-1].argmax(-1) for r, x in zip(ref, q)])
+  got = decode.teacher_forced_agreement(dec, noisy, seqs, reference_logits=ref, start=5)
+  assert got == pytest.approx(want) and got < 1.0
+  with pytest.raises(ValueError, match="start"):
+    decode.teacher_forced_agreement(dec, v, seqs, reference_logits=ref, start=15)
+  with pytest.raises(ValueError, match="reference logits"):
+    decode.teacher_forced_agreement(dec, v, seqs, reference_logits=ref[:2])

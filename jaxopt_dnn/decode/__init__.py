@@ -6,7 +6,8 @@
   (flax gemma, tunix Llama3) and a small protocol for others.
 * :mod:`jaxopt_dnn.decode.kv` - KV-cache storage in float, int8 or float8 e4m3 with one
   scale per token and head.
-* :func:`perplexity`, :func:`kl_divergence`, :func:`token_agreement` - evaluation against
+* :func:`perplexity`, :func:`kl_divergence`, :func:`token_agreement`,
+  :func:`teacher_forced_agreement` - evaluation against
   a float reference.
 """
 
@@ -15,6 +16,7 @@ from jaxopt_dnn.decode.evaluate import kl_divergence
 from jaxopt_dnn.decode.evaluate import logits
 from jaxopt_dnn.decode.evaluate import nll
 from jaxopt_dnn.decode.evaluate import perplexity
+from jaxopt_dnn.decode.evaluate import teacher_forced_agreement
 from jaxopt_dnn.decode.evaluate import token_agreement
 from jaxopt_dnn.decode.decoding import Generator
 from jaxopt_dnn.decode.decoding import LinenDecode

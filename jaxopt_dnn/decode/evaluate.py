@@ -103,3 +103,34 @@ def token_agreement(reference: Any, tokens: Any) -> dict:
   eq = a == b
   prefix = np.where(eq.all(1), a.shape[1], np.argmin(eq, axis=1))
   return {"agreement": float(eq.mean()), "prefix": float(prefix.mean())}
+
+
+def teacher_forced_agreement(model: Any, variables: Any, tokens: Any, *, reference_logits: list,
+                             cache_dtype: Any = None, start: int = 0) -> float:
+  """Teacher-forced greedy agreement with a reference on the *same* token sequences.
+
+  ``tokens``: sequences ``(B, L)`` (typically prompt + the reference's greedy
+  generation); ``reference_logits``: the reference's :func:`logits` on them. Both models
+  read the identical prefix ``x_<=t`` at every position ``t >= start``, so, unlike
+  free-running agreement (:func:`token_agreement`), one early difference does not change
+  every later input::
+
+      agreement = mean_{b, start <= t < L-1} [argmax_v p_q(v | x_b,<=t) == argmax_v p_ref(v | x_b,<=t)]
+
+  ``start = prompt_len - 1`` scores only the generated positions.
+  """
+  seqs = _as_batch(tokens)
+  if len(reference_logits) != len(seqs):
+    raise ValueError(f"teacher_forced_agreement: {len(reference_logits)} reference logits "
+                     f"for {len(seqs)} sequences")
+  if not 0 <= start < min(len(s) for s in seqs) - 1:
+    raise ValueError(f"teacher_forced_agreement: start {start} out of range for sequences "
+                     f"of length {min(len(s) for s in seqs)}")
+  got = logits(model, variables, seqs, cache_dtype=cache_dtype)
+  eq = []
+  for r, q in zip(reference_logits, got):
+    if r.shape != q.shape:
+      raise ValueError(f"teacher_forced_agreement: logits shapes differ: {r.shape} vs "
+                       f"{q.shape}")
+    eq.append(np.argmax(r[start:-1], -1) == np.argmax(q[start:-1], -1))
+  return float(np.concatenate(eq).mean())

@@ -180,7 +180,7 @@ def _slice_q(q: QArray | None, i) -> QArray | None:
   """Layer ``i`` of a stacked QArray ``(L, ...)``: codes ``[i]``, scale ``[i]`` (per-layer
   scales) or ``[0]`` (one scale shared by the layers); int4 is unpacked to int8 codes
   first (it is packed along axis 0, the layer axis)."""
-  if q is None or q.zero_point is not None or q.group_size is not None \
+  if q is None or q.zero_point is not None or q.group_axis == 0 \
       or np.ndim(q.scale) != len(q.shape):
     return None
   codes = lax.dynamic_index_in_dim(int_values(q), i, 0, keepdims=False)
@@ -188,7 +188,9 @@ def _slice_q(q: QArray | None, i) -> QArray | None:
                                    keepdims=False)
   return QArray(codes, scale, None, bits=8,
                 channel_axes=[a - 1 for a in q.channel_axes if a != 0],
-                shape=q.shape[1:], dtype=q.dtype, name=q.name, super_scale=q.super_scale)
+                shape=q.shape[1:], dtype=q.dtype, name=q.name, super_scale=q.super_scale,
+                group_size=q.group_size,
+                group_axis=None if q.group_axis is None else q.group_axis - 1)
 
 
 def _scan(eqn, invals, mode):
@@ -323,7 +325,12 @@ def _int8_why_not(w: Weight, eqn, wpos) -> str:
     return (f"weight scale varies along a contracted axis (channel_axes "
             f"{w.q.channel_axes}, contracted {tuple(contracted)})")
   if np.ndim(w.q.scale) != len(w.q.shape):
-    return "weight scale is not per-axis (group-wise)"
+    return "weight scale is not per-axis"
+  if w.q.group_size is not None:   # exact only along one contracted axis (ops docstring)
+    if eqn.primitive.name != "dot_general":
+      return "group-wise weight scale in a convolution"
+    if w.q.group_axis not in contracted:
+      return f"group axis {w.q.group_axis} is not contracted {tuple(contracted)}"
   return ""
 
 

@@ -74,6 +74,48 @@ def _scale_keep(w: QArray, contracted, op: str):
   return kept, s.reshape([s.shape[a] for a in kept])
 
 
+def _grouped_axis(w: QArray, contracted, op: str):
+  """The one contracted weight axis along which a group-wise scale varies, or ``None``.
+
+  Raises when the scale varies along a contracted axis that is not ``w``'s group axis,
+  or along more than one contracted axis (no exact integer rescaling exists then)."""
+  s_shape = stored_scale(w).shape
+  varying = [a for a in contracted if s_shape[a] != 1]
+  if not varying:
+    return None
+  if len(varying) == 1 and w.group_size is not None and w.group_axis == varying[0]:
+    return varying[0]
+  raise ValueError(f"{op}: weight scale varies along contracted axes {tuple(varying)} "
+                   f"(channel_axes={w.channel_axes}, group_size={w.group_size}, group_axis="
+                   f"{w.group_axis}, shape={w.shape}); the integer accumulator can only be "
+                   "rescaled per group along ONE contracted axis (the group axis). Quantize "
+                   "this weight per output channel, per tensor or group-wise along one "
+                   "contracted axis")
+
+
+def _split_axis(a: jax.Array, axis: int, g: int) -> jax.Array:
+  """``a`` with ``axis`` (length ``K``) zero-padded to ``G * g`` and cut into ``(G, g)``,
+  ``G = ceil(K / g)`` (zero codes add nothing to the integer sums)."""
+  k = a.shape[axis]
+  n_g = -(-k // g)
+  if n_g * g != k:
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (0, n_g * g - k)
+    a = jnp.pad(a, pad)
+  return a.reshape(a.shape[:axis] + (n_g, g) + a.shape[axis + 1:])
+
+
+def _grouped_dims(dimension_numbers, la: int, ra: int):
+  """Dimension numbers after splitting lhs axis ``la`` / rhs axis ``ra`` into ``(G, g)``:
+  ``g`` contracted, ``G`` the first batch dimension (so the output is ``(G, ...)``)."""
+  (lc, rc), (lb, rb) = dimension_numbers
+
+  def shift(axes, p):   # axes after p move one to the right; the split axis becomes g
+    return [b + 1 if b >= p else b for b in axes]
+
+  return ((shift(lc, la), shift(rc, ra)), ([la] + shift(lb, la), [ra] + shift(rb, ra)))
+
+
 def int8_dot_general(x: jax.Array, w: QArray, x_scale: jax.Array | None, dimension_numbers, *,
                      out_dtype=None, op: str = "dot_general", act_bits: int = 8) -> jax.Array:
   """``dot_general(x, dequantize(w))`` computed as s8 x s8 -> s32 and rescaled.
@@ -81,28 +123,53 @@ def int8_dot_general(x: jax.Array, w: QArray, x_scale: jax.Array | None, dimensi
   ``x_scale``: the per-tensor activation scale, or ``None`` for per-token dynamic scales
   (one per index of ``x``'s non-contracted axes, computed here; module docstring).
   ``act_bits``: the activation codes are clipped to ``±(2^(act_bits-1) - 1)``.
+
+  Group-wise weights (``w.group_size = g`` along a contracted ``w.group_axis`` of length
+  ``K``, scale ``s_w[G, n]`` with ``G = ceil(K / g)``) are computed exactly: the contracted
+  axis is cut into ``(G, g)`` on both operands (zero-padded), ``G`` becomes a batch
+  dimension and ``g`` stays contracted::
+
+      acc[j, t, n] = sum_{k < g} q_x[t, j g + k] q_w[j g + k, n]        (s8 x s8 -> s32)
+      y[t, n]      = s_x[t] * sum_j float32(acc[j, t, n]) * s_w[j, n]   (float32 sum)
+
+  (``s_x`` per tensor or per token: constant along ``K`` either way).
   """
   _check_weight(w, op)
   (lc, rc), (lb, rb) = dimension_numbers
-  kept, s = _scale_keep(w, tuple(rc), op)
+  ga = _grouped_axis(w, tuple(rc), op)
   dynamic = x_scale is None
   if dynamic:   # per token: one scale per index of x's batch and free axes
     x_scale = dynamic_scale(x, lc, act_bits)
-  acc = lax.dot_general(quantize_activation(x, x_scale, act_bits), int_values(w), dimension_numbers,
-                        preferred_element_type=jnp.int32)
+  qx, qw = quantize_activation(x, x_scale, act_bits), int_values(w)
+  s_full = stored_scale(w)
+  if ga is None:
+    kept, s = _scale_keep(w, tuple(rc), op)
+    acc = lax.dot_general(qx, qw, dimension_numbers, preferred_element_type=jnp.int32)
+  else:   # group axis -> leading batch dim G of acc and of the scale
+    kept = [a for a in range(len(w.shape)) if a not in rc]
+    s = jnp.moveaxis(s_full, ga, 0).reshape((s_full.shape[ga],)
+                                            + tuple(s_full.shape[a] for a in kept))
+    la = lc[list(rc).index(ga)]
+    acc = lax.dot_general(_split_axis(qx, la, w.group_size), _split_axis(qw, ga, w.group_size),
+                          _grouped_dims(dimension_numbers, la, ga),
+                          preferred_element_type=jnp.int32)
   # output layout: batch dims (rhs order rb), lhs free dims, rhs free dims
   n_lhs_free = x.ndim - len(lc) - len(lb)
   rfree = [a for a in kept if a not in rb]
   order = [kept.index(a) for a in rb] + [kept.index(a) for a in rfree]
-  s = jnp.transpose(s, order)
-  shape = list(s.shape[:len(rb)]) + [1] * n_lhs_free + list(s.shape[len(rb):])
+  lead = 0 if ga is None else 1
+  s = jnp.transpose(s, list(range(lead)) + [o + lead for o in order])
+  shape = list(s.shape[:lead + len(rb)]) + [1] * n_lhs_free + list(s.shape[lead + len(rb):])
   if dynamic:   # x's (batch, free) axes into the output's (batch, lhs free) layout
     rest = [a for a in range(x.ndim) if a not in lc]
     lfree = [a for a in rest if a not in lb]
     sx = jnp.transpose(jnp.squeeze(x_scale, tuple(lc)),
                        [rest.index(a) for a in lb] + [rest.index(a) for a in lfree])
     x_scale = sx.reshape(sx.shape + (1,) * len(rfree))
-  y = acc.astype(jnp.float32) * (s.reshape(shape) * x_scale)
+  if ga is None:
+    y = acc.astype(jnp.float32) * (s.reshape(shape) * x_scale)
+  else:
+    y = jnp.sum(acc.astype(jnp.float32) * s.reshape(shape), axis=0) * x_scale
   return y.astype(out_dtype or x.dtype)
 
 
