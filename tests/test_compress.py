@@ -209,6 +209,27 @@ def test_alternating_latency_reports_median_and_range():
   assert calls["fast"] == calls["slow"] == 1 + 3 * 4
 
 
+
+def test_one_timer_for_bench_and_app():
+  """bench/_timing and the app's table share jaxopt_dnn.timing: alternating order, every
+  call counted, medians per call."""
+  import importlib.util
+  from jaxopt_dnn import timing
+  assert compress.alternating_latency is timing.alternating_latency
+  spec = importlib.util.spec_from_file_location(
+      "_bench_timing", os.path.join(os.path.dirname(__file__), "..", "bench", "_timing.py"))
+  bench_timing = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench_timing)
+  assert bench_timing.alternate is timing.alternate
+  order = []
+  fns = {"a": lambda: order.append("a") or np.zeros(1), "b": lambda: order.append("b") or np.zeros(1)}
+  samples = timing.alternate_samples(fns, rounds=2, reps=2, warmup=0)
+  assert order == ["a", "a", "b", "b", "b", "b", "a", "a"]
+  assert {k: len(v) for k, v in samples.items()} == {"a": 4, "b": 4}
+  assert set(timing.alternate(fns, rounds=1, reps=1, warmup=0)) == {"a", "b"}
+  with pytest.raises(ValueError, match="rounds and reps"):
+    timing.alternate(fns, rounds=0)
+
 def test_table_marks_differences_and_dashes_untrained_columns(tmp_path):
   from jaxopt_dnn.app import report
   common = dict(latency_ms=2.0, latency_min_ms=1.5, latency_max_ms=3.0, params=10, nonzeros=10,

@@ -31,7 +31,6 @@ import dataclasses
 import json
 import os
 import shutil
-import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -43,6 +42,7 @@ import numpy as np
 from jaxopt_dnn import compile as compile_lib
 from jaxopt_dnn import checkpoint
 from jaxopt_dnn import sparsity as sparsity_lib
+from jaxopt_dnn.timing import alternating_latency
 from jaxopt_dnn.app import compose
 from jaxopt_dnn.app import data as data_lib
 from jaxopt_dnn.app import models as models_lib
@@ -313,33 +313,6 @@ def bootstrap(scores: dict[str, np.ndarray], reference: str, *, resamples: int =
                  "delta": float(s.mean() - ref.mean()), "delta_ci": [float(lo), float(hi)],
                  "differs": bool(lo > 0 or hi < 0)}
   return out
-
-
-def alternating_latency(fns: dict[str, Callable[[], Any]], *, rounds: int = 9, reps: int = 10,
-                        warmup: int = 1, round_budget_s: float = 0.08
-                        ) -> dict[str, tuple[float, float, float]]:
-  """``{name: (median, min, max)}`` milliseconds per call over alternating rounds.
-
-  Every round runs each contender back to back, ``reps`` calls or as many as fit in
-  ``round_budget_s`` (at least one), and keeps the median of those calls; rounds alternate
-  forward and reverse order so that machine noise hits all contenders alike. The result
-  is the median of the round medians and their min-max.
-  """
-  for fn in fns.values():
-    for _ in range(warmup):
-      jax.block_until_ready(fn())
-  per_round: dict[str, list[float]] = {k: [] for k in fns}
-  for r in range(rounds):
-    order = list(fns) if r % 2 == 0 else list(reversed(fns))
-    for name in order:
-      times: list[float] = []
-      start = time.perf_counter()
-      while len(times) < reps and (not times or time.perf_counter() - start < round_budget_s):
-        t = time.perf_counter()
-        jax.block_until_ready(fns[name]())
-        times.append(time.perf_counter() - t)
-      per_round[name].append(statistics.median(times) * 1e3)
-  return {k: (statistics.median(v), min(v), max(v)) for k, v in per_round.items()}
 
 
 # --------------------------------------------------------------- channel shrinking
