@@ -1,3 +1,4 @@
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,5 +99,5 @@ def test_nnx_face_init_is_seeded():
   a = face.init(jax.random.key(1), X)
   b = face.init(jax.random.key(1), X)
   c = face.init(jax.random.key(2), X)
-  jax.tree.map(np.testing.assert_array_equal, a, b)
+  chex.assert_trees_all_equal(a, b)
   assert not np.array_equal(a["params"]["head"]["kernel"], c["params"]["head"]["kernel"])

@@ -2,6 +2,7 @@
 
 import os
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -183,7 +184,7 @@ def test_orbax_roundtrip_and_checkpoint_bytes(trained, tmp_path):
     back = mgr.restore(0, args=ocp.args.StandardRestore(abstract))
   assert isinstance(back["Dense_0"]["kernel"], quant.QArray)
   assert back["Dense_0"]["kernel"].bits == 4
-  jax.tree.map(np.testing.assert_array_equal, back, q4)
+  chex.assert_trees_all_equal(back, q4)
 
 
 def test_ptq_w8a8_int8_serving_accuracy_census_and_fake_quant_agreement(trained, digits):

@@ -2,6 +2,7 @@
 
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +51,7 @@ def test_fsdp_sharded_magnitude_masks_do_not_gather_the_kernel(mesh, scope):
   got = fn(sharded, 0.7)
   assert got["kernel"].sharding.spec == jax.P("fsdp", None)
   want = sp.magnitude_masks(params, 0.7, scope=scope)
-  jax.tree.map(np.testing.assert_array_equal, got, want)
+  chex.assert_trees_all_equal(got, want)
 
 
 def test_nm_masks_of_sharded_kernel_stay_local(mesh):

@@ -2,6 +2,7 @@
 
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,10 +19,6 @@ MLP_KERNELS = r"(mlp_in|mlp_out)_\d/kernel"
 
 def _mesh1():
   return parallel.make_mesh(devices=jax.devices()[:1])
-
-
-def _close(a, b, **kw):
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), **kw), a, b)
 
 
 def _composed_lm(mesh, sharding):
@@ -113,7 +110,7 @@ def test_token_weighted_loss_and_grads_same_on_1_device_data8_fsdp8():
                          (parallel.make_mesh(data=1, fsdp=8), "fsdp")):
     loss, got = _weighted_step(mesh, sharding, params)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
-    _close(got, ref, rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(got, ref, rtol=1e-4, atol=1e-6)
 
 
 def nn_unbox(tree):
@@ -239,8 +236,8 @@ def test_resnet_batchnorm_dropout_fit_over_an_iterable_resumes_exactly(tmp_path)
   resumed = jd.fit(t, t.init(jax.random.key(0), *sample), batches(), steps=6,
                    checkpoint_dir=tmp_path, save_every=3, return_result=True)
   assert resumed.resumed_from == 3
-  _close(resumed.state.params, straight.state.params, rtol=0, atol=0)
-  _close(resumed.state.collections, straight.state.collections, rtol=0, atol=0)
+  chex.assert_trees_all_equal(resumed.state.params, straight.state.params)
+  chex.assert_trees_all_equal(resumed.state.collections, straight.state.collections)
   t = trainer()
   with pytest.warns(UserWarning, match="ran out"):
     short = jd.fit(t, t.init(jax.random.key(0), *sample), (make(i) for i in range(2)), steps=5)
@@ -278,7 +275,7 @@ def test_fp16_dynamic_loss_scale_reports_and_skips():
   before = jax.device_get(state.params)
   state, m = trainer.step(state, bad)
   assert float(m["grads_finite"]) == 0.0
-  _close(jax.device_get(state.params), before, rtol=0, atol=0)   # the step was skipped
+  chex.assert_trees_all_equal(jax.device_get(state.params), before)   # the step was skipped
 
 
 def test_trainer_rejects_bad_arguments_by_name():
