@@ -183,7 +183,9 @@ def test_resnet_shrunk_equals_masked_with_fewer_params(resnet):
   assert small["batch_stats"]["ResNetBlock_1"]["BatchNorm_0"]["mean"].shape == (8,)
   assert small["params"]["ResNetBlock_1"]["conv_proj"]["kernel"].shape == (1, 1, 8, 16)
   got = sparsity.shrunk_apply(model)(jax.tree.map(jnp.asarray, small), x, train=False)
-  assert float(jnp.max(jnp.abs(got - want))) <= 1e-5
+  # equal up to float32 summation order (the shrunk convs sum over fewer channels; XLA's
+  # threaded conv may block them differently run to run): relative to the output's size
+  assert float(jnp.max(jnp.abs(got - want))) <= 1e-6 * float(jnp.max(jnp.abs(want)))
   size = lambda t: sum(np.size(a) for a in jax.tree.leaves(t))  # noqa: E731
   assert size(small["params"]) < size(v["params"])
   with pytest.raises(Exception):   # the upstream module itself rejects the smaller kernels
