@@ -391,7 +391,10 @@ def test_lora_distillation_recovers_most_of_the_int4_gap():
   def loss(apply_fn, variables, batch, rng):
     return jnp.mean((apply_fn(variables, batch) - teacher(v, batch)) ** 2)
 
-  t = jd.Trainer(m, loss, optax.adam(1e-2), lora=dict(rank=8, base="int4", group_size=16))
+  # donate=False: a CI worker aborted (twice, same place) in the eager dequantize after the
+  # donated steps while this test passes alone; under investigation (issue 20 note)
+  t = jd.Trainer(m, loss, optax.adam(1e-2), lora=dict(rank=8, base="int4", group_size=16),
+                 donate=False)
   s = t.init(jax.random.key(1), inputs(1, 0), variables=v)
   gap0 = err(s.params)
   assert gap0 > 0.01                  # int4 really loses something

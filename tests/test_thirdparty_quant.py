@@ -214,7 +214,7 @@ def test_vit_scan_qat_trains_a_step(vit_pair):
 
 def test_vit_scan_gptq_raises_naming_the_stacked_leaf(vit_pair):
   _, _, model, vs, x = vit_pair
-  with pytest.raises(ValueError, match=r"Transformer/encoderblock/.*kernel.*stack of layers"):
+  with pytest.raises(ValueError, match=r"Transformer/encoderblock/.*kernel.*scan body"):
     quant.gptq(model.apply, vs, [(x,)], bits=4, group_size=None)
 
 
