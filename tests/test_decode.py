@@ -211,3 +211,20 @@ def test_teacher_forced_agreement(llama):
     decode.teacher_forced_agreement(dec, v, seqs, reference_logits=ref, start=15)
   with pytest.raises(ValueError, match="reference logits"):
     decode.teacher_forced_agreement(dec, v, seqs, reference_logits=ref[:2])
+
+
+def test_int8_cache_rotates_outlier_channels_away():
+  """The int8 slot stores ``x R`` (R orthonormal): a constant outlier channel (as in real
+  post-RoPE keys) no longer sets every token's step, so the round trip's RMS error is at
+  least 2x below per-token int8 of ``x`` itself; float8 stays unrotated."""
+  for d in (64, 48):   # Hadamard, and the seeded orthogonal fallback
+    r = np.asarray(decode.kv.rotation(d))
+    np.testing.assert_allclose(r @ r.T, np.eye(d), atol=1e-5)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 3, 64)) + jnp.zeros(64).at[5].set(8.0)
+  slot = decode.kv.write(decode.kv.init(2, 8, 3, 64, "int8"), x, 0)
+  q, scale = decode.kv.quantize(x, "int8")
+  rms = lambda e: float(jnp.sqrt(jnp.mean(jnp.square(e))))  # noqa: E731
+  assert rms(decode.kv.read(slot, jnp.float32) - x) <= 0.5 * rms(q * scale - x)
+  f8 = decode.kv.write(decode.kv.init(2, 8, 3, 64, "float8_e4m3fn"), x, 0)
+  q8, s8 = decode.kv.quantize(x, "float8_e4m3fn")
+  np.testing.assert_array_equal(decode.kv.read(f8, jnp.float32), q8.astype(jnp.float32) * s8)
