@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.extend import core as jcore
 
 from jaxopt_dnn import _tree
 from jaxopt_dnn.quant import hooks
@@ -451,7 +452,7 @@ class _Trace:
         if not _keeps_block(np.shape(ins[0]), c):
           return None
         v = ins[0]
-      elif name == "custom_jvp_call" and eqn.params.get("name") == "relu":
+      elif name in ("custom_jvp_call", "pjit", "jit") and _is_relu(eqn):
         v = ins[0]          # relu(z / s) = relu(z) / s for s > 0
       elif name == "max" and len(ins) == 2 and any(_is_zero(a) for a in ins):
         v = ins[1] if _is_zero(ins[0]) else ins[0]
@@ -478,6 +479,20 @@ class _Trace:
       else:
         return None
     return None
+
+
+def _is_relu(eqn, depth: int = 4) -> bool:
+  """Whether a call equation computes ``max(x, 0)`` (``jax.nn.relu``: a custom_jvp around
+  a jit around one ``max`` with a zero literal)."""
+  sub = eqn.params.get("call_jaxpr", eqn.params.get("jaxpr"))
+  sub = getattr(sub, "jaxpr", sub)
+  if sub is None or depth == 0 or len(sub.eqns) != 1 or len(sub.invars) != 1:
+    return False
+  e = sub.eqns[0]
+  if e.primitive.name == "max":
+    return any(isinstance(v, jcore.Literal) and np.all(np.asarray(v.val) == 0)
+               for v in e.invars)
+  return e.primitive.name in ("custom_jvp_call", "pjit", "jit") and _is_relu(e, depth - 1)
 
 
 def _is_zero(a) -> bool:
