@@ -257,22 +257,38 @@ def _with(module, params):
   return m
 
 
+_KERNEL = {"conv": "c2/kernel", "einsum": "proj/kernel", "nnx_raw_dot": "w"}
+
+
 @pytest.mark.parametrize("case", sorted(_CASES))
 def test_awq_any_contraction_beats_rtn_int4(case):
   make, op, folded = _CASES[case]
   model, apply_fn, v, batches = make()
-  log = []
-  qp = quant.awq(apply_fn, v, batches, bits=4, group_size=None, max_sample=100000,
-                 log=log.append)
-  assert any(f"{op}: scaled, 1/s folded into {folded}" in line for line in log), log
   p0 = _params(v)
-  rtn = quant.quantize_params(p0, [o for o in _kernels(qp)], bits=4, group_size=None)
-  assert sorted(_kernels(qp)) == sorted(_kernels(rtn))
+  # every kernel: each is int4, the scaled op's producer stays float
+  log = []
+  qa = quant.awq(apply_fn, v, batches, bits=4, group_size=None, log=log.append)
+  assert any(f"{op}: scaled, 1/s folded into {folded}" in line for line in log), log
+  assert quant.is_qarray(_leaf(qa, _KERNEL[case]))
+  assert len(_kernels(qa)) == {"conv": 3, "einsum": 2, "nnx_raw_dot": 2}[case]
+  # the scaled kernel alone (the model's error is then its error): AWQ's search over
+  # alpha starts at plain RTN (alpha = 0), and the outlier channel makes it pay off
+  rule = "^" + _KERNEL[case] + "$"
+  qp = quant.awq(apply_fn, v, batches, bits=4, group_size=None, rules=[rule],
+                 max_sample=100000)
+  rtn = quant.quantize_params(p0, rule, bits=4, group_size=None)
+  assert _kernels(qp) == _kernels(rtn) == [rule]
   err = lambda p: sum(float(jnp.sum((_run(model, apply_fn, v, quant.dequantize_params(p), x)  # noqa: E731
                                      - _run(model, apply_fn, v, p0, x)) ** 2))
                       for (x,) in batches)
   e_awq, e_rtn = err(qp), err(rtn)
-  assert e_awq < 0.9 * e_rtn, (e_awq, e_rtn)
+  assert e_awq < 0.5 * e_rtn, (e_awq, e_rtn)
+
+
+def _leaf(tree, path):
+  for k in path.split("/"):
+    tree = tree[k]
+  return tree
 
 
 def _kernels(params):
