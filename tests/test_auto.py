@@ -299,9 +299,10 @@ def test_gptq_keep_zeros_keeps_a_pruned_pattern_and_compensates():
   assert np.any(np.asarray(refilled)[~keep] != 0)
 
 
-def test_gptq_sensitivity_rounds_uncaptured_conv_kernels_to_nearest():
-  """A conv kernel (no captured Dense input): its GPTQ candidate is RTN, as quant.gptq
-  quantizes chosen leaves it cannot calibrate; the Dense layer is calibrated alone."""
+def test_gptq_sensitivity_calibrates_conv_kernels():
+  """A conv kernel is captured by the interpreter (im2col rows) like quant.gptq does:
+  its GPTQ candidate is calibrated alone and beats RTN on its own input; the Dense layer
+  too."""
   class C(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -316,8 +317,13 @@ def test_gptq_sensitivity_rounds_uncaptured_conv_kernels_to_nearest():
   assert sens.layers == ["conv/kernel", "head/kernel"]
   rtn = quant.dequantize(quant.quantize_params(v["params"], r"^conv/kernel$", bits=4,
                                                group_size=None)["conv"]["kernel"])
-  np.testing.assert_array_equal(np.asarray(quant.dequantize(sens.stored["int4"]["conv/kernel"])),
-                                np.asarray(rtn))
+  w = v["params"]["conv"]["kernel"]
+  conv = lambda k: jax.lax.conv_general_dilated(   # noqa: E731
+      jnp.asarray(x), jnp.asarray(k), (1,), "SAME", dimension_numbers=("NHC", "HIO", "NHC"))
+  err = lambda k: float(jnp.sum((conv(w) - conv(k)) ** 2))   # noqa: E731
+  got = quant.dequantize(sens.stored["int4"]["conv/kernel"])
+  assert not np.array_equal(np.asarray(got), np.asarray(rtn))
+  assert err(got) < err(rtn)
   for layer in sens.layers:
     assert sens.values[layer]["int4"] > sens.values[layer]["int8"] > 0
 

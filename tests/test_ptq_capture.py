@@ -10,7 +10,6 @@ from flax import nnx
 from jax import lax
 
 from jaxopt_dnn import quant
-from jaxopt_dnn.quant.capture import Capture
 from jaxopt_dnn.quant.hessian import HessianCapture
 from jaxopt_dnn.quant.qarray import full_scale
 
@@ -119,7 +118,8 @@ def test_conv_gram_equals_numpy_im2col(cnn):
 
 
 def test_dense_hessians_equal_the_module_capture():
-  """Dense / DenseGeneral: the interpreter's Grams equal the module-level Capture's."""
+  """Dense / DenseGeneral: the interpreter's Grams equal ``2 X^T X`` of each module's
+  input (what the former module-level capture recorded), from capture_intermediates."""
   class Net(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -131,11 +131,16 @@ def test_dense_hessians_equal_the_module_capture():
   batches = [(_correlated((4, 5, 12), s),) for s in range(2)]
   v = m.init(jax.random.key(1), batches[0][0])
   new = HessianCapture(m.apply, v, batches, lambda p, x: True).hessians()
-  old = Capture(m.apply, v, batches, lambda p, x: True)
-  for o in old.ops:
-    np.testing.assert_allclose(np.asarray(new[o.kernel]),
-                               np.asarray(old.stats(old.params, [o]).hessian),
-                               rtol=1e-4, atol=1e-3)
+  old = {"a/kernel": 0.0, "b/kernel": 0.0}
+  for (x,) in batches:
+    _, st = m.apply(v, x, capture_intermediates=True)
+    h = jax.nn.gelu(st["intermediates"]["a"]["__call__"][0])
+    for k, xin in (("a/kernel", x), ("b/kernel", h)):
+      x2 = np.asarray(xin, np.float64).reshape(-1, xin.shape[-1])
+      old[k] = old[k] + 2 * x2.T @ x2
+  assert sorted(new) == sorted(old)
+  for k in old:
+    np.testing.assert_allclose(np.asarray(new[k]), old[k], rtol=1e-4, atol=1e-3)
 
 
 def _assert_beats_rtn(errs):

@@ -172,18 +172,19 @@ def test_gptq_linen_per_layer_beats_rtn(net):
   assert qp["b0"]["o"]["kernel"].group_axis == 1      # DenseGeneral: last contracted axis
   assert not quant.is_qarray(qp["b0"]["q"]["bias"])
   # every layer: output error on its own (float-model) inputs no worse than RTN
-  from jaxopt_dnn.quant.capture import Capture, kernel_2d
-  cap = Capture(model.apply, variables, batches, lambda p, x: True)
+  from jaxopt_dnn.quant.hessian import HessianCapture
+  from jaxopt_dnn.quant.layout import kernel_matrix
+  cap = HessianCapture(model.apply, variables, batches, lambda p, x: True)
   for o in cap.ops:
-    X = jnp.concatenate(cap.outputs(variables["params"], o))
+    X = jnp.concatenate(cap.rows(None, [o])[o.kernel])
     path = o.kernel.split("/")
     w = variables["params"]
     gq, rq = qp, rtn
     for p in path:
       w, gq, rq = w[p], gq[p], rq[p]
-    W = kernel_2d(w, o.n_in)
-    eg = float(jnp.sum((X @ W - X @ kernel_2d(quant.dequantize(gq), o.n_in)) ** 2))
-    er = float(jnp.sum((X @ W - X @ kernel_2d(quant.dequantize(rq), o.n_in)) ** 2))
+    W = kernel_matrix(w, o)
+    eg = float(jnp.sum((X @ W - X @ kernel_matrix(quant.dequantize(gq), o)) ** 2))
+    er = float(jnp.sum((X @ W - X @ kernel_matrix(quant.dequantize(rq), o)) ** 2))
     assert eg <= er * 1.0001, (o.kernel, eg, er)
   assert _out_err(model, variables, qp, batches) < _out_err(model, variables, rtn, batches)
 
@@ -214,14 +215,14 @@ def test_gptq_rules_and_weight_only_serving(net):
 
 
 def test_hessian_sharded_equals_single_device():
-  from jaxopt_dnn.quant.capture import gram
+  from jaxopt_dnn.quant.hessian import gram
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
   x = jax.random.normal(jax.random.key(3), (16, 5, 24))
   xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.P("data")))
-  h1 = gram(x)
-  h8 = gram(xs)
+  h1 = gram(x, 1)
+  h8 = gram(xs, 1)
   np.testing.assert_allclose(np.asarray(h8), np.asarray(h1), rtol=1e-5, atol=1e-4)
-  hlo = jax.jit(lambda a: gram(a)).lower(xs).as_text()
+  hlo = jax.jit(lambda a: gram(a, 1)).lower(xs).compile().as_text()   # XLA inserts it
   assert "all-reduce" in hlo or "all_reduce" in hlo or "psum" in hlo
 
 
@@ -265,12 +266,14 @@ def test_solve_alone_is_gptq_without_sequential_from_one_jitted_capture(net):
   import importlib
   G = importlib.import_module("jaxopt_dnn.quant.gptq")
   model, variables, batches = net
-  cap = quant.Capture(model.apply, variables, batches, lambda p, x: True)
+  from jaxopt_dnn.quant.hessian import HessianCapture
+  cap = HessianCapture(model.apply, variables, batches, lambda p, x: True)
   hs = G.input_hessians(cap)
   for ops in cap.rounds():      # equal to the eager per-round capture
-    np.testing.assert_allclose(np.asarray(hs[ops[0].op]),
-                               np.asarray(cap.stats(cap.params, ops).hessian),
-                               rtol=1e-4, atol=1e-3)
+    eager = cap.round_hessians(None, ops)
+    for o in ops:
+      np.testing.assert_allclose(np.asarray(hs[o.kernel]), np.asarray(eager[o.kernel]),
+                                 rtol=1e-4, atol=1e-3)
   rule = quant.QuantRule(".*", bits=4, group_size=16)
   got = G.solve_alone(cap, hs, {o.kernel: rule for o in cap.ops})
   want = quant.gptq(model.apply, variables, batches, bits=4, group_size=16, sequential=False)

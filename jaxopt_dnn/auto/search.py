@@ -375,12 +375,14 @@ class _Alone:
     gptq_lib = importlib.import_module("jaxopt_dnn.quant.gptq")   # (the name is the function)
     chosen = set(layers)
     self.gptq = gptq_lib
-    self.cap = quant_lib.Capture(*fwd.quant_args(), batches,
-                                 lambda p, x: p in chosen and not quant_lib.is_qarray(x),
-                                 where="auto.sensitivity")
+    hessian_lib = importlib.import_module("jaxopt_dnn.quant.hessian")
+    self.cap = hessian_lib.HessianCapture(*fwd.quant_args(), batches,
+                                          lambda p, x: p in chosen
+                                          and not quant_lib.is_qarray(x),
+                                          where="auto.sensitivity")
     got = {o.kernel for o in self.cap.ops}
-    # layers no captured Dense consumes (e.g. conv kernels): round to nearest, as
-    # quant.gptq does with chosen leaves it cannot calibrate
+    # layers no captured contraction consumes (e.g. an embedding table): round to
+    # nearest, as quant.gptq does with chosen leaves it cannot calibrate
     self.uncaptured = [p for p in layers if p not in got]
     self.hessians = gptq_lib.input_hessians(self.cap)
     self.layers = [p for p in layers if p in got]
@@ -393,16 +395,16 @@ class _Alone:
     for o in self.cap.ops:
       if o.kernel not in self.layers:
         continue
-      op0 = next(r[0].op for r in self.cap.rounds() if r[0].round == o.round)
       w = self.cap.leaves[o.kernel]
-      new, _ = oneshot_lib.prune_layer(o, w, self.hessians[op0], method="sparsegpt", **kw)
+      new, _ = oneshot_lib.prune_layer(o, w, self.hessians[o.kernel], method="sparsegpt",
+                                       **kw)
       out[o.kernel] = new
     return out
 
   def realize(self, cand: Candidate) -> dict[str, Any]:
     if cand.prune_kwargs is not None and self.uncaptured:
       raise ValueError(f"auto.sensitivity: sparse candidate {cand.name!r} needs captured "
-                       f"Dense/DenseGeneral kernels; not captured: {self.uncaptured}")
+                       f"kernels consumed by a contraction; not captured: {self.uncaptured}")
     weights = self._pruned(cand) if cand.prune_kwargs is not None else None
     if cand.bits == 16:
       src = weights or {p: self.cap.leaves[p] for p in self.layers}

@@ -22,7 +22,6 @@ from jaxopt_dnn.quant.qarray import round_scale
 from jaxopt_dnn.quant.rules import QuantRule
 from jaxopt_dnn.quant.rules import dequantize_params
 from jaxopt_dnn.quant.rules import quantize_params
-from jaxopt_dnn.quant.capture import Capture
 from jaxopt_dnn.quant.gptq import gptq
 from jaxopt_dnn.quant.gptq import gptq_solve
 from jaxopt_dnn.quant.smooth import smooth

@@ -41,8 +41,7 @@ from jaxopt_dnn import _tree
 from jaxopt_dnn.quant import fake
 from jaxopt_dnn.quant import hessian as _hessian
 from jaxopt_dnn.quant import rules as _rules
-from jaxopt_dnn.quant.capture import (Capture, OpInfo, Stats, kernel_2d, kernel_matrix,
-                                     run_sequential, set_leaves)
+from jaxopt_dnn.quant.layout import OpInfo, kernel_matrix, set_leaves
 from jaxopt_dnn.quant.qarray import QArray, is_qarray, pack_int4, round_scale, scale_value
 
 
@@ -234,7 +233,7 @@ def to_qarray(codes: jax.Array, scales: jax.Array, shape: tuple[int, ...], n_in:
 
   The group axis is the last contracted axis (``n_in - 1``); channel axes are the output
   axes; int4 codes are packed two per byte; scales are stored as ``scale_dtype``.
-  With ``perm`` (:attr:`~jaxopt_dnn.quant.capture.OpInfo.perm`), ``shape`` is the
+  With ``perm`` (:attr:`~jaxopt_dnn.quant.layout.OpInfo.perm`), ``shape`` is the
   kernel's shape with its contracted axes first and the QArray is laid out in the
   kernel's own axis order (codes and scales transposed by ``argsort(perm)``; the group
   axis is then ``perm[n_in - 1]``).
@@ -385,44 +384,18 @@ def _gptq_kernel(o: OpInfo, w: jax.Array, h: jax.Array, rule, *, act_order, damp
 
 
 # ----------------------------------------------------------- every layer alone (float inputs)
-def input_hessians(cap: Capture) -> dict[str, jax.Array]:
-  """``{op: H = 2 sum_b X_b^T X_b}`` of every round's input on the **float** model.
-
-  One jitted forward per batch records every round's input at once (instead of one
-  eager forward per round): the Hessians :func:`gptq` uses with ``sequential=False``
-  (equal up to float summation order), e.g. to quantize each layer *alone* under
-  several settings from one capture (:func:`solve_alone`).
-
-  With a :class:`~jaxopt_dnn.quant.hessian.HessianCapture` (every contraction: convs,
-  ``Einsum``, raw dots) the keys are the kernel paths instead.
+def input_hessians(cap: _hessian.HessianCapture) -> dict[str, jax.Array]:
+  """``{kernel path: H = 2 sum_b X_b^T X_b}`` of every captured kernel on the **float**
+  model: one jitted forward per batch records every Gram at once (instead of one eager
+  forward per round). These are the Hessians :func:`gptq` uses with
+  ``sequential=False``, e.g. to quantize each layer *alone* under several settings from
+  one capture (:func:`solve_alone`).
   """
-  if isinstance(cap, _hessian.HessianCapture):
-    return cap.hessians()
-  wanted = {ops[0].op: ops[0].n_in for ops in cap.rounds()}
-
-  def grams(params, args):
-    got: dict[str, jax.Array] = {}
-
-    def hook(op, _n, x):
-      if op in wanted and op not in got:
-        x2 = x.reshape((-1, math.prod(x.shape[x.ndim - wanted[op]:]))).astype(jnp.float32)
-        got[op] = x2.T @ x2
-    cap._run(params, args, hook)  # noqa: SLF001 (the capture's own hooked forward)
-    return got
-
-  run = jax.jit(grams) if not cap.nnx else grams
-  fparams = cap.float_params(cap.params)
-  total: dict[str, jax.Array] = {}
-  for args in cap.batches:
-    for op, h in run(fparams, tuple(args)).items():
-      total[op] = h if op not in total else total[op] + h
-  missing = sorted(set(wanted) - set(total))
-  if missing:
-    raise ValueError(f"{cap.where}: ops {missing} did not run on the calibration batches")
-  return {op: 2.0 * h for op, h in total.items()}
+  return cap.hessians()
 
 
-def solve_alone(cap: Capture, hessians: dict[str, jax.Array], rules: dict[str, Any], *,
+def solve_alone(cap: _hessian.HessianCapture, hessians: dict[str, jax.Array],
+                rules: dict[str, Any], *,
                 weights: dict[str, jax.Array] | None = None, act_order: bool = True,
                 damp: float = 0.1, block_size: int = 128, clip: float | None = None,
                 keep_zeros: bool = False) -> dict[str, QArray]:
@@ -438,7 +411,6 @@ def solve_alone(cap: Capture, hessians: dict[str, jax.Array], rules: dict[str, A
   ``keep_zeros``).
   """
   by_kernel = {o.kernel: o for o in cap.ops}
-  first = {ops[0].round: ops[0].op for ops in cap.rounds()}
   groups: dict[tuple, list] = {}
   for path, rule in rules.items():
     if path not in by_kernel:
@@ -451,8 +423,7 @@ def solve_alone(cap: Capture, hessians: dict[str, jax.Array], rules: dict[str, A
   out = {}
   for (_, bits, g, sdt), items in groups.items():
     w2 = jnp.stack([kernel_matrix(w, o) for _, o, w, _, _ in items])
-    hs = jnp.stack([hessians[o.kernel] if o.kernel in hessians else hessians[first[o.round]]
-                    for _, o, _, _, _ in items])
+    hs = jnp.stack([hessians[o.kernel] for _, o, _, _, _ in items])
     keep = (w2 != 0) if keep_zeros else None
     solve = functools.partial(gptq_solve, bits=bits, group_size=g, act_order=act_order,
                               damp=float(damp), block_size=block_size, scale_dtype=sdt,

@@ -149,6 +149,7 @@ def evaluate(jaxpr: jcore.Jaxpr, consts, args, mode) -> list:
   for v, x in zip(jaxpr.invars, args):
     env[v] = x
   for eqn in jaxpr.eqns:
+    entered = False
     invals = [read(v) for v in eqn.invars]
     is_w = [isinstance(x, Weight) for x in invals]
     name = eqn.primitive.name
@@ -163,10 +164,13 @@ def evaluate(jaxpr: jcore.Jaxpr, consts, args, mode) -> list:
       out = evaluate(sub, sub_consts, invals, mode)
       if not eqn.primitive.multiple_results:
         out = out[0]
+      entered = True
     elif name == "scan":
       out = _scan(eqn, invals, mode)
     else:
       out = _bind(eqn, [x.val if isinstance(x, Weight) else x for x in invals])
+    if mode.note is not None and not entered:
+      mode.note(eqn, invals, out)
     if eqn.primitive.multiple_results:
       for v, x in zip(eqn.outvars, out):
         env[v] = x
@@ -246,6 +250,11 @@ def _unswap(y, n_batch, n_a_free, n_b_free):
 
 class Mode:
   """Base: float contraction with weight values; subclasses override :meth:`on_weight`."""
+
+  #: ``note(eqn, invals, out)``, called after every equation that was bound or
+  #: contracted (not after a sub-program entered: its own equations were noted), e.g.
+  #: to trace where an activation came from (:mod:`jaxopt_dnn.quant.hessian`); None: off.
+  note = None
 
   def __init__(self):
     self.records: list[Record] = []

@@ -15,14 +15,14 @@ For a kernel ``W`` (``(K, N)``, inputs first as in Flax) and its calibration inp
   ``w_l -= U[i, l] (w_i - m_i w_i) / U[i, i]`` (the OBS update of GPTQ).
 * **N:M** (``n`` kept of every ``m`` consecutive inputs, e.g. 2:4) along the contraction,
   per output column of the ``(K, N)`` kernel: the groups are runs of ``m`` consecutive
-  rows of ``K`` (the contracted axes, which a captured ``Dense`` / ``DenseGeneral``
-  kernel holds first, flattened row-major: the same groups as
+  rows of ``K`` (the kernel's contracted axes, flattened row-major in the kernel's own
+  axis order, :func:`~jaxopt_dnn.quant.layout.kernel_matrix`: the same groups as
   :func:`~jaxopt_dnn.sparsity.nm_masks` with traced roles), so ``m`` must divide ``K``.
   SparseGPT chooses each group's mask when the sweep reaches it.
 
 Sparsity is exact for every chosen leaf. Layers are solved sequentially by default:
 each round of layers is calibrated on the inputs produced by the already-pruned layers
-before it (see :mod:`jaxopt_dnn.quant.capture`).
+before it (see :mod:`jaxopt_dnn.quant.hessian`).
 
 The returned masks follow the library's mask-tree convention (same structure as the
 params, a bool keep-mask per pruned leaf, the 0-d dense marker elsewhere), so they go
@@ -42,8 +42,7 @@ import numpy as np
 
 from jaxopt_dnn import _tree
 from jaxopt_dnn.quant import hessian as _hessian
-from jaxopt_dnn.quant.capture import (Capture, Stats, from_matrix, kernel_2d, kernel_matrix,
-                                     set_leaves)
+from jaxopt_dnn.quant.layout import from_matrix, kernel_matrix, set_leaves
 from jaxopt_dnn.quant.gptq import inverse_cholesky_upper, prepare_hessian
 from jaxopt_dnn.quant.qarray import is_qarray
 from jaxopt_dnn.sparsity.masks import dense_marker
@@ -175,39 +174,35 @@ def float_target(w2: jax.Array, h: jax.Array, d: jax.Array, damp: float) -> jax.
 
 def _sequential_float_targets(apply_fn, variables, batches, select, layer, *, damp,
                               max_batches):
-  """:func:`~jaxopt_dnn.quant.capture.run_sequential` for SparseGPT with float targets:
-  each round's inputs are captured with the earlier rounds pruned (``X_q``) and on the
-  float model (``X_f``); each kernel is pruned from :func:`float_target`."""
-  cap = Capture(apply_fn, variables, batches, select, max_batches=max_batches,
-                where="oneshot")
+  """Sequential SparseGPT with float targets: each round's rows are captured with the
+  earlier rounds pruned (``X_q``) and on the float model (``X_f``), both through the
+  interpreter (:meth:`~jaxopt_dnn.quant.hessian.HessianCapture.rows`: Dense, Conv,
+  Einsum, raw dots), and each kernel is pruned from :func:`float_target` with
+  ``H = 2 X_q^T X_q``: ``layer(o, w*, H)``."""
+  cap = _hessian.HessianCapture(apply_fn, variables, batches, select,
+                                max_batches=max_batches, where="oneshot")
   if not cap.ops:
-    raise ValueError("oneshot: no Dense/DenseGeneral (nnx.Linear/LinearGeneral) kernel "
-                     "was chosen by the rules and ran on the calibration batches")
+    raise ValueError("oneshot: no kernel chosen by the rules was consumed by a contraction "
+                     "(dot_general / conv_general_dilated) on the calibration batches")
   out: dict[str, Any] = {}
-  cur = cap.params
   for r, ops in enumerate(cap.rounds()):
-    xq = [x.astype(jnp.float32) for x in cap.outputs(cur, ops[0])]
-    h = 2.0 * sum(x.T @ x for x in xq)
-    d = None
-    if r and out:
-      xf = [x.astype(jnp.float32) for x in cap.outputs(cap.params, ops[0])]
-      d = 2.0 * sum(a.T @ (b - a) for a, b in zip(xq, xf))
-    st = Stats(h, sum(jnp.sum(x * x, 0) for x in xq), None, None,
-               sum(x.shape[0] for x in xq), None)
+    xq = cap.rows({p: v[0] for p, v in out.items()}, ops)
+    xf = cap.rows(None, ops) if r and out else None
     for o in ops:
+      h = 2.0 * sum(x.T @ x for x in xq[o.kernel])
       w = cap.leaves[o.kernel]
-      if d is not None:
-        w = float_target(kernel_2d(w, o.n_in), h, d, damp).reshape(o.shape).astype(w.dtype)
-      out[o.kernel] = layer(o, w, st)
-    cur = set_leaves(cur, {o.kernel: out[o.kernel][0] for o in ops})
+      if xf is not None:
+        d = 2.0 * sum(a.T @ (b - a) for a, b in zip(xq[o.kernel], xf[o.kernel]))
+        w = from_matrix(float_target(kernel_matrix(w, o), h, d, damp), o).astype(w.dtype)
+      out[o.kernel] = layer(o, w, h)
   return cap, out
 
 
 def _captured(apply_fn, variables, batches, select, layer, *, sequential, max_batches):
   """Rounds of kernels through the interpreter's Hessian capture
   (:class:`~jaxopt_dnn.quant.hessian.HessianCapture`: Dense, Conv, Einsum, raw dots):
-  ``layer(o, w, stats)`` per kernel, each round on the already-pruned earlier rounds
-  when ``sequential``; ``stats.sq = diag(H) / 2`` (Wanda's ``||X_j||^2``)."""
+  ``layer(o, w, H)`` per kernel, each round on the already-pruned earlier rounds
+  when ``sequential``."""
   cap = _hessian.HessianCapture(apply_fn, variables, batches, select,
                                 max_batches=max_batches, where="oneshot")
   if not cap.ops:
@@ -219,9 +214,7 @@ def _captured(apply_fn, variables, batches, select, layer, *, sequential, max_ba
     if sequential:
       hs = cap.round_hessians({p: r[0] for p, r in out.items()}, ops)
     for o in ops:
-      h = hs[o.kernel]
-      st = Stats(h, 0.5 * jnp.diag(h), None, None, 0, None)
-      out[o.kernel] = layer(o, cap.leaves[o.kernel], st)
+      out[o.kernel] = layer(o, cap.leaves[o.kernel], hs[o.kernel])
   return cap, out
 
 
@@ -242,7 +235,7 @@ def _check(sparsity, n, m, method):
 def prune_layer(o, w: jax.Array, stat: jax.Array | None, *, method: str = "sparsegpt",
                 sparsity: float = 0.5, n: int | None = None, m: int | None = None,
                 damp: float = 0.1, block_size: int = 128):
-  """Prunes one captured kernel ``w`` (``o``: its :class:`~jaxopt_dnn.quant.capture.OpInfo`).
+  """Prunes one captured kernel ``w`` (``o``: its :class:`~jaxopt_dnn.quant.layout.OpInfo`).
 
   ``stat``: the input Hessian ``2 X^T X`` (``(K, K)``) for SparseGPT, the per-input
   ``sum_t X_tj^2`` (``(K,)``) for Wanda, unused by magnitude. Returns ``(kernel of w's
@@ -284,7 +277,7 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
       ``(path, leaf) -> bool`` over params paths); default every leaf named like a
       contraction weight that a dot / conv consumes (``Dense``, ``Conv``, ``Einsum``, a
       raw ``x @ w``; :mod:`jaxopt_dnn.quant.hessian`), never biases, norm scales or
-      embeddings (``float_targets`` still captures ``Dense`` / ``DenseGeneral`` only).
+      embeddings.
     damp: SparseGPT's relative Hessian damping (0.1: measured on all-MiniLM-L6-v2 with
       32 calibration sentences, 50% min-cosine 0.835 at 0.01 vs 0.865 at 0.1; 2:4 0.723
       vs 0.787).
@@ -317,8 +310,9 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
     chosen = {p for p, _, v in _tree.select(params, rules) if v is not None}
     select = lambda p, x: p in chosen  # noqa: E731
 
-  def layer(o, w, st):
-    new, keep = prune_layer(o, w, st.hessian if method == "sparsegpt" else st.sq,
+  def layer(o, w, h):
+    # Wanda's ||X_j||^2 = sum_t X_tj^2 is the diagonal of H / 2
+    new, keep = prune_layer(o, w, h if method == "sparsegpt" else 0.5 * jnp.diag(h),
                             method=method, sparsity=sparsity, n=n, m=m, damp=damp,
                             block_size=block_size)
     if log is not None:
@@ -326,7 +320,9 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
     return new, keep
 
   if method == "sparsegpt" and sequential and float_targets:
-    cap, out = _sequential_float_targets(apply_fn, variables, batches, select, layer,
+    cap, out = _sequential_float_targets(apply_fn, variables, batches,
+                                         _tree.default_prunable if rules is None else select,
+                                         layer,
                                          damp=float(damp), max_batches=max_batches)
   else:
     cap, out = _captured(apply_fn, variables, batches,
