@@ -33,7 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-QUANTIZED = {"int8": 127.0, "float8_e4m3fn": 448.0}
+from jaxopt_dnn.quant.ops import qrange
+
+QUANTIZED = {"int8": float(qrange(8)[1]), "float8_e4m3fn": 448.0}
 
 
 def canonical(dtype: Any) -> str:

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_dnn.quant.ops import qrange
 from jaxopt_dnn.quant.ranges import estimate_absmax, estimate_minmax
 from jaxopt_dnn.quant.qarray import QArray, expand_groups, pack_int4, round_scale, scale_value
 
@@ -78,12 +79,6 @@ def _check_given_scale(scale: Any, name: str) -> None:
 def _check_not_empty(x: Any, name: str) -> None:
   if 0 in tuple(jnp.shape(x)):
     raise ValueError(f"{name}: cannot quantize an empty array (shape {tuple(jnp.shape(x))})")
-
-
-def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
-  """Integer range: ``(-(2^(b-1)-1), 2^(b-1)-1)`` symmetric, ``(-2^(b-1), 2^(b-1)-1)`` not."""
-  hi = 2 ** (bits - 1) - 1
-  return (-hi, hi) if symmetric else (-hi - 1, hi)
 
 
 def channel_axes(axis: None | int | tuple[int, ...], ndim: int, name: str = "x") -> tuple[int, ...]:
@@ -181,7 +176,7 @@ def compute_qparams(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool =
 def scale_from_absmax(amax: jax.Array, bits: int) -> jax.Array:
   """``s = absmax / (2^(b-1) - 1)`` in float32, with ``s = 1`` where ``absmax == 0``."""
   amax = jnp.asarray(amax, jnp.float32)
-  s = jnp.maximum(amax / float(2 ** (bits - 1) - 1), _TINY)   # no subnormal scales (FTZ)
+  s = jnp.maximum(amax / float(qrange(bits)[1]), _TINY)   # no subnormal scales (FTZ)
   return jnp.where(amax > 0, s, 1.0).astype(jnp.float32)
 
 

@@ -42,6 +42,7 @@ from jaxopt_dnn.quant import fake
 from jaxopt_dnn.quant import hessian as _hessian
 from jaxopt_dnn.quant import rules as _rules
 from jaxopt_dnn.quant.layout import OpInfo, kernel_matrix, set_leaves
+from jaxopt_dnn.quant.ops import qrange
 from jaxopt_dnn.quant.qarray import QArray, is_qarray, pack_int4, round_scale, scale_value
 
 
@@ -128,7 +129,7 @@ def gptq_solve(w: jax.Array, h: jax.Array, *, bits: int = 4, group_size: int | N
     ``(codes int8 (K, N), scales float32 (G, N))`` with ``G = ceil(K / group_size)``
     (``G = 1`` per channel); ``dequantized = codes * scales[i // group_size]``.
   """
-  qmax = float(2 ** (bits - 1) - 1)
+  qmax = float(qrange(bits)[1])
   sdt = None if scale_dtype is None else jnp.dtype(scale_dtype)
   k, n = w.shape
   w = w.astype(jnp.float32)

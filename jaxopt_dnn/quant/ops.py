@@ -38,17 +38,24 @@ from jaxopt_dnn import _hlo
 from jaxopt_dnn.quant.qarray import QArray, int_values, stored_scale
 
 
+def qrange(bits: int, symmetric: bool = True) -> tuple[int, int]:
+  """Integer code range of ``bits``: ``(-(2^(b-1)-1), 2^(b-1)-1)`` symmetric (``±127`` for
+  int8, ``±7`` for int4), ``(-2^(b-1), 2^(b-1)-1)`` not. The one place this is computed."""
+  hi = 2 ** (bits - 1) - 1
+  return (-hi, hi) if symmetric else (-hi - 1, hi)
+
+
 def quantize_activation(x: jax.Array, scale: jax.Array, bits: int = 8) -> jax.Array:
   """Per-tensor symmetric ``int8`` codes of ``x`` in ``[-(2^(b-1)-1), 2^(b-1)-1]``
   (same numerics as ``fake_quant_with(x, scale, bits=bits)``)."""
-  hi = 2 ** (bits - 1) - 1
+  _, hi = qrange(bits)
   return jnp.clip(jnp.round(x.astype(jnp.float32) * (1.0 / scale)), -hi, hi).astype(jnp.int8)
 
 
 def dynamic_scale(x: jax.Array, axes, bits: int = 8) -> jax.Array:
   """Per-row scale ``max |x| / (2^(b-1) - 1)`` over ``axes`` (kept with size 1), float32;
   1 where the row is all zero."""
-  hi = 2 ** (bits - 1) - 1
+  _, hi = qrange(bits)
   a = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=tuple(axes), keepdims=True)
   return jnp.where(a > 0, a / hi, 1.0)
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxopt_dnn.quant.ops import qrange
+
 _MSE_GRID = 48
 
 
@@ -50,7 +52,7 @@ def estimate_minmax(x: jax.Array, reduce_axes: tuple[int, ...], method: str, *, 
 
 
 def _mse_threshold(a: jax.Array, amax: jax.Array, reduce_axes, bits: int) -> jax.Array:
-  qmax = float(2 ** (bits - 1) - 1)
+  qmax = float(qrange(bits)[1])
 
   def body(k, carry):
     best_err, best_c = carry
