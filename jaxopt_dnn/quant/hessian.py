@@ -234,7 +234,7 @@ class Gram(hooks.Mode):
     args = [w.val if i == wpos else v for i, v in enumerate(invals)]
     path = w.op
     if self.wanted is not None and path not in self.wanted:
-      return hooks._bind(eqn, args)   # noqa: SLF001
+      return hooks.bind(eqn, args)
     where = f"{self.where}: kernel {path!r}"
     name = eqn.primitive.name
     if w.axes is None:
@@ -263,7 +263,7 @@ class Gram(hooks.Mode):
     self.accumulate(path, x, x2, lay, key)
     self.uses[path] = self.uses.get(path, 0) + 1
     self.records.append(hooks.Record(path, name, False, "hessian capture (float)"))
-    out = hooks._bind(eqn, args)   # noqa: SLF001
+    out = hooks.bind(eqn, args)
     if self.stop_after is not None and all(
         self.uses.get(p, 0) >= n for p, n in self.stop_after.items()):
       raise _Stop

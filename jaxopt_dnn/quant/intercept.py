@@ -40,7 +40,7 @@ from flax import nnx
 
 from jaxopt_dnn import _hlo, _table, _tree
 from jaxopt_dnn import roles as _roles
-from jaxopt_dnn.quant import hooks
+from jaxopt_dnn.quant import hooks, modes
 from jaxopt_dnn.quant import rules as _rules
 from jaxopt_dnn.quant.qarray import dequantize, is_qarray
 
@@ -158,7 +158,7 @@ class QatModel:
 
   def _run(self, variables, args, kwargs, mutable, stats, update):
     leaves, paths, treedef = _split_variables(variables)
-    mode = hooks.Qat(stats, momentum=self.momentum, update=update, estimator=self.estimator)
+    mode = modes.Qat(stats, momentum=self.momentum, update=update, estimator=self.estimator)
 
     def make_weight(i, x, role):
       del role
@@ -168,7 +168,7 @@ class QatModel:
       if r is None:
         return None
       op = hooks.op_name(paths[i])
-      val, q = hooks.fq_weight(x, r, op, paths[i])
+      val, q = modes.fq_weight(x, r, op, paths[i])
       return hooks.Weight(op, r, val, raw=x, q=q)
 
     apply_fn = self._apply_fn()
@@ -267,7 +267,7 @@ def _nnx_qat_call(self, base, args, kwargs):
   pflat, pdef = jax.tree_util.tree_flatten_with_path(params)
   ppaths = [_tree.path_str(p) for p, _ in pflat]
   pleaves = [x for _, x in pflat]
-  mode = hooks.Qat(stats, momentum=mode_cfg[0], update=any(update.values()),
+  mode = modes.Qat(stats, momentum=mode_cfg[0], update=any(update.values()),
                    estimator=mode_cfg[1])
 
   def make_weight(i, x, role):
@@ -276,7 +276,7 @@ def _nnx_qat_call(self, base, args, kwargs):
     if w is None:
       return None
     _, _, op, rule = w
-    val, q = hooks.fq_weight(x, rule, op, ppaths[i])
+    val, q = modes.fq_weight(x, rule, op, ppaths[i])
     return hooks.Weight(op, rule, val, raw=x, q=q)
 
   def fn(lv, r):
@@ -384,7 +384,7 @@ def calibration_runner(apply_fn, variables, *, method, rules, percentile, bits=8
 
     @jax.jit
     def run_nnx(pleaves, rest_state, args):
-      mode = hooks.Calib(method, percentile)
+      mode = modes.Calib(method, percentile)
       with _Tracing():
         hooks.run(fn, pleaves, (args, rest_state), _calib_weight(rs, paths, bits), mode)
       return mode.reduce()
@@ -396,7 +396,7 @@ def calibration_runner(apply_fn, variables, *, method, rules, percentile, bits=8
 
   @jax.jit
   def run(lv, args):
-    mode = hooks.Calib(method, percentile)
+    mode = modes.Calib(method, percentile)
     with _Tracing():
       hooks.run(lambda v, a: apply_fn(jax.tree.unflatten(treedef, v), *a[0]), lv, (args,),
                 _calib_weight(rs, paths, bits), mode)
@@ -417,7 +417,7 @@ def _calib_weight(rs, paths, bits):
 
 def _serve(fn, leaves, paths, rest, rs, bits, amax):
   """Runs ``fn(leaves, rest)`` with the QArray leaves served through int8 contractions."""
-  mode = hooks.Serve(amax)
+  mode = modes.Serve(amax)
 
   def make_weight(i, x, role):
     del role
@@ -649,7 +649,7 @@ def coverage(apply_fn: Any, qvariables: Any, *inputs: Any, calibration: Any = No
     else:
       pos += len(jax.tree.leaves(x))
   ileaves, idef = jax.tree.flatten(inputs)
-  dyn = [i for i, x in enumerate(ileaves) if hooks._is_array(x)]   # noqa: SLF001
+  dyn = [i for i, x in enumerate(ileaves) if hooks.is_array(x)]
 
   def serve(qv, dl):
     il = list(ileaves)
