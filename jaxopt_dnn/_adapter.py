@@ -10,7 +10,7 @@
   through the train state; :func:`nnx_stats` reads QAT ranges out of NNX collections.
 
 The Trainer is its only client; the quantization and sparsity transforms keep their own
-interception (``quant.intercept``) and never import this module.
+interception (``quant.qat``, ``quant.serve``) and never import this module.
 """
 
 from __future__ import annotations
@@ -207,8 +207,8 @@ def nnx_reseed(module: nnx.Module, key: jax.Array) -> nnx.Module:
 def nnx_stats(collections: Mapping) -> dict:
   """NNX QAT ranges as a ``quant_stats`` tree for int8_apply: every ``QuantStat`` the
   interception created (``blk/quant_input_amax`` -> op ``blk``, ``blk/quant_w_input_amax``
-  -> op ``blk/w``, by :func:`jaxopt_dnn.quant.intercept.flat_stats`)."""
-  from jaxopt_dnn.quant.intercept import flat_stats, stats_tree
+  -> op ``blk/w``, by :func:`jaxopt_dnn.quant.stats.flat_stats`)."""
+  from jaxopt_dnn.quant.stats import flat_stats, stats_tree
   return stats_tree(flat_stats(dict(collections)))
 
 def nnx_build(graphdef, param_template, rest_template, impls, params: PyTree,

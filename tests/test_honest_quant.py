@@ -77,7 +77,7 @@ def test_tied_logits_quantized_and_qat_matches_serving(name):
 
 
 def _nnx_stats(stats):
-  for op, amax in quant.intercept.flat_stats(stats).items():
+  for op, amax in quant.stats.flat_stats(stats).items():
     owner, _, leaf = op.rpartition("/")
     if leaf == "embedding":
       yield owner, "quant_embedding_input_amax", amax
@@ -138,7 +138,7 @@ def test_init_stats_with_batchnorm_collections():
   v = model.init(jax.random.key(0), x)
   qm = quant.qat(model)
   stats = qm.init_stats(v, x)            # params + batch_stats
-  assert set(quant.intercept.flat_stats(stats)) == {
+  assert set(quant.stats.flat_stats(stats)) == {
       "stem", "block_0/conv1", "block_0/conv2", "block_1/conv1", "block_1/conv2",
       "block_1/proj", "head"}
   out, upd = qm.apply({**v, "quant_stats": stats}, x, train=True,

@@ -144,8 +144,8 @@ def test_vit_scan_int8_serving(vit_pair, per_layer):
   stats = quant.calibrate(model.apply, vs, [(x,)], rules=rules)
   flat_stats = quant.calibrate(flat.apply, v, [(x,)])
   for op in ("MlpBlock_0/Dense_0", "MultiHeadDotProductAttention_0/out"):
-    got = quant.intercept.flat_stats(stats)[f"Transformer/encoderblock/{op}"]
-    per = [quant.intercept.flat_stats(flat_stats)[f"Transformer/encoderblock_{i}/{op}"]
+    got = quant.stats.flat_stats(stats)[f"Transformer/encoderblock/{op}"]
+    per = [quant.stats.flat_stats(flat_stats)[f"Transformer/encoderblock_{i}/{op}"]
            for i in range(2)]
     np.testing.assert_allclose(got, max(per), rtol=1e-6)
   qv = {**vs, "params": quant.quantize_params(vs["params"], rules)}
@@ -181,7 +181,7 @@ def test_vit_scan_qat_trains_a_step(vit_pair):
   qm = quant.qat(model)
   variables = {**vs, "quant_stats": qm.init_stats(vs, x)}
   op = "Transformer/encoderblock/MlpBlock_0/Dense_0"
-  assert op in quant.intercept.flat_stats(variables["quant_stats"])
+  assert op in quant.stats.flat_stats(variables["quant_stats"])
   tx = optax.adam(1e-2)
 
   @jax.jit
@@ -200,11 +200,11 @@ def test_vit_scan_qat_trains_a_step(vit_pair):
   gk = g["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]
   assert gk.shape == (2, 16, 32) and bool(jnp.all(jnp.isfinite(gk)))
   assert float(jnp.abs(gk[0]).sum()) > 0 and float(jnp.abs(gk[1]).sum()) > 0
-  before = quant.intercept.flat_stats(variables["quant_stats"])[op]
-  after = quant.intercept.flat_stats(s1)[op]
+  before = quant.stats.flat_stats(variables["quant_stats"])[op]
+  after = quant.stats.flat_stats(s1)[op]
   # a = 0.99 a' + 0.01 max_layers(batch): the implied batch range is near the float one
   # (not equal: the second layer's input follows the first layer's fake-quant)
-  batch = quant.intercept.flat_stats(quant.calibrate(model.apply, vs, [(x2,)]))[op]
+  batch = quant.stats.flat_stats(quant.calibrate(model.apply, vs, [(x2,)]))[op]
   implied = (float(after) - 0.99 * float(before)) / 0.01
   assert abs(float(batch) - float(before)) > 0.1
   assert abs(implied - float(batch)) < 0.25 * float(batch), (implied, float(batch))

@@ -309,7 +309,8 @@ def test_every_rng_stream_is_fresh_per_step_and_reproducible():
 def test_qat_model_init_gives_every_rng_stream_to_its_ranges_pass():
   """``quant.qat(model).init`` on the real lm1b LM with dropout on by config: the ranges
   pass runs the model again and needs init's keys (it raised InvalidRngError before)."""
-  from jaxopt_dnn.quant import intercept
+  from jaxopt_dnn.quant.qat import QatModel
+  from jaxopt_dnn.quant.stats import STATS
   lm1b = tp.lm1b()
   cfg = lm1b.TransformerConfig(vocab_size=32, output_vocab_size=32, emb_dim=8, num_heads=2,
                                num_layers=1, qkv_dim=8, mlp_dim=16, max_len=8,
@@ -317,6 +318,6 @@ def test_qat_model_init_gives_every_rng_stream_to_its_ranges_pass():
                                deterministic=False)
   x = jnp.ones((2, 8), jnp.int32)
   rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
-  v = jax.jit(intercept.QatModel(lm1b.TransformerLM(cfg)).init)(rngs, x)
-  amax = jax.tree.leaves(v[intercept.STATS])
+  v = jax.jit(QatModel(lm1b.TransformerLM(cfg)).init)(rngs, x)
+  amax = jax.tree.leaves(v[STATS])
   assert amax and all(bool(jnp.all(a > 0)) for a in amax)

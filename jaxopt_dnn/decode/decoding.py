@@ -252,7 +252,7 @@ def int8_serving(adapter: Any, calibration: Any, rules: Any = None, *, strict: b
   with ``act_bits=8`` rules; ``calibration``: :func:`jaxopt_dnn.quant.calibrate`'s
   ``quant_stats``). The adapter must expose ``module`` and ``with_apply`` (the linen
   adapters do)."""
-  from jaxopt_dnn.quant.intercept import int8_apply
+  from jaxopt_dnn.quant.serve import int8_apply
   if not hasattr(adapter, "with_apply"):
     raise TypeError(f"int8_serving: {type(adapter).__name__} has no with_apply")
   module = adapter.module

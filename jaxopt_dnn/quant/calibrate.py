@@ -24,10 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopt_dnn.quant import intercept
 from jaxopt_dnn.quant.ranges import batch_statistic  # noqa: F401  (re-exported)
 from jaxopt_dnn.quant.ranges import estimate_absmax  # noqa: F401
 from jaxopt_dnn.quant.ranges import estimate_minmax  # noqa: F401
+from jaxopt_dnn.quant.serve import calibration_runner
+from jaxopt_dnn.quant.stats import stats_tree
 
 
 def _check_batch(batch: Any, i: int) -> None:
@@ -62,7 +63,7 @@ def calibrate(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[An
     raise ValueError(f"calibrate: method must be absmax|percentile|mse, got {method!r}")
   from jaxopt_dnn.quant.fake import check_percentile
   percentile = check_percentile(percentile, "calibrate: percentile")
-  run = intercept.calibration_runner(apply_fn, variables, method=method, rules=rules,
+  run = calibration_runner(apply_fn, variables, method=method, rules=rules,
                                      percentile=percentile)
   per_op: dict[str, list[np.ndarray]] = {}
   n = 0
@@ -90,4 +91,4 @@ def calibrate(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[An
     raise ValueError("calibrate: no quantized op ran (no contraction consumed a weight "
                      "selected by the rules with act_bits)")
   combine = np.max if method == "absmax" else np.mean
-  return intercept.stats_tree({op: np.float32(combine(v)) for op, v in per_op.items()})
+  return stats_tree({op: np.float32(combine(v)) for op, v in per_op.items()})

@@ -30,7 +30,9 @@ consumers of one leaf share one activation range.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -279,6 +281,25 @@ class Mode:
 
 
 # --------------------------------------------------------------------------- driver
+_ACTIVE = threading.local()   # set while a hooked program is being traced
+
+
+def active() -> bool:
+  """Whether a program is being traced for :func:`run` (an NNX quantizing module's
+  ``__call__`` then runs its plain body: the outer interpreter already sees its ops)."""
+  return getattr(_ACTIVE, "n", 0) > 0
+
+
+@contextlib.contextmanager
+def tracing():
+  """Marks the enclosed code as tracing a hooked program (see :func:`active`)."""
+  _ACTIVE.n = getattr(_ACTIVE, "n", 0) + 1
+  try:
+    yield
+  finally:
+    _ACTIVE.n -= 1
+
+
 def is_array(x):
   return isinstance(x, (jax.Array, np.ndarray, np.generic))
 

@@ -1,0 +1,187 @@
+"""Calibration and int8 serving of an unmodified Flax model (linen, NNX, or any
+``f(variables, *inputs)``) through the interpreter (:mod:`jaxopt_dnn.quant.hooks`).
+
+:func:`calibration_runner` runs the float model in :class:`~jaxopt_dnn.quant.modes.Calib`
+mode (the per-batch activation ranges :func:`~jaxopt_dnn.quant.calibrate.calibrate`
+combines); :func:`int8_apply` runs it in :class:`~jaxopt_dnn.quant.modes.Serve` mode:
+every contraction consuming a :class:`QArray` runs ``s8 x s8 -> s32``, every other
+consumer sees the dequantized weight, and what ran in float is warned about.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import flax.linen as nn
+import jax
+from flax import nnx
+
+from jaxopt_dnn import _tree
+from jaxopt_dnn.quant import hooks, modes
+from jaxopt_dnn.quant import rules as _rules
+from jaxopt_dnn.quant.qarray import dequantize, is_qarray
+from jaxopt_dnn.quant.select import placeholder, serve_rule, split_variables, weight_rule
+from jaxopt_dnn.quant.stats import STATS, flat_stats
+
+
+# --------------------------------------------------------------------------- calibration
+def calibration_runner(apply_fn, variables, *, method, rules, percentile, bits=8):
+  """Returns ``run(args) -> {op: batch statistic}`` for :func:`calibrate`."""
+  rs = _rules.as_rules(rules, bits=bits)
+  if isinstance(variables, nnx.Module):
+    gd, params, rest = nnx.split(variables, nnx.Param, ...)
+    pflat, pdef = jax.tree_util.tree_flatten_with_path(params)
+    paths = [_tree.path_str(p) for p, _ in pflat]
+
+    def fn(lv, r):
+      a, rest_state = r
+      return apply_fn(nnx.merge(gd, jax.tree.unflatten(pdef, lv), rest_state), *a)
+
+    @jax.jit
+    def run_nnx(pleaves, rest_state, args):
+      mode = modes.Calib(method, percentile)
+      with hooks.tracing():
+        hooks.run(fn, pleaves, (args, rest_state), _calib_weight(rs, paths, bits), mode)
+      return mode.reduce()
+
+    pleaves = [x for _, x in pflat]
+    return lambda args: run_nnx(pleaves, rest, args)
+
+  leaves, paths, treedef = split_variables(variables)
+
+  @jax.jit
+  def run(lv, args):
+    mode = modes.Calib(method, percentile)
+    with hooks.tracing():
+      hooks.run(lambda v, a: apply_fn(jax.tree.unflatten(treedef, v), *a[0]), lv, (args,),
+                _calib_weight(rs, paths, bits), mode)
+    return mode.reduce()
+
+  return lambda args: run(leaves, args)
+
+
+def _calib_weight(rs, paths, bits):
+  def make_weight(i, x, role):
+    del role
+    if paths[i] is None:
+      return None
+    r = weight_rule(rs, paths[i], x, bits)
+    return None if r is None else hooks.Weight(hooks.op_name(paths[i]), r, x)
+  return make_weight
+
+
+# --------------------------------------------------------------------------- serving
+def _serve(fn, leaves, paths, rest, rs, bits, amax):
+  """Runs ``fn(leaves, rest)`` with the QArray leaves served through int8 contractions."""
+  mode = modes.Serve(amax)
+
+  def make_weight(i, x, role):
+    del role
+    if not is_qarray(x) or paths[i] is None:
+      return None
+    r = serve_rule(rs, paths[i], bits)
+    return hooks.Weight(hooks.op_name(paths[i]), r, dequantize(x), q=x)
+
+  with hooks.tracing():
+    out = hooks.run(fn, [placeholder(x) for x in leaves], rest, make_weight, mode,
+                    real_leaves=leaves)
+  return out, mode
+
+
+def _check_coverage(records, strict: bool, where: str = "int8_apply"):
+  bad = sorted({f"{r.op} ({r.primitive}: {r.why})" for r in records
+                if not r.int8 and r.why != "weight-only rule"})
+  if not bad:
+    return
+  msg = (f"{where}: quantized weight(s) consumed by a float contraction: " + "; ".join(bad))
+  if strict:
+    raise ValueError(msg)
+  warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _nnx_parts(model, qparams):
+  gd, state = nnx.split(model)
+  flat, sdef = jax.tree_util.tree_flatten_with_path(state)
+  qmap = {p: q for p, q in _tree.leaves_with_paths(qparams, is_leaf=is_qarray) if is_qarray(q)}
+  if not qmap:
+    raise ValueError("int8_apply: qvariables has no QArray leaf; run "
+                     "quantize_params(nnx.to_pure_dict(nnx.state(model, nnx.Param))) first")
+  paths = [_tree.path_str(p) for p, _ in flat]
+  fmap = {p: x for p, x in _tree.leaves_with_paths(qparams, is_leaf=is_qarray)}
+  leaves = [qmap.get(p, fmap.get(p, x)) for p, (_, x) in zip(paths, flat)]
+  return gd, sdef, leaves, paths, qmap
+
+
+def int8_apply(model: Any, qvariables: Any, calibration: Any = None,
+               *args, rules: Any = None, bits: int = 8, weight_only: bool = False,
+               strict: bool = False, **kwargs):
+  """Runs a linen or NNX ``model`` with QArray weights through real int8 ops.
+
+  Every contraction (``dot_general`` / ``conv_general_dilated``) that consumes a
+  :class:`QArray` weight whose rule has ``act_bits`` runs as ``s8 x s8 -> s32`` with the
+  calibrated activation scale; every other consumer sees the dequantized weight. A
+  quantized weight that ends up in a float contraction (e.g. its scale varies along
+  the contracted axis, or it went through a reshape) is warned about, or raises with
+  ``strict=True``. With ``weight_only=True`` every kernel is dequantized inside the
+  (jitted) function and all ops are float: a memory win only.
+
+  Args:
+    model: the unmodified linen module (or ``model.apply``, or any
+      ``f(variables, *args)``), or an NNX module (left untouched; a clone runs).
+    qvariables: linen: ``{"params": quantize_params(params, rules), ...}``; NNX:
+      ``quantize_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), rules)``.
+    calibration: ``quant_stats`` tree from :func:`calibrate` or QAT (linen collection,
+      NNX ``nnx.state(qat_model, QuantStat)``); default ``qvariables["quant_stats"]``;
+      ``"dynamic"``: per-token dynamic activation scales computed inside each int8 op
+      from its input (``max_k |x[t, k]| / 127`` per row; no calibration needed).
+    *args, **kwargs: model inputs, as for ``model.apply``.
+    rules: the rules used for :func:`quantize_params` (they carry ``act_bits``).
+    strict: raise instead of warning when a quantized weight is consumed in float.
+  """
+  rs = _rules.as_rules(rules, bits=bits)
+  if isinstance(model, nnx.Module):
+    gd, sdef, leaves, paths, qmap = _nnx_parts(model, qvariables)
+    if weight_only:
+      return nnx.merge(gd, jax.tree.unflatten(sdef, [dequantize(x) if is_qarray(x) else x
+                                                     for x in leaves]))(*args, **kwargs)
+    if calibration is None:
+      raise ValueError("int8_apply: no calibration; pass calibrate(...)'s quant_stats")
+
+    def fn(lv, r):
+      a, kw = r
+      with hooks.tracing():
+        return nnx.merge(gd, jax.tree.unflatten(sdef, lv))(*a, **kw)
+
+    out, mode = _serve(fn, leaves, paths, (args, kwargs), rs, bits, _amax(calibration))
+    _check_coverage(mode.records, strict)
+    return out
+  apply_fn = model.apply if isinstance(model, nn.Module) else model
+  qmap = [q for q in jax.tree.leaves(qvariables, is_leaf=is_qarray) if is_qarray(q)]
+  if not qmap:
+    raise ValueError("int8_apply: qvariables has no QArray leaf; run quantize_params first")
+  if weight_only:
+    return apply_fn(_rules.dequantize_params(qvariables), *args, **kwargs)
+  if calibration is None:
+    calibration = qvariables.get(STATS) if isinstance(qvariables, dict) else None
+    if calibration is None:
+      raise ValueError("int8_apply: no calibration; pass calibrate(...)'s quant_stats")
+  leaves, paths, treedef = split_variables(qvariables)
+
+  def fn(lv, r):
+    a, kw = r
+    return apply_fn(jax.tree.unflatten(treedef, lv), *a, **kw)
+
+  out, mode = _serve(fn, leaves, paths, (args, kwargs), rs, bits, _amax(calibration))
+  _check_coverage(mode.records, strict)
+  return out
+
+
+def _amax(calibration):
+  """``flat_stats(calibration)``, or ``None`` (per-token dynamic scales) for "dynamic"."""
+  if isinstance(calibration, str):
+    if calibration != "dynamic":
+      raise ValueError(f"int8_apply: calibration must be a quant_stats tree or 'dynamic', "
+                       f"got {calibration!r}")
+    return None
+  return flat_stats(calibration)
