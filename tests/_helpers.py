@@ -1,5 +1,9 @@
 """Shared test helpers (not a test module)."""
 
+# XLA_FLAGS of every test process (tests/conftest.py) and of the processes tests start:
+# LLVM codegen at level 0 (compiling is most of the suite's CPU time; no HLO pass changes)
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +36,7 @@ def free_port() -> int:
 
 
 def run_processes(argvs, *, timeout_s: float, what: str, cwd=None):
-  """Runs one JAX process per argv (CPU platform, no XLA_FLAGS) and waits, bounded.
+  """Runs one JAX process per argv (CPU platform, the suite's XLA_FLAGS) and waits, bounded.
 
   Every wait shares one deadline; on timeout every process is killed and the test
   fails (a process that never joins must not hang the suite). Returns
@@ -45,8 +49,7 @@ def run_processes(argvs, *, timeout_s: float, what: str, cwd=None):
 
   import pytest
 
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-  env.pop("XLA_FLAGS", None)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", XLA_FLAGS=TEST_XLA_FLAGS)
   procs = [subprocess.Popen([sys.executable, *map(str, argv)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
            for argv in argvs]

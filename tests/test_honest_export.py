@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 import zoo_thirdparty as zoo
+from _helpers import TEST_XLA_FLAGS
 from jaxopt_dnn import compile as jcompile
 from jaxopt_dnn import quant
 
@@ -30,7 +31,8 @@ def _fresh(path, tmp_path, args, expected):
            **{f"leaf{i:04d}": np.asarray(v) for i, v in enumerate(leaves)})
   out = subprocess.run([sys.executable, "-c", textwrap.dedent(_LOAD), str(path),
                         str(tmp_path / "io.npz")], capture_output=True, text=True,
-                       timeout=300, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+                       timeout=300, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin",
+                            "XLA_FLAGS": TEST_XLA_FLAGS})   # the same compiler options
   assert out.returncode == 0, out.stderr[-2000:]
   return out.stdout
 

@@ -21,6 +21,7 @@ import pytest
 
 import nbclient
 import nbformat
+from _helpers import TEST_XLA_FLAGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -65,7 +66,7 @@ def test_notebook_executes(path, kernel_dir, monkeypatch):
   monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir))
   monkeypatch.setenv("JAXOPT_DNN_SMALL", "1")
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", TEST_XLA_FLAGS)   # the suite's flags only
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT_S,
                                    resources={"metadata": {"path": str(path.parent)}})
