@@ -23,6 +23,7 @@ Paths are ``_tree.path_str`` strings: linen params paths are relative to ``param
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -104,6 +105,11 @@ class Linen:
   def has_params(self) -> bool:
     """Whether ``variables`` is a mapping with a ``params`` collection."""
     return isinstance(self.variables, Mapping) and "params" in self.variables
+
+  @property
+  def state(self) -> PyTree:
+    """The variables as given (linen models hold no state of their own)."""
+    return self.variables
 
   @property
   def params(self) -> PyTree | None:
@@ -203,19 +209,36 @@ class Nnx:
                call: Callable | None = None):
     self.module = self.model = module
     self._fn = call if call is not None else (lambda m, *a, **k: m(*a, **k))
-    self._graphdef, self._pstate, self._rest = nnx.split(module, nnx.Param, ...)
-    self.params = nnx.to_pure_dict(self._pstate) if params is None else params
-    self.variables = self.params
+    self._params = params
     self._given = params is not None
     self.has_params = True
+
+  @functools.cached_property
+  def _parts(self):
+    """``(graphdef, Param state, rest)`` of the module, split once, when first needed."""
+    return nnx.split(self.module, nnx.Param, ...)
+
+  @functools.cached_property
+  def params(self) -> PyTree:
+    return nnx.to_pure_dict(self._parts[1]) if self._params is None else self._params
+
+  @property
+  def variables(self) -> PyTree:
+    return self.params
+
+  @property
+  def state(self) -> nnx.State:
+    """The module's whole current ``nnx.state`` (what NNX decoders take as variables)."""
+    return nnx.state(self.module)
 
   def rebuild(self, params: PyTree = None) -> nnx.Module:
     """A fresh module of the same graph holding the pure dict ``params`` (default:
     :attr:`params`); the other state is the module's."""
     params = self.params if params is None else params
-    state = jax.tree.map(lambda x: x, self._pstate)
+    gd, pstate, rest = self._parts
+    state = jax.tree.map(lambda x: x, pstate)
     nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(self._graphdef, state, self._rest)
+    return nnx.merge(gd, state, rest)
 
   def with_params(self, params: PyTree) -> PyTree:
     """The convention's ``variables`` holding ``params``: the pure dict itself."""
@@ -234,17 +257,18 @@ class Nnx:
     replace the module's by path, ``is_leaf`` keeping QArrays whole), the other state
     as ``rest``."""
     del where
-    flat, pdef = jax.tree_util.tree_flatten_with_path(self._pstate)
+    gd, pstate, rest = self._parts
+    flat, pdef = jax.tree_util.tree_flatten_with_path(pstate)
     paths = [_tree.path_str(p) for p, _ in flat]
     leaves = [x for _, x in flat]
     if self._given:
       pure = dict(_tree.leaves_with_paths(self.params, is_leaf=is_leaf))
       leaves = [pure.get(p, x) for p, x in zip(paths, leaves)]
-    gd, fn = self._graphdef, self._fn
+    fn = self._fn
 
     def call(lv, r, *inputs, **kwargs):
       return fn(nnx.merge(gd, jax.tree.unflatten(pdef, lv), r), *inputs, **kwargs)
-    return Split(paths, leaves, self._rest, call)
+    return Split(paths, leaves, rest, call)
 
   def flatten(self, variables: PyTree = None, *, is_leaf: Callable | None = None) -> Split:
     """Every leaf of the module's whole state (``nnx.split(module)``), the leaves of
