@@ -485,12 +485,12 @@ def trace_roles(model: Any, params: PyTree, collections: Mapping, *inputs: Any,
                 **kwargs: Any) -> dict:
   """Roles of a (linen or NNX) model's params for :func:`lora` (stored leaves, e.g. a
   pre-quantized base, are dequantized for the trace)."""
-  from flax import nnx
-  if isinstance(model, nnx.Module):
-    return roles_lib.trace(model, None, *inputs)
-  plain = materialize(params)
-  return roles_lib.trace(lambda v, *x: model.apply(v, *x, **kwargs),
-                         {"params": plain, **collections}, *inputs)
+  from jaxopt_dnn.model_adapter import adapt
+  return adapt(model).match(
+      nnx=lambda module: roles_lib.trace(module, None, *inputs),
+      linen=lambda module: roles_lib.trace(lambda v, *x: module.apply(v, *x, **kwargs),
+                                           {"params": materialize(params), **collections},
+                                           *inputs))
 
 
 __all__ = ["LoraArray", "LoraConfig", "adapters", "count", "delta", "effective", "is_lora",

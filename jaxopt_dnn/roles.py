@@ -764,20 +764,10 @@ def trace(apply_fn: Any, variables: Any, *inputs: Any, **kwargs: Any) -> dict[st
     ``{path: LeafRole}``; ``path`` is the leaf path in ``variables``
     (``"params/layer_0/query/kernel"``) or in the NNX state (``"blocks/0/q/kernel"``).
   """
-  import flax.linen as nn
-  from flax import nnx
+  from jaxopt_dnn.model_adapter import adapt
 
-  if isinstance(apply_fn, nnx.Module):
-    graphdef, state = nnx.split(apply_fn)
-    params = {p for p, _ in _tree.leaves_with_paths(nnx.state(apply_fn, nnx.Param))}
-    return trace_roles(lambda s, *a, **k: nnx.merge(graphdef, s)(*a, **k), state, *inputs,
-                       maskable=params.__contains__, **kwargs)
-  if isinstance(apply_fn, nn.Module):
-    apply_fn = apply_fn.apply
-  variables = nn.unbox(variables)
-  in_params = ((lambda p: p.startswith("params/"))
-               if isinstance(variables, dict) and "params" in variables else None)
-  return trace_roles(apply_fn, variables, *inputs, maskable=in_params, **kwargs)
+  fn, tree, maskable = adapt(apply_fn, variables).trace_args()
+  return trace_roles(fn, tree, *inputs, maskable=maskable, **kwargs)
 
 
 def for_params(model: Any, *inputs: Any, **kwargs: Any) -> Callable[[Any], dict[str, LeafRole]]:
@@ -790,21 +780,24 @@ def for_params(model: Any, *inputs: Any, **kwargs: Any) -> Callable[[Any], dict[
   callable works on abstract (traced) params.
   """
   import flax.linen as nn
-  from flax import nnx
 
-  if isinstance(model, nnx.Module):
-    return lambda params: trace(model, None, *inputs, **kwargs)
-  if not isinstance(model, nn.Module):
+  from jaxopt_dnn.model_adapter import adapt, is_module
+
+  if not is_module(model):
     raise TypeError(f"roles.for_params: model must be a linen or NNX module, got "
                     f"{type(model).__name__}")
 
-  def fn(params):
-    keys = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
-    shapes = jax.eval_shape(lambda: nn.unbox(model.init(keys, *inputs, **kwargs)))
-    cols = {k: v for k, v in shapes.items() if k != "params"}
-    return trace(model.apply, {"params": params, **cols}, *inputs, **kwargs)
+  def linen(module):
+    def fn(params):
+      keys = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+      shapes = jax.eval_shape(lambda: nn.unbox(module.init(keys, *inputs, **kwargs)))
+      cols = {k: v for k, v in shapes.items() if k != "params"}
+      return trace(module.apply, {"params": params, **cols}, *inputs, **kwargs)
+    return fn
 
-  return fn
+  return adapt(model).match(
+      nnx=lambda module: (lambda params: trace(module, None, *inputs, **kwargs)),
+      linen=linen)
 
 
 def kernels(roles: dict[str, LeafRole], *, include: str | None = None) -> Callable[[str, Any], bool]:

@@ -74,3 +74,49 @@ def test_quant_package_has_no_import_cycle():
   for m in ("qat", "serve", "coverage"):
     assert m not in graph["hooks"] and "calibrate" not in graph[m]
   assert "modes" not in graph["hooks"]
+
+
+def test_linen_nnx_decision_lives_in_the_model_adapter():
+  """Issue 21: the converted modules go through ``model_adapter.adapt``; none of them
+  tests ``isinstance(..., nnx.Module)`` itself (a source scan)."""
+  import pathlib
+  import re
+
+  root = pathlib.Path(__file__).resolve().parents[1] / "jaxopt_dnn"
+  converted = ["quant/qat.py", "quant/serve.py", "quant/coverage.py", "quant/hessian.py",
+               "sparsity/oneshot.py", "auto/search.py", "roles.py", "lora.py",
+               "decode/decoding.py", "precision/policy.py"]
+  pat = re.compile(r"isinstance\(.*\bnnx\.Module\b")
+  bad = []
+  for rel in converted:
+    text = (root / rel).read_text()
+    bad += [f"{rel}:{i}: {line.strip()}" for i, line in enumerate(text.splitlines(), 1)
+            if pat.search(line)]
+    assert "model_adapter" in text, f"{rel} does not go through model_adapter"
+  assert not bad, "linen/NNX decided outside model_adapter:\n" + "\n".join(bad)
+  assert pat.search((root / "model_adapter.py").read_text())
+
+
+def test_model_adapter_linen_and_nnx_are_the_same_pure_function():
+  """``adapt`` gives linen and NNX models the same operations: the params tree, a pure
+  forward of it, ``split`` leaves and ``rebuild`` (linen variables / a fresh module)."""
+  from flax import nnx
+
+  from jaxopt_dnn.model_adapter import adapt
+
+  x = jnp.arange(12.0, dtype=jnp.float32).reshape(3, 4) / 10
+  lin = nn.Dense(2)
+  variables = lin.init(jax.random.key(0), x)
+  mod = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+  for model, v, ref in ((lin, variables, lin.apply(variables, x)), (mod, None, mod(x))):
+    a = adapt(model, v)
+    params = a.params
+    sp = a.split()
+    assert sorted(sp.paths) == ["bias", "kernel"]
+    assert jnp.allclose(jax.jit(lambda lv: sp.call(lv, sp.rest, x))(sp.leaves), ref)
+    doubled = jax.tree.map(lambda w: 2 * w, params)
+    assert jnp.allclose(jax.jit(a.apply_params)(doubled, x), 2 * ref)
+    assert jnp.allclose(a.call(a.rebuild(doubled), x), 2 * ref)
+  assert jnp.allclose(mod(x), adapt(mod).call(adapt(mod).rebuild(), x))   # untouched
+  assert isinstance(adapt(mod).rebuild(), nnx.Linear)
+  assert adapt(lin, variables).rebuild() is variables

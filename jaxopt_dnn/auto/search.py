@@ -37,9 +37,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxopt_dnn import _table, _tree
+from jaxopt_dnn.model_adapter import adapt
 from jaxopt_dnn import quant as quant_lib
 from jaxopt_dnn import sparsity as sparsity_lib
 from jaxopt_dnn.auto import knapsack
@@ -60,43 +60,28 @@ def output_distortion(out: jax.Array, ref: jax.Array) -> jax.Array:
 
 
 class _Forward:
-  """``f(params, *inputs)`` for linen (``apply_fn(variables, ...)``) or an NNX module."""
+  """``f(params, *inputs)`` for linen (``apply_fn(variables, ...)``) or an NNX module
+  (:func:`jaxopt_dnn.model_adapter.adapt`; NNX ``variables``: the pure params dict,
+  ``{"params": pure}`` or ``None``)."""
 
   def __init__(self, apply_fn: Any, variables: PyTree):
-    self.nnx = isinstance(apply_fn, nnx.Module)
-    if self.nnx:   # variables: nnx.to_pure_dict(nnx.state(model, nnx.Param)) (or None)
-      graphdef, state, rest = nnx.split(apply_fn, nnx.Param, ...)
-      if variables is None:
-        variables = nnx.to_pure_dict(state)
-      elif isinstance(variables, Mapping) and set(variables) == {"params"}:
-        variables = variables["params"]
-      self._graphdef, self._template, self._rest = graphdef, state, rest
-      self.variables = self.params = variables
-    else:
-      if not callable(apply_fn):
-        raise TypeError(f"apply_fn must be callable (linen) or an nnx.Module, got {apply_fn!r}")
-      if not isinstance(variables, Mapping) or "params" not in variables:
-        raise TypeError("variables must be a mapping with a 'params' collection (linen)")
-      self.apply_fn, self.variables, self.params = apply_fn, variables, variables["params"]
+    self.model = adapt(apply_fn, variables)
+    if self.model.params is None:
+      raise TypeError("variables must be a mapping with a 'params' collection (linen)")
+    self.variables, self.params = self.model.variables, self.model.params
 
   def module(self, params):
-    """NNX: a module holding ``params``."""
-    state = jax.tree.map(lambda x: x, self._template)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(self._graphdef, state, self._rest)
+    """NNX: a module holding ``params`` (linen: the variables holding them)."""
+    return self.model.rebuild(params)
 
   def __call__(self, params, *inputs):
-    if self.nnx:
-      return self.module(params)(*inputs)
-    return self.apply_fn({**self.variables, "params": params}, *inputs)
+    return self.model.apply_params(params, *inputs)
 
   def quant_args(self, params=None) -> tuple[Callable, Any]:
     """``(apply_fn, variables)`` as ``quant.gptq`` / ``awq`` / ``sparsity.oneshot`` take
     them (NNX: ``apply_fn(module, *inputs)`` and the module), holding ``params``."""
     params = self.params if params is None else params
-    if self.nnx:
-      return (lambda m, *x: m(*x)), self.module(params)
-    return self.apply_fn, {**self.variables, "params": params}
+    return self.model.call, self.model.rebuild(params)
 
 
 def _as_inputs(batch: Any) -> tuple:

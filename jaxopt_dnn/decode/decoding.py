@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxopt_dnn import model_adapter
 from jaxopt_dnn.decode import kv as _kv
 from jaxopt_dnn.quant.qarray import dequantize, is_qarray
 
@@ -229,21 +230,18 @@ def as_adapter(model: Any) -> Any:
 
 def model_variables(model: Any, variables: Any) -> Any:
   """``variables``, or an NNX model's current ``nnx.state`` when ``variables`` is None."""
-  if variables is None and isinstance(model, nnx.Module):
-    return nnx.state(model)
+  if variables is None and model_adapter.is_module(model):
+    return model_adapter.adapt(model).state
   return variables
 
 
 def _make_adapter(model: Any) -> Any:
-  if all(hasattr(model, m) for m in ("init_cache", "forward")) and not isinstance(
-      model, (nn.Module, nnx.Module)):
-    return model
-  if isinstance(model, nn.Module):
-    return LinenDecode(model)
-  if isinstance(model, nnx.Module):
-    return NNXExplicitCache(model)
-  raise TypeError(f"generate: model must be a linen/NNX decoder or implement the adapter "
-                  f"protocol (init_cache, forward), got {type(model).__name__}")
+  if not model_adapter.is_module(model):
+    if all(hasattr(model, m) for m in ("init_cache", "forward")):
+      return model
+    raise TypeError(f"generate: model must be a linen/NNX decoder or implement the adapter "
+                    f"protocol (init_cache, forward), got {type(model).__name__}")
+  return model_adapter.adapt(model).match(linen=LinenDecode, nnx=NNXExplicitCache)
 
 
 def int8_serving(adapter: Any, calibration: Any, rules: Any = None, *, strict: bool = False):

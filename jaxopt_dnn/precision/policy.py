@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxopt_dnn import _tree
+from jaxopt_dnn import _tree, model_adapter
 from jaxopt_dnn.quant.qarray import is_qarray
 
 PyTree = Any
@@ -334,11 +334,16 @@ def with_policy(apply_fn: Callable[..., Any], policy: Policy | str, *,
   def wrapped(variables, *args, **kwargs):
     args = policy.cast_to_compute(args, exceptions=False)
     kwargs = {k: policy.cast_to_compute(v, exceptions=False) for k, v in kwargs.items()}
-    if isinstance(variables, nnx.Module):
+
+    def on_nnx(module):   # (done, output) / (False, the module left as it is)
       if override_module_dtype:
-        return policy.cast_to_output(_nnx_call(apply_fn, policy, variables, args, kwargs))
-    else:
-      variables = policy.cast_to_compute(variables)
+        return True, policy.cast_to_output(_nnx_call(apply_fn, policy, module, args, kwargs))
+      return False, module
+
+    done, variables = model_adapter.adapt(apply_fn, variables).match(
+        nnx=on_nnx, linen=lambda _: (False, policy.cast_to_compute(variables)))
+    if done:
+      return variables
     icpts = []
     if override_module_dtype:
       icpts.append(_dtype_interceptor(policy.compute_dtype))
@@ -385,8 +390,8 @@ def nnx_apply_policy(module: nnx.Module, policy: Policy) -> nnx.Module:
   are cast back to ``compute_dtype`` so the layers after them stay in it.
   """
   cd, od = policy.compute_dtype, policy.output_dtype
-  for _, node in list(nnx.iter_graph(module)):
-    if not isinstance(node, nnx.Module) or node is module:
+  for node in model_adapter.modules(module).values():
+    if node is module:
       continue
     if isinstance(node, _NORMS):
       node.__class__ = _cast_call_class(type(node), None, cd)

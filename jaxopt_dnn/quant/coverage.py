@@ -10,13 +10,12 @@ import dataclasses
 import warnings
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
-from flax import nnx
 
 from jaxopt_dnn import _hlo, _table, _tree
 from jaxopt_dnn import roles as _roles
+from jaxopt_dnn.model_adapter import adapt
 from jaxopt_dnn.quant import hooks
 from jaxopt_dnn.quant import rules as _rules
 from jaxopt_dnn.quant.qarray import is_qarray
@@ -186,19 +185,12 @@ def explain(params: Any, rules: Any = None, *, bits: int = 8, print_fn=print,
     return _rules.explain(params, rules, bits=bits, print_fn=print_fn)
   inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
   qparams = _rules.quantize_params(params, rules, bits=bits)
-  if isinstance(apply_fn, nnx.Module):
-    stats = stats_tree(calibration_runner(lambda m, *a: m(*a), apply_fn, method="absmax",
-                                          rules=rules, percentile=100.0, bits=bits)(inputs))
-    cov = coverage(apply_fn, qparams, *inputs, calibration=stats, rules=rules, bits=bits)
-    prefix = ""
-  else:
-    v = dict(variables) if variables is not None else {"params": params}
-    fn = apply_fn.apply if isinstance(apply_fn, nn.Module) else apply_fn
-    stats = stats_tree(calibration_runner(fn, v, method="absmax", rules=rules,
-                                          percentile=100.0, bits=bits)(inputs))
-    cov = coverage(fn, {**v, "params": qparams}, *inputs, calibration=stats, rules=rules,
-                   bits=bits)
-    prefix = "params/"
+  model = adapt(apply_fn, variables if variables is not None else {"params": params})
+  stats = stats_tree(calibration_runner(model.call, model.rebuild(), method="absmax",
+                                        rules=rules, percentile=100.0, bits=bits)(inputs))
+  cov = coverage(model.model, model.with_params(qparams), *inputs, calibration=stats,
+                 rules=rules, bits=bits)
+  prefix = model.prefix
   used = cov.by_path()
   rows = []
   for p, x, r in _rules.resolve(params, rules, bits=bits):

@@ -49,6 +49,7 @@ from jax import lax
 from jax.extend import core as jcore
 
 from jaxopt_dnn import _tree
+from jaxopt_dnn.model_adapter import adapt
 from jaxopt_dnn.quant import hooks
 from jaxopt_dnn.quant.layout import OpInfo
 from jaxopt_dnn.quant.qarray import dequantize, is_qarray
@@ -535,7 +536,7 @@ class _Discover(Gram):
 # --------------------------------------------------------------------------- the model
 class Forward:
   """``call(leaves, args)`` = the model's forward with the params leaves ``leaves``
-  (listed as ``paths``); the one place that tells linen from NNX.
+  (listed as ``paths``), through :func:`jaxopt_dnn.model_adapter.adapt`.
 
   ``apply_fn(variables, *inputs)`` with linen variables (``{"params": ..., ...}``), or
   ``apply_fn(module, *inputs)`` with ``variables`` an ``nnx.Module`` (its ``nnx.Param``
@@ -543,28 +544,13 @@ class Forward:
   """
 
   def __init__(self, apply_fn: Callable, variables: Any, where: str):
-    from flax import nnx
-    if isinstance(variables, nnx.Module):
-      gd, pstate, rest = nnx.split(variables, nnx.Param, ...)
-      flat, pdef = jax.tree_util.tree_flatten_with_path(pstate)
-      self.paths = [_tree.path_str(p) for p, _ in flat]
-      self.params = nnx.to_pure_dict(pstate)
-      pure = dict(_tree.leaves_with_paths(self.params, is_leaf=is_qarray))
-      leaves = [pure.get(p, x) for p, (_, x) in zip(self.paths, flat)]
+    model = adapt(apply_fn, variables)
+    sp = model.split(is_qarray, where=where)
+    self.params, self.paths = model.params, sp.paths
+    leaves, rest = sp.leaves, sp.rest
 
-      def call(lv, args):
-        return apply_fn(nnx.merge(gd, jax.tree.unflatten(pdef, lv), rest), *args)
-    else:
-      if not isinstance(variables, dict) or "params" not in variables:
-        raise TypeError(f"{where}: variables must be a dict with a 'params' collection "
-                        f"(linen) or an nnx.Module, got {type(variables).__name__}")
-      self.params = variables["params"]
-      flat, pdef = jax.tree_util.tree_flatten_with_path(self.params, is_leaf=is_qarray)
-      self.paths = [_tree.path_str(p) for p, _ in flat]
-      leaves = [x for _, x in flat]
-
-      def call(lv, args):
-        return apply_fn({**variables, "params": jax.tree.unflatten(pdef, lv)}, *args)
+    def call(lv, args):
+      return sp.call(lv, rest, *args)
     self.leaves = dict(zip(self.paths, leaves))
     self.call = call
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxopt_dnn import _tree
+from jaxopt_dnn import _tree, model_adapter
 from jaxopt_dnn.quant import hooks, modes
 from jaxopt_dnn.quant import rules as _rules
 from jaxopt_dnn.quant.select import split_variables, weight_rule
@@ -137,11 +137,10 @@ class QatModel:
 def _nnx_weights(module: nnx.Module):
   """``[(relative param path, owner, leaf name, op, rule)]`` of the hooked weights."""
   out = []
-  for path, node in nnx.iter_graph(module):
-    specs = getattr(node, "quant_specs", None) if isinstance(node, nnx.Module) else None
+  for prefix, node in model_adapter.modules(module).items():
+    specs = getattr(node, "quant_specs", None)
     if not specs:
       continue
-    prefix = "/".join(str(p) for p in path)
     for leaf, op, rule in specs:
       out.append(("/".join(x for x in (prefix, leaf) if x), node, leaf, op, rule))
   return out
@@ -211,8 +210,7 @@ def _nnx_install(model: nnx.Module, rs, bits, momentum, estimator) -> nnx.Module
   for p, r in chosen.items():
     owner, _, leaf = p.rpartition("/")
     owners.setdefault(owner, []).append((leaf, hooks.op_name(p), r))
-  nodes = {"/".join(str(q) for q in path): node for path, node in nnx.iter_graph(model)
-           if isinstance(node, nnx.Module)}
+  nodes = model_adapter.modules(model)
   for owner, specs in owners.items():
     node = nodes[owner]
     for leaf, _, _ in specs:
@@ -255,8 +253,8 @@ def qat(model: Any, rules: Any = None, *, bits: int = 8, momentum: float = 0.99,
     raise ValueError(f"qat: momentum must be in [0, 1), got {momentum!r}")
   if estimator not in ("ste", "int8_forward"):
     raise ValueError(f"qat: estimator must be 'ste' or 'int8_forward', got {estimator!r}")
-  if isinstance(model, nnx.Module):
-    return _nnx_install(model, rs, bits, momentum, estimator)
-  if isinstance(model, nn.Module):
-    return QatModel(model, rs, bits, momentum, estimator)
-  raise TypeError(f"qat: expected a flax linen or nnx Module, got {type(model).__name__}")
+  if not model_adapter.is_module(model):
+    raise TypeError(f"qat: expected a flax linen or nnx Module, got {type(model).__name__}")
+  return model_adapter.adapt(model).match(
+      nnx=lambda m: _nnx_install(m, rs, bits, momentum, estimator),
+      linen=lambda m: QatModel(m, rs, bits, momentum, estimator))

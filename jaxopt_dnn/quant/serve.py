@@ -13,15 +13,13 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import flax.linen as nn
 import jax
-from flax import nnx
 
-from jaxopt_dnn import _tree
+from jaxopt_dnn.model_adapter import adapt
 from jaxopt_dnn.quant import hooks, modes
 from jaxopt_dnn.quant import rules as _rules
 from jaxopt_dnn.quant.qarray import dequantize, is_qarray
-from jaxopt_dnn.quant.select import placeholder, serve_rule, split_variables, weight_rule
+from jaxopt_dnn.quant.select import placeholder, serve_rule, weight_rule
 from jaxopt_dnn.quant.stats import STATS, flat_stats
 
 
@@ -29,36 +27,17 @@ from jaxopt_dnn.quant.stats import STATS, flat_stats
 def calibration_runner(apply_fn, variables, *, method, rules, percentile, bits=8):
   """Returns ``run(args) -> {op: batch statistic}`` for :func:`calibrate`."""
   rs = _rules.as_rules(rules, bits=bits)
-  if isinstance(variables, nnx.Module):
-    gd, params, rest = nnx.split(variables, nnx.Param, ...)
-    pflat, pdef = jax.tree_util.tree_flatten_with_path(params)
-    paths = [_tree.path_str(p) for p, _ in pflat]
-
-    def fn(lv, r):
-      a, rest_state = r
-      return apply_fn(nnx.merge(gd, jax.tree.unflatten(pdef, lv), rest_state), *a)
-
-    @jax.jit
-    def run_nnx(pleaves, rest_state, args):
-      mode = modes.Calib(method, percentile)
-      with hooks.tracing():
-        hooks.run(fn, pleaves, (args, rest_state), _calib_weight(rs, paths, bits), mode)
-      return mode.reduce()
-
-    pleaves = [x for _, x in pflat]
-    return lambda args: run_nnx(pleaves, rest, args)
-
-  leaves, paths, treedef = split_variables(variables)
+  sp = adapt(apply_fn, variables).split(is_qarray)
 
   @jax.jit
-  def run(lv, args):
+  def run(lv, rest, args):
     mode = modes.Calib(method, percentile)
     with hooks.tracing():
-      hooks.run(lambda v, a: apply_fn(jax.tree.unflatten(treedef, v), *a[0]), lv, (args,),
-                _calib_weight(rs, paths, bits), mode)
+      hooks.run(lambda v, r: sp.call(v, r[1], *r[0]), lv, (args, rest),
+                _calib_weight(rs, sp.paths, bits), mode)
     return mode.reduce()
 
-  return lambda args: run(leaves, args)
+  return lambda args: run(sp.leaves, sp.rest, args)
 
 
 def _calib_weight(rs, paths, bits):
@@ -100,19 +79,6 @@ def _check_coverage(records, strict: bool, where: str = "int8_apply"):
   warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def _nnx_parts(model, qparams):
-  gd, state = nnx.split(model)
-  flat, sdef = jax.tree_util.tree_flatten_with_path(state)
-  qmap = {p: q for p, q in _tree.leaves_with_paths(qparams, is_leaf=is_qarray) if is_qarray(q)}
-  if not qmap:
-    raise ValueError("int8_apply: qvariables has no QArray leaf; run "
-                     "quantize_params(nnx.to_pure_dict(nnx.state(model, nnx.Param))) first")
-  paths = [_tree.path_str(p) for p, _ in flat]
-  fmap = {p: x for p, x in _tree.leaves_with_paths(qparams, is_leaf=is_qarray)}
-  leaves = [qmap.get(p, fmap.get(p, x)) for p, (_, x) in zip(paths, flat)]
-  return gd, sdef, leaves, paths, qmap
-
-
 def int8_apply(model: Any, qvariables: Any, calibration: Any = None,
                *args, rules: Any = None, bits: int = 8, weight_only: bool = False,
                strict: bool = False, **kwargs):
@@ -140,39 +106,24 @@ def int8_apply(model: Any, qvariables: Any, calibration: Any = None,
     strict: raise instead of warning when a quantized weight is consumed in float.
   """
   rs = _rules.as_rules(rules, bits=bits)
-  if isinstance(model, nnx.Module):
-    gd, sdef, leaves, paths, qmap = _nnx_parts(model, qvariables)
-    if weight_only:
-      return nnx.merge(gd, jax.tree.unflatten(sdef, [dequantize(x) if is_qarray(x) else x
-                                                     for x in leaves]))(*args, **kwargs)
-    if calibration is None:
-      raise ValueError("int8_apply: no calibration; pass calibrate(...)'s quant_stats")
-
-    def fn(lv, r):
-      a, kw = r
-      with hooks.tracing():
-        return nnx.merge(gd, jax.tree.unflatten(sdef, lv))(*a, **kw)
-
-    out, mode = _serve(fn, leaves, paths, (args, kwargs), rs, bits, _amax(calibration))
-    _check_coverage(mode.records, strict)
-    return out
-  apply_fn = model.apply if isinstance(model, nn.Module) else model
-  qmap = [q for q in jax.tree.leaves(qvariables, is_leaf=is_qarray) if is_qarray(q)]
-  if not qmap:
-    raise ValueError("int8_apply: qvariables has no QArray leaf; run quantize_params first")
+  am = adapt(model)
+  if not any(is_qarray(q) for q in jax.tree.leaves(qvariables, is_leaf=is_qarray)):
+    raise ValueError("int8_apply: qvariables has no QArray leaf; run quantize_params("
+                     f"{am.params_expr}) first")
+  sp = am.flatten(qvariables, is_leaf=is_qarray)
   if weight_only:
-    return apply_fn(_rules.dequantize_params(qvariables), *args, **kwargs)
+    return sp.call([dequantize(x) if is_qarray(x) else x for x in sp.leaves], None,
+                   *args, **kwargs)
   if calibration is None:
     calibration = qvariables.get(STATS) if isinstance(qvariables, dict) else None
     if calibration is None:
       raise ValueError("int8_apply: no calibration; pass calibrate(...)'s quant_stats")
-  leaves, paths, treedef = split_variables(qvariables)
 
   def fn(lv, r):
     a, kw = r
-    return apply_fn(jax.tree.unflatten(treedef, lv), *a, **kw)
+    return sp.call(lv, None, *a, **kw)
 
-  out, mode = _serve(fn, leaves, paths, (args, kwargs), rs, bits, _amax(calibration))
+  out, mode = _serve(fn, sp.leaves, sp.paths, (args, kwargs), rs, bits, _amax(calibration))
   _check_coverage(mode.records, strict)
   return out
 

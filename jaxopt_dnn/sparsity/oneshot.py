@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_dnn import _tree
+from jaxopt_dnn.model_adapter import adapt
 from jaxopt_dnn.quant import hessian as _hessian
 from jaxopt_dnn.quant.layout import from_matrix, kernel_matrix, set_leaves
 from jaxopt_dnn.quant.gptq import inverse_cholesky_upper, prepare_hessian
@@ -295,13 +296,8 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
     with pruned kernels, and a mask tree of the same structure (bool keep-masks for
     pruned kernels, :func:`~jaxopt_dnn.sparsity.dense_marker` elsewhere).
   """
-  from flax import nnx
-
   _check(sparsity, n, m, method)
-  params = nnx.to_pure_dict(nnx.state(variables, nnx.Param)) \
-      if isinstance(variables, nnx.Module) else (
-          variables["params"] if isinstance(variables, dict) and "params" in variables
-          else None)
+  params = adapt(apply_fn, variables).params   # None: linen variables without "params"
   if rules is None:
     select = lambda p, x: not is_qarray(x) and _tree.is_float_array(x)  # noqa: E731
   else:
