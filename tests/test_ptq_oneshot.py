@@ -162,3 +162,25 @@ def test_float_target_is_the_kernel_when_inputs_agree_and_fits_float_outputs():
     p, m = sparsity.oneshot(model.apply, v, b, method="sparsegpt", n=2, m=4, float_targets=ft)
     k = np.asarray(p["fc2"]["kernel"])
     assert np.all((k.reshape(-1, 4, k.shape[1]) != 0).sum(1) <= 2)
+
+
+def test_sparsegpt_nm_obs_selection_is_2_4_and_fits_better():
+  rng = np.random.default_rng(3)
+  k, n = 64, 24
+  X = (rng.standard_normal((300, k)) @ rng.standard_normal((k, k)) * 0.5
+       + rng.standard_normal((300, k))).astype(np.float32)
+  W = rng.standard_normal((k, n)).astype(np.float32)
+  H = jnp.asarray(2.0 * X.T.astype(np.float64) @ X, jnp.float32)
+  err = lambda d: np.sum((X @ W - X @ np.asarray(d)) ** 2)  # noqa: E731
+  out = {}
+  for sel in ("score", "obs"):
+    new, keep = sparsegpt_solve(jnp.asarray(W), H, n=2, m=4, block_size=32, nm_select=sel)
+    keep = np.asarray(keep)
+    assert np.all(keep.reshape(-1, 4, n).sum(1) == 2)
+    assert np.all(np.asarray(new)[~keep] == 0)
+    out[sel] = err(new)
+  assert out["obs"] < out["score"]
+  with pytest.raises(ValueError, match="nm_select"):
+    model, b = Mlp(), _batches(1)
+    sparsity.oneshot(model.apply, model.init(jax.random.key(0), b[0][0]), b,
+                     method="sparsegpt", n=2, m=4, nm_select="best")

@@ -18,7 +18,9 @@ For a kernel ``W`` (``(K, N)``, inputs first as in Flax) and its calibration inp
   rows of ``K`` (the kernel's contracted axes, flattened row-major in the kernel's own
   axis order, :func:`~jaxopt_dnn.quant.layout.kernel_matrix`: the same groups as
   :func:`~jaxopt_dnn.sparsity.nm_masks` with traced roles), so ``m`` must divide ``K``.
-  SparseGPT chooses each group's mask when the sweep reaches it.
+  SparseGPT chooses each group's mask when the sweep reaches it (by the per-weight
+  score, or with ``nm_select="obs"`` the pattern whose simulated sweep over the group
+  adds the least OBS error).
 
 Sparsity is exact for every chosen leaf. Layers are solved sequentially by default:
 each round of layers is calibrated on the inputs produced by the already-pruned layers
@@ -82,10 +84,37 @@ def wanda_score(w: jax.Array, sq: jax.Array) -> jax.Array:
   return jnp.abs(w) * jnp.sqrt(sq)[:, None]
 
 
-@functools.partial(jax.jit, static_argnames=("sparsity", "n", "m", "block_size"))
+def _nm_patterns(n: int, m: int) -> jax.Array:
+  """Every keep-pattern of ``n`` of ``m``: ``(C(m, n), m)`` bool."""
+  import itertools
+  return jnp.asarray([[j in c for j in range(m)]
+                      for c in itertools.combinations(range(m), n)], bool)
+
+
+def _group_obs_keep(grp: jax.Array, ug: jax.Array, pats: jax.Array) -> jax.Array:
+  """The keep-pattern of one N:M group with the smallest OBS error in sweep order.
+
+  ``grp``: the group's current weights ``(N, m)``; ``ug``: its ``(m, m)`` block of the
+  upper Cholesky factor of ``H^-1``; ``pats``: :func:`_nm_patterns`. For every pattern
+  the sweep over the group's ``m`` inputs is simulated exactly (each zeroed input adds
+  ``((w_i - q_i) / U_ii)^2`` and pushes its error onto the group's later inputs), so
+  the choice accounts for the updates inside the group, which the per-weight score
+  ``w_i^2 / U_ii^2`` ignores. Returns ``(N, m)`` bool."""
+  m = grp.shape[1]
+  wg = jnp.broadcast_to(grp[None], (pats.shape[0],) + grp.shape)   # (P, N, m)
+  loss = jnp.zeros(wg.shape[:2], jnp.float32)
+  for j in range(m):
+    e = jnp.where(pats[:, None, j], 0.0, wg[:, :, j]) / ug[j, j]
+    loss = loss + e ** 2
+    wg = wg - e[:, :, None] * ug[j][None, None, :]
+  return pats[jnp.argmin(loss, axis=0)]                            # (N, m)
+
+
+@functools.partial(jax.jit, static_argnames=("sparsity", "n", "m", "block_size",
+                                             "nm_select"))
 def sparsegpt_solve(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5,
                     n: int | None = None, m: int | None = None, damp: float = 0.01,
-                    block_size: int = 128):
+                    block_size: int = 128, nm_select: str = "score"):
   """SparseGPT on one ``(K, N)`` kernel with its ``(K, K)`` Hessian.
 
   Returns:
@@ -122,12 +151,18 @@ def sparsegpt_solve(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5,
     def col(i, c):
       w1, e1, keep1 = c
       if n is not None:   # N:M: choose the group's mask when the sweep reaches it
-        grp = jax.lax.dynamic_slice_in_dim(w1, (i // m) * m, m, axis=1)
-        dg = jax.lax.dynamic_slice_in_dim(d1, (i // m) * m, m)
-        sc = grp ** 2 / dg[None, :] ** 2
-        order = jnp.argsort(sc, axis=1, stable=True)
-        rank = jnp.argsort(order, axis=1, stable=True)
-        new = jax.lax.dynamic_update_slice_in_dim(keep1, rank >= (m - n), (i // m) * m, axis=1)
+        g0 = (i // m) * m
+        grp = jax.lax.dynamic_slice_in_dim(w1, g0, m, axis=1)
+        if nm_select == "obs":
+          ug = jax.lax.dynamic_slice(u1, (g0, g0), (m, m))
+          kg = _group_obs_keep(grp, ug, pats)
+        else:
+          dg = jax.lax.dynamic_slice_in_dim(d1, g0, m)
+          sc = grp ** 2 / dg[None, :] ** 2
+          order = jnp.argsort(sc, axis=1, stable=True)
+          rank = jnp.argsort(order, axis=1, stable=True)
+          kg = rank >= (m - n)
+        new = jax.lax.dynamic_update_slice_in_dim(keep1, kg, g0, axis=1)
         keep1 = jnp.where(i % m == 0, new, keep1)
       wc = w1[:, i]
       q = jnp.where(keep1[:, i], wc, 0.0)
@@ -144,6 +179,7 @@ def sparsegpt_solve(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5,
     return wt, keep
 
   keep0 = jnp.ones((cols, kp), bool)
+  pats = None if n is None else _nm_patterns(n, m)
   wt, keep = jax.lax.fori_loop(0, kp // B, block, (wt, keep0))
   keep = keep[:, :k].T
   return jnp.where(keep, wt[:, :k].T, 0.0), keep
@@ -235,7 +271,7 @@ def _check(sparsity, n, m, method):
 
 def prune_layer(o, w: jax.Array, stat: jax.Array | None, *, method: str = "sparsegpt",
                 sparsity: float = 0.5, n: int | None = None, m: int | None = None,
-                damp: float = 0.1, block_size: int = 128):
+                damp: float = 0.1, block_size: int = 128, nm_select: str = "score"):
   """Prunes one captured kernel ``w`` (``o``: its :class:`~jaxopt_dnn.quant.layout.OpInfo`).
 
   ``stat``: the input Hessian ``2 X^T X`` (``(K, K)``) for SparseGPT, the per-input
@@ -251,7 +287,8 @@ def prune_layer(o, w: jax.Array, stat: jax.Array | None, *, method: str = "spars
   k_remove = 0 if n is not None else int(np.round(sparsity * o.k))
   if method == "sparsegpt":
     new, keep = sparsegpt_solve(w2, stat, sparsity=float(sparsity), n=n, m=m,
-                                damp=float(damp), block_size=block_size)
+                                damp=float(damp), block_size=block_size,
+                                nm_select=nm_select)
   else:
     score = jnp.abs(w2) if method == "magnitude" else wanda_score(w2, stat)
     keep = score_mask(score, k_remove=k_remove, n=n, m=m)
@@ -263,6 +300,7 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
             method: str = "wanda", sparsity: float = 0.5, n: int | None = None,
             m: int | None = None, rules: Any = None, damp: float = 0.1,
             sequential: bool = True, block_size: int = 128, float_targets: bool = False,
+            nm_select: str = "score",
             max_batches: int | None = None, log: Callable[[str], Any] | None = None):
   """One-shot pruning of a linen or NNX model's kernels from calibration batches.
 
@@ -288,6 +326,10 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
       compensated, not carried forward); ``False``: towards its own outputs on the
       pruned inputs (the SparseGPT paper).
     block_size: SparseGPT's block (also the adaptive mask-selection block).
+    nm_select: how SparseGPT chooses an N:M group's mask when the sweep reaches it:
+      ``"score"`` the ``n`` largest ``w_i^2 / U_ii^2`` (the SparseGPT paper); ``"obs"``
+      the pattern (of all ``C(m, n)``) with the smallest OBS error of the group's sweep
+      simulated exactly, the updates inside the group included.
     max_batches: use at most this many batches.
     log: called with one line per layer.
 
@@ -297,6 +339,8 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
     pruned kernels, :func:`~jaxopt_dnn.sparsity.dense_marker` elsewhere).
   """
   _check(sparsity, n, m, method)
+  if nm_select not in ("score", "obs"):
+    raise ValueError(f"oneshot: nm_select must be 'score' or 'obs', got {nm_select!r}")
   params = adapt(apply_fn, variables).params   # None: linen variables without "params"
   if rules is None:
     select = lambda p, x: not is_qarray(x) and _tree.is_float_array(x)  # noqa: E731
@@ -310,7 +354,7 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
     # Wanda's ||X_j||^2 = sum_t X_tj^2 is the diagonal of H / 2
     new, keep = prune_layer(o, w, h if method == "sparsegpt" else 0.5 * jnp.diag(h),
                             method=method, sparsity=sparsity, n=n, m=m, damp=damp,
-                            block_size=block_size)
+                            block_size=block_size, nm_select=nm_select)
     if log is not None:
       log(f"oneshot[{method}]: {o.kernel} {o.shape} zeros {int((~keep).sum())}/{keep.size}")
     return new, keep
