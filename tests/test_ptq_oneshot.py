@@ -89,12 +89,18 @@ def sparsegpt_reference(W, H, s, B, damp=0.01):
   return W.T, keep.T
 
 
+def _correlated_problem(rng, rows: int, k: int, n: int, *, mix: float):
+  """Calibration rows ``X (rows, k)`` with correlated inputs (``Z A * mix + noise``) and a
+  kernel ``W (k, n)``: the least-squares pruning problem ``min ||X W - X W'||``."""
+  X = (rng.standard_normal((rows, k)) @ rng.standard_normal((k, k)) * mix
+       + rng.standard_normal((rows, k))).astype(np.float32)
+  return X, rng.standard_normal((k, n)).astype(np.float32)
+
+
 def test_sparsegpt_matches_reference_and_beats_wanda():
   rng = np.random.default_rng(2)
   k, n = 96, 20
-  X = (rng.standard_normal((400, k)) @ rng.standard_normal((k, k)) * 0.3
-       + rng.standard_normal((400, k))).astype(np.float32)
-  W = rng.standard_normal((k, n)).astype(np.float32)
+  X, W = _correlated_problem(rng, 400, k, n, mix=0.3)
   H = 2.0 * X.T.astype(np.float64) @ X
   new, keep = sparsegpt_solve(jnp.asarray(W), jnp.asarray(H, jnp.float32), sparsity=0.5,
                               block_size=32)
@@ -167,9 +173,7 @@ def test_float_target_is_the_kernel_when_inputs_agree_and_fits_float_outputs():
 def test_sparsegpt_nm_obs_selection_is_2_4_and_fits_better():
   rng = np.random.default_rng(3)
   k, n = 64, 24
-  X = (rng.standard_normal((300, k)) @ rng.standard_normal((k, k)) * 0.5
-       + rng.standard_normal((300, k))).astype(np.float32)
-  W = rng.standard_normal((k, n)).astype(np.float32)
+  X, W = _correlated_problem(rng, 300, k, n, mix=0.5)
   H = jnp.asarray(2.0 * X.T.astype(np.float64) @ X, jnp.float32)
   err = lambda d: np.sum((X @ W - X @ np.asarray(d)) ** 2)  # noqa: E731
   out = {}
