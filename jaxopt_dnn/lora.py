@@ -139,7 +139,8 @@ def _base_kind(base: Any) -> str:
     return f"int{base.bits}{g}"
   if isinstance(base, nf4_lib.NF4Array):
     return f"nf4-g{base.block_size}"
-  return str(np.dtype(base.dtype))
+  dtype = getattr(base, "dtype", None)   # absent when a tree.map put other leaves here
+  return str(np.dtype(dtype)) if dtype is not None else type(base).__name__
 
 
 def _perm(shape: Sequence[int], contracting: Sequence[int]) -> tuple[list[int], list[int]]:
