@@ -79,6 +79,7 @@ def mlp():
   return model, variables, batches, sens
 
 
+@pytest.mark.slow
 def test_sensitivity_is_the_direct_single_layer_measurement(mlp):
   model, variables, batches, sens = mlp
   assert sens.layers == ["fc0/kernel", "fc1/kernel", "fc2/kernel", "head/kernel"]
@@ -141,6 +142,7 @@ def test_quality_target_gives_the_smallest_plan_meeting_it(mlp):
   assert by_bytes.bytes <= plan.bytes
 
 
+@pytest.mark.slow
 def test_nnx_module_in_place_of_apply_fn():
   class Net(nnx.Module):
     def __init__(self, rngs):
@@ -206,6 +208,7 @@ def test_candidate_names_set_scale_storage_and_int8_is_per_channel(mlp):
   assert err["int4-g16-fp8"] < 1.2 * err["int4-g16"]
 
 
+@pytest.mark.slow
 def test_crossfit_sensitivity_calibrates_and_measures_on_different_halves(mlp):
   model, variables, batches, _ = mlp
   sens = jd.auto.sensitivity(model.apply, variables, batches, method="gptq",
@@ -246,6 +249,7 @@ def test_crossfit_sensitivity_calibrates_and_measures_on_different_halves(mlp):
                         candidates=["int4"], crossfit=True)
 
 
+@pytest.mark.slow
 def test_sparse_candidates_cost_nonzero_bits_and_keep_their_pattern(mlp):
   model, variables, batches, _ = mlp
   c = jd.auto.Candidate.parse("int4-g16+2:4")
@@ -299,6 +303,7 @@ def test_gptq_keep_zeros_keeps_a_pruned_pattern_and_compensates():
   assert np.any(np.asarray(refilled)[~keep] != 0)
 
 
+@pytest.mark.slow
 def test_gptq_sensitivity_calibrates_conv_kernels():
   """A conv kernel is captured by the interpreter (im2col rows) like quant.gptq does:
   its GPTQ candidate is calibrated alone and beats RTN on its own input; the Dense layer
@@ -328,6 +333,7 @@ def test_gptq_sensitivity_calibrates_conv_kernels():
     assert sens.values[layer]["int4"] > sens.values[layer]["int8"] > 0
 
 
+@pytest.mark.slow
 def test_background_workers_change_nothing_and_errors_still_surface(mlp, monkeypatch):
   """The pipelined pass (compiles ahead, realises the next candidate while measuring)
   gives exactly the sequential pass's numbers, with batches of two different shapes."""

@@ -422,6 +422,7 @@ def _rewrite_meta(ckpt, change):
   checkpoint.save(ckpt, step, state, meta)
 
 
+@pytest.mark.slow
 def test_inspect_and_export_of_a_good_checkpoint(serve_dir, tmp_path, capsys):
   assert cli.main(["inspect", str(serve_dir)]) == 0
   assert cli.main(["export", str(serve_dir), "--out", str(tmp_path / "m.bin")]) == 0
@@ -435,6 +436,7 @@ def test_inspect_and_export_of_a_good_checkpoint(serve_dir, tmp_path, capsys):
     ("input_shape", "input_shape"),
     ("num_classes", "num_classes"),
 ])
+@pytest.mark.slow
 def test_export_of_a_tampered_checkpoint(serve_dir, tmp_path, capsys, damage, needle):
   ck = _copy(serve_dir, tmp_path / "ck")
 

@@ -85,6 +85,7 @@ DAMAGE = {"overwritten": _overwrite, "truncated": _truncate, "no_manifests": _de
           "garbage_meta": _garbage_meta, "no_state": _delete_state, "junk_dir": _junk}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_restore_reports_damage_in_one_line_naming_the_step(setup, digits, tmp_path, capfd,
                                                             damage):

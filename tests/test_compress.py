@@ -265,6 +265,7 @@ def test_default_task_is_mnist1d_with_a_shrunk_channel_variant():
   assert cli.build_parser().parse_args(["compress"]).dataset is None   # -> mnist1d
 
 
+@pytest.mark.slow
 def test_channel_variant_is_served_shrunk_and_measured_on_the_shrunk_model(tmp_path):
   ds = data.load_dataset("mnist1d")
   base = compress.default_recipe().replace(steps=8)
@@ -386,6 +387,7 @@ def make_model_only():
 """
 
 
+@pytest.mark.slow
 def test_cli_model_factory_from_the_current_directory(tmp_path, monkeypatch, capsys):
   (tmp_path / "thirdparty_net.py").write_text(FACTORY_MODULE)
   monkeypatch.chdir(tmp_path)

@@ -33,6 +33,7 @@ def _check(model, variables, prompts=PROMPTS, lens=LENS, n=N, rows=False):
   return got
 
 
+@pytest.mark.slow
 def test_flax_lm1b_linen_decode_convention():
   m = tp.lm1b()
   cfg = m.TransformerConfig(vocab_size=40, output_vocab_size=40, emb_dim=16, num_heads=2,
@@ -84,6 +85,7 @@ def llama():
   return D.LlamaDecoder(module), {"params": params}
 
 
+@pytest.mark.slow
 def test_llama_greedy_equals_naive(llama):
   _check(*llama, rows=True)
 

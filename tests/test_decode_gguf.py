@@ -29,6 +29,7 @@ def smol():
   return cfg, params, tok, D.LlamaDecoder(module), {"params": jax.tree.map(jnp.asarray, params)}
 
 
+@pytest.mark.slow
 def test_gguf_weights_really_4bit(smol):
   types = D.gguf_types()
   assert types["blk.0.attn_q.weight"] == "Q4_1" and types["token_embd.weight"] == "Q8_0"
@@ -49,6 +50,7 @@ def test_tokenizer_matches_tokenizers_package(smol):
   assert tok.encode("the")[0] != tok.encode(" the")[0]
 
 
+@pytest.mark.slow
 def test_float_reference_matches_numpy_float64(smol):
   cfg, params, tok, dec, v = smol
   ids = tok.encode(SENTENCES[0])[:10]

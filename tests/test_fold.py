@@ -47,6 +47,7 @@ def trained_cnn_bn(digits):
   return m, v
 
 
+@pytest.mark.slow
 def test_trained_cnn_fold_error_below_1e5(trained_cnn_bn, digits):
   m, v = trained_cnn_bn
   x = digits.x_test[:128]

@@ -7,6 +7,7 @@ import textwrap
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 import zoo_thirdparty as zoo
@@ -37,6 +38,7 @@ def _fresh(path, tmp_path, args, expected):
   return out.stdout
 
 
+@pytest.mark.slow
 def test_export_qarray_and_boxed_weights_as_arguments(tmp_path):
   model, inputs = zoo.linen_lm(layers=1)
   boxed = model.init(jax.random.key(0), *inputs)              # LogicallyPartitioned leaves

@@ -12,6 +12,7 @@ from jaxopt_dnn import precision, quant
 from jaxopt_dnn.precision import Policy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(zoo.LINEN))
 def test_linen_bf16_policy_every_dot_conv_bf16(name):
   model, inputs = zoo.LINEN[name]()

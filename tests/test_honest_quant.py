@@ -33,6 +33,7 @@ def _nnx(name, rules=None):
   return model, inputs, stats, qp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_every_projection_int8_and_coverage_agrees_with_census(name):
   if name in zoo.LINEN:
@@ -49,6 +50,7 @@ def test_every_projection_int8_and_coverage_agrees_with_census(name):
   assert "s8 x s8 -> s32" in str(cov)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["linen_lm", "nnx_gemma"])
 def test_tied_logits_quantized_and_qat_matches_serving(name):
   """Tied Embed.attend logits run int8; QAT (frozen ranges) and int8 serving agree to one
@@ -133,6 +135,7 @@ def test_nnx_qat_ranges_feed_int8_apply():
   assert float(jnp.max(jnp.abs(y8 - fq))) <= float(jnp.max(jnp.abs(fq))) / 127
 
 
+@pytest.mark.slow
 def test_init_stats_with_batchnorm_collections():
   model, (x,) = zoo.linen_resnet()
   v = model.init(jax.random.key(0), x)

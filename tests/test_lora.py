@@ -105,6 +105,7 @@ def test_adapter_shapes_follow_the_traced_contraction_and_init_equals_base(linen
   assert _loras(lora.lora(v["params"], "q/kernel", rank=2))["q/kernel"].a.shape == (16, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["bf16", "int8", "int4", "nf4"])
 def test_quantized_base_merge_equals_unmerged_forward(linen_case, base):
   m, v, r = linen_case
@@ -134,6 +135,7 @@ def test_quantized_base_merge_equals_unmerged_forward(linen_case, base):
                                                                 x.base.group_axis)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["int4", "nf4"])
 def test_loftq_init_is_the_truncated_svd_of_the_quantization_residual(linen_case, base):
   """init="loftq": base = RTN of W (one iteration), scale * a @ b = the rank-r truncated
@@ -288,6 +290,7 @@ def _check_trained(t, before, s, losses, tol=1e-5):
   assert _rel(serve_fn(sv, X), t.apply_fn({"params": s.params}, X)) <= tol
 
 
+@pytest.mark.slow
 def test_trainer_fsdp_trains_only_adapters_on_an_int4_base(fsdp_case):
   t, s0, fresh = fsdp_case
   s, losses = _steps(t, fresh(), 6)
@@ -367,6 +370,7 @@ class MLP(nn.Module):
     return nn.Dense(32, name="fc2")(h)
 
 
+@pytest.mark.slow
 def test_lora_distillation_recovers_most_of_the_int4_gap():
   """Teacher: a float MLP; student: its int4 g16 RTN copy + rank-8 LoRA, distilled on
   the teacher's outputs. Inputs lie near an 8-dimensional subspace of the 64 features,

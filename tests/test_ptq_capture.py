@@ -150,6 +150,7 @@ def _assert_beats_rtn(errs):
   assert sum(e[1] for e in errs) < sum(e[2] for e in errs), errs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group_size", [None, 4])
 def test_gptq_conv_model_beats_rtn_and_serves(cnn, group_size):
   m, v, batches = cnn
@@ -200,6 +201,7 @@ def test_gptq_conv_sequential_sees_the_quantized_prefix(cnn):
   assert err(seq) < 1.05 * err(par)
 
 
+@pytest.mark.slow
 def test_gptq_einsum_model_beats_rtn():
   m = EinsumNet()
   batches = [(_correlated((4, 6, 16), s),) for s in range(3)]

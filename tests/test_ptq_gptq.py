@@ -96,6 +96,7 @@ def test_quantize_params_int4_g64_checkpoint_bytes(tmp_path):
 
 
 # ---------------------------------------------------------------------------- GPTQ solve
+@pytest.mark.slow
 @pytest.mark.parametrize("g,act_order", [(None, False), (32, False), (64, True), (128, False)])
 def test_gptq_matches_reference_and_beats_rtn(g, act_order):
   rng = np.random.default_rng(1)
@@ -189,6 +190,7 @@ def test_gptq_linen_per_layer_beats_rtn(net):
   assert _out_err(model, variables, qp, batches) < _out_err(model, variables, rtn, batches)
 
 
+@pytest.mark.slow
 def test_gptq_sequential_differs_and_is_better(net):
   model, variables, batches = net
   seq = quant.gptq(model.apply, variables, batches, bits=4, group_size=16)

@@ -50,6 +50,7 @@ def test_wanda_mask_equals_reference_ranking(mlp):
   assert params["fc1"]["bias"] is variables["params"]["fc1"]["bias"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
 def test_exact_sparsity_and_nm(mlp, method):
   model, variables, batches = mlp
@@ -115,6 +116,7 @@ def test_sparsegpt_matches_reference_and_beats_wanda():
   assert err(np.asarray(new)) < 0.8 * err(np.where(wk, W, 0))
 
 
+@pytest.mark.slow
 def test_masks_work_with_prune_optimizer_and_pack(mlp):
   model, variables, batches = mlp
   p, mk = sparsity.oneshot(model.apply, variables, batches, method="sparsegpt", n=2, m=4)
@@ -149,6 +151,7 @@ def test_oneshot_bad_args(mlp):
     sparsity.oneshot(model.apply, variables, batches, rules=["nothing"])
 
 
+@pytest.mark.slow
 def test_float_target_is_the_kernel_when_inputs_agree_and_fits_float_outputs():
   from jaxopt_dnn.sparsity.oneshot import float_target
   rng = np.random.default_rng(0)

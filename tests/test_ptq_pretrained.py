@@ -32,6 +32,7 @@ def test_tokenizer_matches_huggingface_tokenizers():
     assert tok.encode(t) == hf.encode(t).ids, t
 
 
+@pytest.mark.slow
 def test_encoder_matches_float64_reference():
   model, v = P.load(layers=2)
   ids, mask = P.tokenizer()(TEXTS)

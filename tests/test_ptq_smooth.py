@@ -221,6 +221,7 @@ def _run(model, apply_fn, variables, params, x):
   return apply_fn({**variables, "params": params}, x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(_CASES))
 def test_smooth_any_contraction_keeps_the_model_and_helps_w8a8(case):
   make, op, folded = _CASES[case]
@@ -260,6 +261,7 @@ def _with(module, params):
 _KERNEL = {"conv": "c2/kernel", "einsum": "proj/kernel", "nnx_raw_dot": "w"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(_CASES))
 def test_awq_any_contraction_beats_rtn_int4(case):
   make, op, folded = _CASES[case]

@@ -169,6 +169,7 @@ def _save(tree, path):
   return _dir_bytes(path)
 
 
+@pytest.mark.slow
 def test_orbax_roundtrip_and_checkpoint_bytes(trained, tmp_path):
   _, params, _, _ = trained
   b32 = _save(params, tmp_path / "f32")

@@ -16,6 +16,7 @@ def _fq_rows(x, axis):
   return jnp.clip(jnp.round(x / s), -127, 127) * s
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [96, 100])   # 100: last group partial (zero padded)
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_grouped_int8_dot_equals_fake_quant(k, dynamic):

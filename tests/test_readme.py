@@ -3,7 +3,10 @@
 import pathlib
 import re
 
+import pytest
 
+
+@pytest.mark.slow
 def test_readme_python_examples_run():
   """Every ```python block of the README runs as written, in order, in fresh namespaces."""
   text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()

@@ -65,6 +65,7 @@ def _plain(tree):
 
 @pytest.mark.parametrize("prune,quant,prec,mesh", CASES,
                          ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.slow
 def test_fit_resumes_exactly_with_every_state_changing_option(tmp_path, prune, quant, prec,
                                                                mesh):
   kw = dict(PRECISION[prec])

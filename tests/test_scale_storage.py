@@ -43,6 +43,7 @@ def test_round_scale_fp8_is_relative_to_a_power_of_two_super_scale():
     round_scale(s, "int8")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits,g", [(4, 32), (4, 16), (8, None)])
 def test_quantize_with_fp8_scales_costs_8_bits_per_group_and_keeps_the_bound(bits, g):
   w = jnp.asarray(_kernel())
@@ -73,6 +74,7 @@ def test_qarray_with_super_scale_is_a_pytree_and_survives_jit():
   assert q.with_name("k").super_scale is q.super_scale
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("act_order", [True, False])
 def test_gptq_fp8_scales_are_stored_exactly(act_order):
   w = _kernel(128, 32, seed=1)

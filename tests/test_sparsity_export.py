@@ -56,6 +56,7 @@ def test_strip_needs_matching_tree():
     (models.CNN(features=(8, 16), dense=32), ["Conv_0", "Conv_1", "Dense_0", "Dense_1"], (5, 8, 8, 1)),
     (models.MLP(features=(32, 16)), ["Dense_0", "Dense_1", "Dense_2"], (5, 8, 8, 1)),
 ])
+@pytest.mark.slow
 def test_shrink_channels_equals_masked_model(model, layers, x_shape):
   x = jax.random.normal(jax.random.key(1), x_shape)
   params = model.init(jax.random.key(0), x)["params"]

@@ -81,6 +81,7 @@ def test_traced_sparsity_under_jit_matches_eager():
 
 @given(shape=st.lists(st.integers(1, 9), min_size=2, max_size=4),
        s=st.floats(0.0, 0.99), seed=st.integers(0, 2**16))
+@pytest.mark.slow
 def test_layer_masks_remove_exact_count(shape, s, seed):
   w = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
   m = np.asarray(sp.magnitude_masks({"w": w}, s)["w"])
@@ -109,6 +110,7 @@ def test_random_masks_differ_from_magnitude():
 
 @given(n=st.integers(1, 4), extra=st.integers(0, 3), groups=st.integers(1, 4),
        out=st.integers(1, 5), seed=st.integers(0, 999))
+@pytest.mark.slow
 def test_nm_masks_keep_exactly_n_largest_per_group(n, extra, groups, out, seed):
   m = n + extra
   w = np.random.default_rng(seed).normal(size=(groups * m, out)).astype(np.float32)

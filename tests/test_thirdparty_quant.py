@@ -40,6 +40,7 @@ def lm1b():
   return model, x, v
 
 
+@pytest.mark.slow
 def test_lm1b_tied_logits_int8_and_coverage_is_the_lowered_census(lm1b):
   """``Embed.attend`` (logits = y @ table.T, contracted over embed) runs s8 x s8 with the
   default per-channel rule: a table's channel is its row. 2 layers x 6 projections + the
@@ -104,6 +105,7 @@ def vit_pair():
   return flat, v, _vit(True), vs, x
 
 
+@pytest.mark.slow
 def test_vit_coverage_counts_only_what_is_lowered(vit_pair):
   """big_vision's ViT applies ``head`` twice (logits and logits_2d). Served for logits
   only, the logits_2d head is dead code and is not lowered: 14 int8 contractions (conv
@@ -130,6 +132,7 @@ def test_vit_coverage_counts_only_what_is_lowered(vit_pair):
     assert rows and all(r.int8 for r in rows), (path, rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_vit_scan_int8_serving(vit_pair, per_layer):
   """``scan=True`` (kernels ``(depth, ...)``, one ``nn.scan`` + ``nn.remat`` body): the

@@ -99,6 +99,7 @@ def _weighted_step(mesh, sharding, lm_params):
   return float(metrics["loss"]), jax.device_get(state.params)
 
 
+@pytest.mark.slow
 def test_token_weighted_loss_and_grads_same_on_1_device_data8_fsdp8():
   model, sample, _ = zoo.lm_case()
   params = jax.device_get(nn_unbox(model.init(jax.random.key(1), *sample))["params"])
@@ -140,6 +141,7 @@ def test_shard_map_step_with_weighted_pair_matches_global_ratio():
   np.testing.assert_allclose(np.asarray(p["w"]), params["w"] - ref_grad["w"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_logical_axis_rules_shard_boxed_linen_and_nnx_params():
   mesh = parallel.make_mesh(data=2, fsdp=4)
   model, sample, _ = zoo.lm_case()
@@ -186,6 +188,7 @@ def test_init_creates_fsdp_state_at_per_device_shapes():
   assert "f32[200,1024]" not in hlo and "f32[204800]" not in hlo
 
 
+@pytest.mark.slow
 def test_nnx_gemma_qat_bf16_prune_logical_and_int8_serving():
   model, sample, make = zoo.nnx_gemma_case()
   trainer = jd.Trainer(model, zoo.nnx_next_token_loss, optax.adam(3e-3),
@@ -212,6 +215,7 @@ def test_nnx_gemma_qat_bf16_prune_logical_and_int8_serving():
   assert np.abs(out - fq).max() <= 0.05 * np.abs(fq).max()
 
 
+@pytest.mark.slow
 def test_resnet_batchnorm_dropout_fit_over_an_iterable_resumes_exactly(tmp_path):
   model, sample, make = zoo.resnet_case()
 
