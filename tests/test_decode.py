@@ -51,6 +51,7 @@ def test_flax_lm1b_linen_decode_convention():
     decode.generate(model, {"params": params}, prompts, 2, cache_dtype="int8")
 
 
+@pytest.mark.slow
 def test_flax_gemma_nnx_explicit_cache():
   g = tp.gemma()
   cfg = g.TransformerConfig(
@@ -90,6 +91,7 @@ def test_llama_greedy_equals_naive(llama):
   _check(*llama, rows=True)
 
 
+@pytest.mark.slow
 def test_sampling_top_k_and_errors(llama):
   dec, v = llama
   a = decode.generate(dec, v, PROMPTS, 6, lengths=LENS, temperature=1.0, top_k=1,

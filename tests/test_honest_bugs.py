@@ -28,6 +28,7 @@ def test_shadowed_rule_is_reported_as_shadowed():
     quant.quantize_params(p, ["kernel", "nothing"])
 
 
+@pytest.mark.slow
 def test_explain_says_what_compiles_not_what_the_rule_hoped():
   model, inputs = zoo.linen_lm(layers=1)
   v = nn.unbox(model.init(jax.random.key(0), *inputs))

@@ -62,6 +62,7 @@ def test_export_qarray_and_boxed_weights_as_arguments(tmp_path):
                                 jax.jit(model.apply)(boxed, *inputs))
 
 
+@pytest.mark.slow
 def test_export_nnx_state_as_argument(tmp_path):
   model, inputs = zoo.nnx_mha()
   graphdef, state, rest = nnx.split(model, nnx.Param, ...)   # Param variables as arguments

@@ -82,6 +82,7 @@ def _rel(a, b):
 # --------------------------------------------------------------------------- transform
 
 
+@pytest.mark.slow
 def test_adapter_shapes_follow_the_traced_contraction_and_init_equals_base(linen_case):
   m, v, r = linen_case
   lp = lora.lora(v["params"], rank=2, key=1, roles=r)
@@ -312,6 +313,7 @@ def test_trainer_bf16_policy_trains_only_adapters():
   _check_trained(t, before, s, losses, tol=2e-2)
 
 
+@pytest.mark.slow
 def test_nnx_trainer_trains_only_adapters_and_merges():
   model = NnxNet(nnx.Rngs(0))
   t = jd.Trainer(model, nnx_loss, optax.adam(3e-2), mesh=parallel.make_mesh(

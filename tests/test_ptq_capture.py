@@ -244,6 +244,7 @@ def test_gptq_einsum_model_beats_rtn():
   assert float(jnp.max(jnp.abs(out - ref))) < 0.2 * float(jnp.max(jnp.abs(ref)))
 
 
+@pytest.mark.slow
 def test_gptq_nnx_raw_dot_param_beats_rtn():
   m = RawDot(nnx.Rngs(0))
   batches = [(_correlated((32, 16), s),) for s in range(3)]

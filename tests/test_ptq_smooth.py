@@ -77,6 +77,7 @@ def test_smooth_folds_verified_and_helps_w8a8():
   assert w8a8(sv) < 0.7 * w8a8(v)
 
 
+@pytest.mark.slow
 def test_smooth_refuses_folds_that_change_the_model():
   model = PostLN()
   batches = _batches(1)

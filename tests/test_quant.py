@@ -105,6 +105,7 @@ def test_range_estimators_percentile_and_mse():
 
 
 # ----------------------------------------------------------------- QArray
+@pytest.mark.slow
 def test_int4_pack_roundtrip_and_dequantize_equals_fake_quant():
   rng = np.random.default_rng(4)
   for shape in [(5, 3), (4, 6, 2), (7,)]:

@@ -74,6 +74,7 @@ def bert():
   return model, params, ids
 
 
+@pytest.mark.slow
 def test_bert_encoder_quantized_with_rules_and_served_int8(bert):
   model, params, ids = bert
   text = quant.explain(params, RULES, print_fn=None)

@@ -38,6 +38,7 @@ def test_readme_has_exactly_two_setup_commands():
   assert commands[1].strip() in ci     # CI runs exactly the README's test command
 
 
+@pytest.mark.slow
 def test_readme_model_factory_example_runs(tmp_path, monkeypatch, capsys):
   """The `--model package.module:factory` example of the README, as written."""
   from jaxopt_dnn.app import cli

@@ -83,6 +83,7 @@ def test_make_optimizer(schedule, name):
   assert float(np.abs(updates["w"]).max()) == 0.0
 
 
+@pytest.mark.slow
 def test_make_pruner_reaches_target():
   from jaxopt_dnn.app.recipe import PruneConfig
   tx = compose.make_pruner(optax.sgd(0.1), PruneConfig(method="magnitude", sparsity=0.5,

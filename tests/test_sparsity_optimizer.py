@@ -75,6 +75,7 @@ INNER = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(INNER))
 def test_wraps_any_optax_optimizer_with_exact_sparsity(name):
   params, loss = _problem()

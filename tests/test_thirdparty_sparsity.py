@@ -156,6 +156,7 @@ def _bn_outputs(model, variables, x, train):
           for blk in ("ResNetBlock_0", "ResNetBlock_1")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_resnet_removed_channels_are_exactly_zero_after_batchnorm(resnet, train):
   model, x, v, _, masks = resnet
@@ -173,6 +174,7 @@ def test_resnet_removed_channels_are_exactly_zero_after_batchnorm(resnet, train)
   assert np.abs(off[..., ~keep]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_resnet_shrunk_equals_masked_with_fewer_params(resnet):
   model, x, v, r, masks = resnet
   masked = {"params": sparsity.apply_masks(v["params"], masks), "batch_stats": v["batch_stats"]}

@@ -234,6 +234,7 @@ def _regression_batch(seed):
   return {"x": x, "y": (x @ np.arange(12.0).reshape(4, 3) / 10).astype(np.float32)}
 
 
+@pytest.mark.slow
 def test_nnx_bare_param_qat_trains_then_serves_int8():
   """The QAT range of ``self.w`` is ``quant_w_input_amax`` (not ``quant_input_amax``):
   serving derives the plain module's collections from the module itself."""
