@@ -10,8 +10,8 @@
   through the train state; :func:`nnx_stats` reads QAT ranges out of NNX collections.
 
 The Trainer and its model halves (:mod:`jaxopt_dnn.train_model`) are its only clients;
-the quantization and sparsity transforms keep their own
-interception (``quant.qat``, ``quant.serve``) and never import this module.
+the quantization and sparsity transforms keep their own interception (``quant.qat``,
+``quant.serve``) and never import this module.
 """
 
 from __future__ import annotations

@@ -148,7 +148,8 @@ class Trainer:
     # the linen or NNX half of the model handling, chosen once (train_model.py)
     cfg = dict(quant=self.quant, policy=self.policy, lora=self.lora)
     self._model = model_adapter.adapt(model).match(
-        linen=lambda m: LinenTrainModel(m, **cfg), nnx=lambda m: NnxTrainModel(m, **cfg))
+        linen=functools.partial(LinenTrainModel, **cfg),
+        nnx=functools.partial(NnxTrainModel, **cfg))
     self.state_sharding = None
     self._step = None
 
