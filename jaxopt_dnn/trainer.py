@@ -194,8 +194,8 @@ class Trainer:
     if self.policy is not None:
       params = self.policy.cast_to_param(params)
     if self.lora is not None:   # after the cast: a bf16 / quantized base keeps its dtype
-      roles = lora_lib.trace_roles(self._model.trained, params, cols, *inputs,
-                                   **self.init_kwargs)   # (no QAT with lora: the model)
+      roles = lora_lib.trace_roles(self.model, params, cols, *inputs,   # (no QAT with lora)
+                                   **self.init_kwargs)
       params = self.lora.apply(params, jax.random.fold_in(k_params, 1), roles)
     return (params, cols, jax.random.key_data(k_state)), boxed
 
