@@ -28,6 +28,11 @@ to the host; the step donates the state.
 A loss written in the global view is correct under any sharding: a token-weighted mean
 ``sum(w * l) / sum(w)`` over a batch split across devices is the global ratio, because
 XLA reduces both sums over the mesh.
+
+What differs between linen and NNX lives in :mod:`jaxopt_dnn.train_model`
+(:class:`~jaxopt_dnn.train_model.LinenTrainModel` /
+:class:`~jaxopt_dnn.train_model.NnxTrainModel`, picked once through
+:mod:`jaxopt_dnn.model_adapter`); this module never tests the model's kind.
 """
 
 from __future__ import annotations
