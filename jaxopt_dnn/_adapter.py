@@ -9,8 +9,9 @@
   module; :func:`keys_to_data` / :func:`data_to_keys` carry typed PRNG keys as raw data
   through the train state; :func:`nnx_stats` reads QAT ranges out of NNX collections.
 
-The Trainer is its only client; the quantization and sparsity transforms keep their own
-interception (``quant.qat``, ``quant.serve``) and never import this module.
+The Trainer and its model halves (:mod:`jaxopt_dnn.train_model`) are its only clients;
+the quantization and sparsity transforms keep their own interception (``quant.qat``,
+``quant.serve``) and never import this module.
 """
 
 from __future__ import annotations

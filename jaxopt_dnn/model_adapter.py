@@ -3,7 +3,8 @@
 :func:`adapt` takes what a user hands the library and returns a :class:`Linen` or an
 :class:`Nnx` adapter with the same operations; the transforms (QAT, calibration, int8
 serving, the post-training capture of GPTQ / AWQ / SmoothQuant / SparseGPT, the auto
-planner, roles, LoRA) call those operations and never test the model's kind themselves.
+planner, roles, LoRA) call those operations and never test the model's kind themselves;
+the Trainer picks its linen or NNX half (:mod:`jaxopt_dnn.train_model`) with ``match``.
 
 The library's calling convention is a pair ``(model, variables)``:
 

@@ -28,35 +28,40 @@ to the host; the step donates the state.
 A loss written in the global view is correct under any sharding: a token-weighted mean
 ``sum(w * l) / sum(w)`` over a batch split across devices is the global ratio, because
 XLA reduces both sums over the mesh.
+
+What differs between linen and NNX lives in :mod:`jaxopt_dnn.train_model`
+(:class:`~jaxopt_dnn.train_model.LinenTrainModel` /
+:class:`~jaxopt_dnn.train_model.NnxTrainModel`, picked once through
+:mod:`jaxopt_dnn.model_adapter`); this module never tests the model's kind.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
-from flax import traverse_util
 from jax.sharding import Mesh
 
 from jaxopt_dnn import _adapter as adapter
-from jaxopt_dnn import fold as fold_lib
 from jaxopt_dnn import lora as lora_lib
+from jaxopt_dnn import model_adapter
 from jaxopt_dnn import parallel
 from jaxopt_dnn import precision as precision_lib
-from jaxopt_dnn import quant as quant_lib
 from jaxopt_dnn import roles as roles_lib
+from jaxopt_dnn.train_model import QUANT_STATS  # noqa: F401  (the collection's name, as before)
+from jaxopt_dnn.train_model import LinenTrainModel, NnxTrainModel
 from jaxopt_dnn.train_state import (PruneConfig, QuantConfig, TrainState, config_from,
                                     loss_scale_from, policy_from)
 
+if TYPE_CHECKING:
+  from flax import nnx
+
 PyTree = Any
-QUANT_STATS = "quant_stats"
 
 
 def _split_loss(out: Any) -> tuple[jax.Array, dict]:
@@ -109,8 +114,7 @@ class Trainer:
                loss_scale: Any = None, mesh: Mesh | None = None,
                sharding: Any = "data_parallel", eval_kwargs: Mapping | None = None,
                init_kwargs: Mapping | None = None, donate: bool = True, lora: Any = None):
-    self.is_nnx = isinstance(model, nnx.Module)
-    if not self.is_nnx and not isinstance(model, nn.Module):
+    if not model_adapter.is_module(model):
       raise TypeError(f"Trainer: model must be a flax.linen.Module or a flax.nnx.Module, got "
                       f"{type(model).__name__}")
     if not callable(loss_fn):
@@ -146,11 +150,11 @@ class Trainer:
     if self.lora is not None and not isinstance(self.sharding, (str, Mapping)):
       raise ValueError("Trainer: lora= supports sharding='data_parallel'|'fsdp'|'replicated' "
                        "or {regex: PartitionSpec} rules, not logical-axis rules")
-    if self.is_nnx:
-      self._setup_nnx()
-    else:
-      self._qat_model = (quant_lib.qat(model, self.quant.rules, bits=self.quant.bits,
-                                       estimator=self.quant.estimator) if self._qat else None)
+    # the linen or NNX half of the model handling, chosen once (train_model.py)
+    cfg = dict(quant=self.quant, policy=self.policy, lora=self.lora)
+    self._model = model_adapter.adapt(model).match(
+        linen=functools.partial(LinenTrainModel, **cfg),
+        nnx=functools.partial(NnxTrainModel, **cfg))
     self.state_sharding = None
     self._step = None
 
@@ -166,7 +170,7 @@ class Trainer:
     raise TypeError(f"Trainer: sharding must be a strategy name, a {{regex: PartitionSpec}} "
                     f"dict or logical-axis rules ((name, mesh_axis), ...), got {sharding!r}")
 
-  # ---------------------------------------------------------------- linen forward
+  # ------------------------------------------------------------ model forwards
   @property
   def apply_fn(self) -> Callable:
     """linen: the transformed ``model.apply`` the loss sees (QAT fake-quant, policy).
@@ -174,62 +178,11 @@ class Trainer:
     ``trainer.apply_fn({"params": state.params, **state.collections}, *inputs,
     **trainer.eval_kwargs)`` is the simulated (fake-quant) inference forward.
     """
-    if self.is_nnx:
-      raise TypeError("Trainer.apply_fn is for linen models; for NNX use "
-                      "trainer.module(state)")
-    return self._linen_apply
+    return self._model.apply_fn
 
   def module(self, state: TrainState, *, train: bool = False) -> nnx.Module:
     """NNX: the transformed module (QAT hooks, policy) holding ``state``'s values."""
-    if not self.is_nnx:
-      raise TypeError("Trainer.module is for NNX models; for linen use trainer.apply_fn")
-    m = self._nnx_merge(state.params, state.collections)
-    m.train() if train else m.eval()
-    return m
-
-  def _linen_apply(self, variables, *args, **kwargs):
-    """``model.apply`` with the transforms (QAT fake-quant, then the policy), in the
-    global view (:func:`_global_view_interceptor`). Without ``rngs``, a model that draws
-    random numbers gets fixed keys (:func:`adapter.infer`)."""
-    fn = self._qat_model.apply if self._qat else self.model.apply
-    if self.lora is not None:   # adapters + (dequantized) base -> ordinary kernels
-      variables = {**variables, "params": lora_lib.materialize(variables["params"])}
-    if self.policy is not None:
-      fn = precision_lib.with_policy(fn, self.policy)
-    return adapter.infer(adapter.linen_global_view(fn), variables, *args, **kwargs)
-
-  # ------------------------------------------------------------------- NNX setup
-  def _setup_nnx(self):
-    module = self.model
-    if self._qat:
-      module = quant_lib.qat(module, self.quant.rules, bits=self.quant.bits,
-                             estimator=self.quant.estimator)
-    self._nnx_module = module
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-    self._graphdef = graphdef
-    self._param_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    self._rest_template = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), rest)
-    self._impls = adapter.keys_to_data(nnx.to_pure_dict(rest))[1]
-
-  def _nnx_merge(self, params: PyTree, collections: PyTree, *,
-                 policy: bool = True) -> nnx.Module:
-    """A fresh module holding ``params`` and ``collections`` (the policy applied)."""
-    use_policy = policy and self.policy is not None
-    if self.lora is not None:
-      params = lora_lib.materialize(params)
-    if use_policy:   # norm parameters keep float32 (the policy's path exceptions)
-      params = self.policy.cast_to_compute(params)
-    module = adapter.nnx_build(self._graphdef, self._param_template, self._rest_template,
-                        self._impls, params, collections)
-    if use_policy:
-      module = precision_lib.nnx_apply_policy(module, self.policy)
-    return adapter.nnx_global_view(module)
-
-  def _nnx_split(self, module: nnx.Module) -> tuple[PyTree, PyTree]:
-    _, params, rest = nnx.split(module, nnx.Param, ...)
-    cols, _ = adapter.keys_to_data(nnx.to_pure_dict(rest))
-    return nnx.to_pure_dict(params), cols
+    return self._model.module(state, train=train)
 
   # ------------------------------------------------------------------------ init
   def _init_model(self, key_data, variables, *inputs):
@@ -241,33 +194,13 @@ class Trainer:
     """
     key = jax.random.wrap_key_data(key_data)
     k_params, k_drop, k_state = jax.random.split(key, 3)
-    boxed = None
-    if self.is_nnx:
-      params, cols = self._nnx_split(self._nnx_module)
-      if variables is not None:
-        params = variables["params"]
-    else:
-      if variables is None:   # (QAT ranges: below, from the same model's forward)
-        init = adapter.linen_global_view(self.model.init)
-        boxed = init({"params": k_params, "dropout": k_drop}, *inputs, **self.init_kwargs)
-        variables = boxed
-      variables = dict(nn.meta.unbox(variables))
-      params = variables.pop("params")
-      cols = {k: v for k, v in variables.items() if k != QUANT_STATS}
-      if self._qat:   # one range per quantized op, -1 = not seen yet: the first step sets
-        # it to its batch's absmax (as NNX QuantStats start), so only the sample's shapes
-        # matter (a zero sample would otherwise give zero ranges that the EMA keeps)
-        qat_apply = adapter.linen_global_view(self._qat_model.apply)
-        upd = jax.eval_shape(lambda p, c, k, *x: qat_apply(
-            {"params": p, **c}, *x, mutable=[QUANT_STATS],
-            **adapter.with_rngs(self.init_kwargs, k))[1], params, cols, k_drop, *inputs)
-        cols[QUANT_STATS] = jax.tree.map(lambda x: jnp.full(x.shape, -1.0, jnp.float32),
-                                         upd[QUANT_STATS])
+    params, cols, boxed = self._model.init_variables(k_params, k_drop, variables, inputs,
+                                                     self.init_kwargs)
     if self.policy is not None:
       params = self.policy.cast_to_param(params)
     if self.lora is not None:   # after the cast: a bf16 / quantized base keeps its dtype
-      roles = lora_lib.trace_roles(self._nnx_module if self.is_nnx else self.model, params,
-                                   cols, *inputs, **self.init_kwargs)
+      roles = lora_lib.trace_roles(self.model, params, cols, *inputs,   # (no QAT with lora)
+                                   **self.init_kwargs)
       params = self.lora.apply(params, jax.random.fold_in(k_params, 1), roles)
     return (params, cols, jax.random.key_data(k_state)), boxed
 
@@ -286,13 +219,7 @@ class Trainer:
       return parallel.param_shardings(abstract_params, self.mesh, "replicated")
     if isinstance(s, Mapping):
       return parallel.param_shardings(abstract_params, self.mesh, "replicated", rules=s)
-    if self.is_nnx:
-      specs = parallel.logical_specs(None, s, self.mesh, nnx.state(self._nnx_module, nnx.Param))
-    elif boxed is None:
-      raise ValueError("Trainer: logical-axis sharding rules need the model's annotations "
-                       "(nn.with_logical_partitioning boxes)")
-    else:
-      specs = parallel.logical_specs(boxed["params"], s, self.mesh)
+    specs = self._model.logical_specs(boxed, s, self.mesh)
     return parallel.checked_shardings(specs, abstract_params, self.mesh)
 
   def init(self, key: Any, *sample_inputs: Any, variables: PyTree | None = None) -> TrainState:
@@ -321,7 +248,7 @@ class Trainer:
       variables = adapter.as_host(dict(variables))
     abstract_model, boxed = jax.eval_shape(self._init_model, key_np, variables, *inputs)
     abstract_state = jax.eval_shape(self._init_state, *abstract_model)
-    if boxed is None and variables is not None and not self.is_nnx:
+    if boxed is None and variables is not None:   # linen: the given variables' boxes
       boxed = variables
     param_sh = self._param_shardings(abstract_state.params, boxed)
     self.state_sharding = parallel.like_params(abstract_state, abstract_state.params, param_sh)
@@ -334,7 +261,7 @@ class Trainer:
     # state around the donated params, so the RNG temporaries and the moments never
     # coexist: the peak stays near params + moments.
     with jax.set_mesh(self.mesh):
-      if self.is_nnx and variables is None:   # the module holds its values: place them
+      if self._model.holds_values and variables is None:   # NNX: place the module's values
         model_vars = adapter.as_host(self._init_model(key_np, None, *inputs)[0])
         self._init_jit = None
       else:
@@ -359,29 +286,9 @@ class Trainer:
   # ------------------------------------------------------------------------ step
   def _loss_and_updates(self, params, state: TrainState, batch, rng):
     """``(loss, (aux, collection updates))`` of the user's loss at ``params``."""
-    if self.is_nnx:   # every stream the module holds: fresh keys from this step's rng
-      module = adapter.nnx_reseed(self._nnx_merge(params, state.collections),
-                           jax.random.fold_in(rng, 2))
-      module.train()
-      loss, aux = _split_loss(self.loss_fn(module, batch, rng))
-      return loss, (aux, self._nnx_split(module)[1])
-
-    box: dict[str, Any] = {}
-    cols = state.collections
-
-    def apply_fn(variables, *args, **kwargs):
-      kwargs = adapter.with_rngs(kwargs, rng)   # every stream; the user's own rngs win
-      if "mutable" in kwargs:        # the user manages collections explicitly
-        return self._linen_apply(variables, *args, **kwargs)
-      mutable = [c for c in variables if c != "params" and c in cols]
-      if not mutable:
-        return self._linen_apply(variables, *args, **kwargs)
-      out, upd = self._linen_apply(variables, *args, mutable=mutable, **kwargs)
-      box["updates"] = upd
-      return out
-
-    loss, aux = _split_loss(self.loss_fn(apply_fn, {"params": params, **cols}, batch, rng))
-    return loss, (aux, dict(box.get("updates", {})))
+    out, updates = self._model.loss(self.loss_fn, params, state.collections, batch, rng)
+    loss, aux = _split_loss(out)
+    return loss, (aux, updates)
 
   def _step_fn(self, state: TrainState, batch):
     key = jax.random.wrap_key_data(state.rng)
@@ -465,115 +372,5 @@ class Trainer:
     """
     if self.lora is not None:   # adapters folded into the kernels
       state = state.replace(params=lora_lib.merge(state.params))
-    if self.is_nnx:
-      return self._serve_nnx(state, calibration_batches)
-    cols = {k: v for k, v in state.collections.items() if k != QUANT_STATS}
-    variables = {"params": state.params, **cols}
-    model, kw = self.model, self.eval_kwargs
-    calibration_batches = list(calibration_batches)
-    if fold_batchnorm and cols.get("batch_stats"):
-      if not calibration_batches:
-        raise ValueError("Trainer.serve(fold_batchnorm=True) needs one calibration batch to "
-                         "trace the model")
-      sample = calibration_batches[0]
-      folded = fold_lib.batchnorm(jax.device_get(variables), model=model,
-                                  sample=sample[0] if isinstance(sample, tuple) else sample,
-                                  apply_kwargs=kw)
-      variables, model = folded.variables, folded.model
-    q = self.quant
-    out_dtype = jnp.float32 if self.policy is None else self.policy.output_dtype
-    if q.mode == "none":
-      fwd = model.apply
-      if self.policy is not None:
-        fwd = precision_lib.with_policy(model.apply, self.policy)
-        variables = self.policy.cast_to_compute(variables)
-      fwd = adapter.linen_global_view(fwd)
-      fn = jax.jit(lambda v, *x: adapter.cast_floating(adapter.infer(fwd, v, *x, **kw),
-                                                       out_dtype))
-      return fn, variables
-    if q.mode == "qat":
-      stats = state.collections[QUANT_STATS]
-    elif q.weight_only:
-      stats = None
-    else:
-      if not calibration_batches:
-        raise ValueError("Trainer.serve: quant.mode='ptq' needs calibration_batches (tuples "
-                         "of model inputs)")
-      apply = adapter.linen_global_view(model.apply)
-      stats = quant_lib.calibrate(lambda v, *x: adapter.infer(apply, v, *x, **kw), variables,
-                                  calibration_batches, method=q.calibration, rules=q.rules,
-                                  max_batches=q.calibration_batches)
-    qvars = {**variables, "params": quant_lib.quantize_params(variables["params"], q.rules,
-                                                              bits=q.bits)}
-    if stats is not None:
-      qvars[QUANT_STATS] = stats
-
-    def int8(v, *x, **k):
-      return quant_lib.int8_apply(adapter.linen_global_view(model.apply), v, None, *x,
-                                  rules=q.rules, bits=q.bits, weight_only=q.weight_only, **k)
-
-    def fn(v, *x):
-      return adapter.cast_floating(adapter.infer(int8, v, *x, **kw), out_dtype)
-    return jax.jit(fn), qvars
-
-  def _serve_nnx(self, state: TrainState, calibration_batches):
-    q = self.quant
-    out_dtype = jnp.float32 if self.policy is None else self.policy.output_dtype
-    if q.mode == "none":
-      params = state.params if self.policy is None else self.policy.cast_to_compute(state.params)
-      variables = {"params": params, "collections": state.collections}
-
-      def fn(v, *x):
-        m = self._nnx_merge(v["params"], v["collections"])
-        m.eval()
-        return adapter.cast_floating(m(*x), out_dtype)
-      return jax.jit(fn), variables
-    # int8: the user's module (no QAT hooks) with the trained non-param state
-    plain_cols = self._plain_collections(state.collections)
-    if q.mode == "qat":
-      stats = adapter.nnx_stats(state.collections)
-    elif q.weight_only:
-      stats = None
-    else:
-      calib = self._nnx_plain(state.params, plain_cols)
-      calib.eval()
-      stats = quant_lib.calibrate(lambda m, *x: m(*x), calib, list(calibration_batches),
-                                  method=q.calibration, rules=q.rules,
-                                  max_batches=q.calibration_batches)
-    qvars = {"params": quant_lib.quantize_params(state.params, q.rules, bits=q.bits),
-             "collections": plain_cols}
-    if stats is not None:
-      qvars[QUANT_STATS] = stats
-
-    def fn(v, *x):
-      base = self._nnx_plain(quant_lib.dequantize_params(v["params"]), v["collections"])
-      base.eval()
-      out = quant_lib.int8_apply(base, v["params"], v.get(QUANT_STATS), *x, rules=q.rules,
-                                 bits=q.bits, weight_only=q.weight_only)
-      return adapter.cast_floating(out, out_dtype)
-    return jax.jit(fn), qvars
-
-  def _plain_collections(self, collections: Mapping) -> dict:
-    """The part of a QAT state's ``collections`` that the user's own module holds.
-
-    The structure comes from the module itself (``nnx.split(model, nnx.Param, ...)``),
-    not from names: the QAT clone adds ``QuantStat`` variables (``quant_input_amax`` for
-    a ``kernel``, ``quant_<leaf>_input_amax`` for a param named otherwise, e.g. a bare
-    ``self.w = nnx.Param(...)``), which the plain module does not have.
-    """
-    _, _, rest = nnx.split(self.model, nnx.Param, ...)
-    want = traverse_util.flatten_dict(adapter.keys_to_data(nnx.to_pure_dict(rest))[0])
-    have = traverse_util.flatten_dict(dict(collections))
-    missing = sorted("/".join(map(str, k)) for k in want if k not in have)
-    if missing:
-      raise ValueError(f"Trainer.serve: state.collections lacks the module's variables "
-                       f"{missing[:5]}")
-    return traverse_util.unflatten_dict({k: have[k] for k in want})
-
-  def _nnx_plain(self, params: PyTree, collections: PyTree) -> nnx.Module:
-    """The user's own module (no QAT hooks) holding ``params`` and ``collections`` (the
-    structure of :meth:`_plain_collections`), in the global view."""
-    graphdef, p, r = nnx.split(self.model, nnx.Param, ...)
-    impls = adapter.keys_to_data(nnx.to_pure_dict(r))[1]
-    return adapter.nnx_global_view(adapter.nnx_build(graphdef, p, r, impls, params,
-                                                     collections))
+    return self._model.serve(state, calibration_batches, eval_kwargs=self.eval_kwargs,
+                             fold_batchnorm=fold_batchnorm)

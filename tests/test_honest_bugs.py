@@ -79,14 +79,18 @@ def test_quant_package_has_no_import_cycle():
 
 def test_linen_nnx_decision_lives_in_the_model_adapter():
   """Issue 21: the converted modules go through ``model_adapter.adapt``; none of them
-  tests ``isinstance(..., nnx.Module)`` itself (a source scan)."""
+  tests ``isinstance(..., nnx.Module)`` itself (a source scan). The Trainer is one of
+  them: its linen and NNX halves live in ``train_model.py``, and ``trainer.py`` neither
+  tests a module's kind (``is_nnx``, ``isinstance(..., nn.Module)``) nor calls ``nn.`` /
+  ``nnx.`` functions."""
+  import ast
   import pathlib
   import re
 
   root = pathlib.Path(__file__).resolve().parents[1] / "jaxopt_dnn"
   converted = ["quant/qat.py", "quant/serve.py", "quant/coverage.py", "quant/hessian.py",
                "sparsity/oneshot.py", "auto/search.py", "roles.py", "lora.py",
-               "decode/decoding.py", "precision/policy.py"]
+               "decode/decoding.py", "precision/policy.py", "trainer.py", "train_model.py"]
   pat = re.compile(r"isinstance\(.*\bnnx\.Module\b")
   bad = []
   for rel in converted:
@@ -94,8 +98,39 @@ def test_linen_nnx_decision_lives_in_the_model_adapter():
     bad += [f"{rel}:{i}: {line.strip()}" for i, line in enumerate(text.splitlines(), 1)
             if pat.search(line)]
     assert "model_adapter" in text, f"{rel} does not go through model_adapter"
+  bad += [f"trainer.py:{n.lineno}: {ast.unparse(n)}"
+          for n in _kind_tests(ast.parse((root / "trainer.py").read_text()))]
   assert not bad, "linen/NNX decided outside model_adapter:\n" + "\n".join(bad)
   assert pat.search((root / "model_adapter.py").read_text())
+  for src in ("isinstance(model, nnx.Module)", "self.is_nnx = True", "nnx.split(model)",
+              "isinstance(m, (nn.Module, int))", "nn.meta.unbox(v)"):   # the scan sees them
+    assert _kind_tests(ast.parse(src)), src
+
+
+def _kind_tests(tree):
+  """The nodes of a parsed module that tell linen from NNX themselves: a name or
+  attribute ``is_nnx``, an ``isinstance`` naming ``nn.Module`` / ``nnx.Module``, a call
+  of an ``nn.`` / ``nnx.`` function (docstrings and type hints are not calls)."""
+  import ast
+
+  def root(e):
+    while isinstance(e, ast.Attribute):
+      e = e.value
+    return e.id if isinstance(e, ast.Name) else None
+
+  out = []
+  for n in ast.walk(tree):
+    name = getattr(n, "id", None) or getattr(n, "attr", None)
+    call = n.func if isinstance(n, ast.Call) else None
+    if name == "is_nnx":
+      out.append(n)
+    elif isinstance(call, ast.Attribute) and root(call) in ("nn", "nnx"):
+      out.append(n)
+    elif isinstance(call, ast.Name) and call.id == "isinstance" and any(
+        isinstance(a, ast.Attribute) and a.attr == "Module" and root(a) in ("nn", "nnx", "linen")
+        for a in ast.walk(n)):
+      out.append(n)
+  return out
 
 
 def test_model_adapter_linen_and_nnx_are_the_same_pure_function():
