@@ -110,12 +110,39 @@ def _group_obs_keep(grp: jax.Array, ug: jax.Array, pats: jax.Array) -> jax.Array
   return pats[jnp.argmin(loss, axis=0)]                            # (N, m)
 
 
+def refit_masked(w: jax.Array, h: jax.Array, keep: jax.Array, n_keep: int, *,
+                 chunk: int = 32) -> jax.Array:
+  """The exact minimiser of ``(w' - w)^T H (w' - w)`` per output column of ``w``
+  (``(K, N)``) over the ``w'`` that are zero where ``keep`` (``(K, N)`` bool) is not:
+  ``w'_S = H_SS^-1 (H w)_S`` on each column's kept set ``S``. ``H`` (``(K, K)``) must be
+  positive definite (damped); every column keeps exactly ``n_keep`` inputs (SparseGPT's
+  masks are exact per column). The SparseGPT sweep freezes each input once visited, so
+  its kept weights are optimal only towards the inputs pruned after them; this re-solves
+  all of them at once for the final mask."""
+  hw = h @ w                                                       # (K, N)
+
+  def solve(args):
+    kc, bc = args                                                  # (K,) bool, (K,)
+    idx = jnp.argsort(~kc, stable=True)[:n_keep]                   # the kept inputs
+    a = h[idx][:, idx]
+    x = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(a), True), bc[idx])
+    return jnp.zeros(w.shape[0], x.dtype).at[idx].set(x)
+
+  return jax.lax.map(solve, (keep.T, hw.T), batch_size=chunk).T
+
+
 @functools.partial(jax.jit, static_argnames=("sparsity", "n", "m", "block_size",
-                                             "nm_select"))
+                                             "nm_select", "act_order", "refit"))
 def sparsegpt_solve(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5,
                     n: int | None = None, m: int | None = None, damp: float = 0.01,
-                    block_size: int = 128, nm_select: str = "score"):
+                    block_size: int = 128, nm_select: str = "score",
+                    act_order: bool = False, refit: bool = False):
   """SparseGPT on one ``(K, N)`` kernel with its ``(K, K)`` Hessian.
+
+  ``act_order``: visit the inputs by descending ``H_ii`` (N:M: whole groups by
+  descending ``sum H_ii`` over the group, so the groups stay those of the kernel).
+  ``refit``: after the sweep, re-solve the kept weights exactly for the final mask
+  (:func:`refit_masked`, same damped Hessian).
 
   Returns:
     ``(pruned and updated kernel (K, N) float32, keep-mask (K, N) bool)``. Each output
@@ -123,6 +150,15 @@ def sparsegpt_solve(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5,
   """
   k, cols = w.shape
   h, w = prepare_hessian(h.astype(jnp.float32), w.astype(jnp.float32), damp)
+  w_orig, h_orig = w, h
+  if act_order:
+    dg = jnp.diag(h)
+    if n is None:
+      perm = jnp.argsort(-dg, stable=True)
+    else:
+      gperm = jnp.argsort(-dg.reshape(k // m, m).sum(1), stable=True)
+      perm = (gperm[:, None] * m + jnp.arange(m)[None, :]).reshape(k)
+    w, h = w[perm], h[perm][:, perm]
   u = inverse_cholesky_upper(h)
   B = block_size if m is None else max(block_size // m, 1) * m
   kp = -(-k // B) * B
@@ -182,7 +218,14 @@ def sparsegpt_solve(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5,
   pats = None if n is None else _nm_patterns(n, m)
   wt, keep = jax.lax.fori_loop(0, kp // B, block, (wt, keep0))
   keep = keep[:, :k].T
-  return jnp.where(keep, wt[:, :k].T, 0.0), keep
+  new = jnp.where(keep, wt[:, :k].T, 0.0)
+  if act_order:
+    inv = jnp.argsort(perm)
+    new, keep = new[inv], keep[inv]
+  if refit:
+    n_keep = k * n // m if n is not None else k - int(np.round(sparsity * k))
+    new = refit_masked(w_orig, h_orig, keep, n_keep)
+  return new, keep
 
 
 def float_target(w2: jax.Array, h: jax.Array, d: jax.Array, damp: float) -> jax.Array:
@@ -271,7 +314,8 @@ def _check(sparsity, n, m, method):
 
 def prune_layer(o, w: jax.Array, stat: jax.Array | None, *, method: str = "sparsegpt",
                 sparsity: float = 0.5, n: int | None = None, m: int | None = None,
-                damp: float = 0.1, block_size: int = 128, nm_select: str = "score"):
+                damp: float = 0.1, block_size: int = 128, nm_select: str = "score",
+                act_order: bool = False, refit: bool = False):
   """Prunes one captured kernel ``w`` (``o``: its :class:`~jaxopt_dnn.quant.layout.OpInfo`).
 
   ``stat``: the input Hessian ``2 X^T X`` (``(K, K)``) for SparseGPT, the per-input
@@ -288,7 +332,8 @@ def prune_layer(o, w: jax.Array, stat: jax.Array | None, *, method: str = "spars
   if method == "sparsegpt":
     new, keep = sparsegpt_solve(w2, stat, sparsity=float(sparsity), n=n, m=m,
                                 damp=float(damp), block_size=block_size,
-                                nm_select=nm_select)
+                                nm_select=nm_select, act_order=bool(act_order),
+                                refit=bool(refit))
   else:
     score = jnp.abs(w2) if method == "magnitude" else wanda_score(w2, stat)
     keep = score_mask(score, k_remove=k_remove, n=n, m=m)
@@ -300,7 +345,7 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
             method: str = "wanda", sparsity: float = 0.5, n: int | None = None,
             m: int | None = None, rules: Any = None, damp: float = 0.1,
             sequential: bool = True, block_size: int = 128, float_targets: bool = False,
-            nm_select: str = "score",
+            nm_select: str = "score", act_order: bool = False, refit: bool = False,
             max_batches: int | None = None, log: Callable[[str], Any] | None = None):
   """One-shot pruning of a linen or NNX model's kernels from calibration batches.
 
@@ -330,6 +375,12 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
       ``"score"`` the ``n`` largest ``w_i^2 / U_ii^2`` (the SparseGPT paper); ``"obs"``
       the pattern (of all ``C(m, n)``) with the smallest OBS error of the group's sweep
       simulated exactly, the updates inside the group included.
+    act_order: SparseGPT visits the inputs by descending Hessian diagonal (N:M: whole
+      groups, by the group's sum) instead of in index order.
+    refit: SparseGPT re-solves every kept weight exactly for the final mask after the
+      sweep (:func:`refit_masked`: the least-squares optimum of the damped layer
+      reconstruction for that mask; the sweep's kept weights are optimal only towards
+      the inputs pruned after them).
     max_batches: use at most this many batches.
     log: called with one line per layer.
 
@@ -354,7 +405,8 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
     # Wanda's ||X_j||^2 = sum_t X_tj^2 is the diagonal of H / 2
     new, keep = prune_layer(o, w, h if method == "sparsegpt" else 0.5 * jnp.diag(h),
                             method=method, sparsity=sparsity, n=n, m=m, damp=damp,
-                            block_size=block_size, nm_select=nm_select)
+                            block_size=block_size, nm_select=nm_select,
+                            act_order=act_order, refit=refit)
     if log is not None:
       log(f"oneshot[{method}]: {o.kernel} {o.shape} zeros {int((~keep).sum())}/{keep.size}")
     return new, keep
