@@ -278,6 +278,52 @@ def _sequential_float_targets(apply_fn, variables, batches, select, layer, *, da
   return cap, out
 
 
+def bias_path(o, leaves: dict[str, Any]) -> str | None:
+  """The bias leaf added to kernel ``o``'s output (the sibling ``bias`` of a ``.../kernel``
+  whose shape is the kernel's output axes), or None."""
+  if o.perm is not None or not o.kernel.endswith("kernel"):
+    return None
+  b = o.kernel[:-len("kernel")] + "bias"
+  leaf = leaves.get(b)
+  if leaf is None or not _tree.is_float_array(leaf) or tuple(np.shape(leaf)) != tuple(
+      o.shape[o.n_in:]):
+    return None
+  return b
+
+
+def _bias_corrected(apply_fn, variables, batches, select, layer, *, sequential,
+                    max_batches):
+  """As :func:`_captured`, for kernels with a bias: pruned with the centred Hessian
+  ``2 sum_t (x_t - mu)(x_t - mu)^T`` (``mu``: the mean calibration input), the mean
+  output shift ``mu (W - W')`` then added to the bias, so the bias is a free parameter of
+  the layer's least-squares fit. Returns ``(capture, kernels, {bias path: new bias})``."""
+  cap = _hessian.HessianCapture(apply_fn, variables, batches, select,
+                                max_batches=max_batches, where="oneshot")
+  if not cap.ops:
+    raise ValueError("oneshot: no kernel chosen by the rules was consumed by a contraction "
+                     "(dot_general / conv_general_dilated) on the calibration batches")
+  out: dict[str, Any] = {}
+  biases: dict[str, Any] = {}
+  allm = None if sequential else cap.round_moments(None, cap.ops)
+  for ops in cap.rounds():
+    mom = allm if not sequential else cap.round_moments(
+        {**{p: r[0] for p, r in out.items()}, **biases}, ops)
+    for o in ops:
+      h, sx, t = mom[o.kernel]
+      bp = bias_path(o, cap.leaves)
+      w = cap.leaves[o.kernel]
+      if bp is None:
+        out[o.kernel] = layer(o, w, h)
+        continue
+      mu = sx / t
+      out[o.kernel] = layer(o, w, h - 2.0 * t * jnp.outer(mu, mu))
+      delta = kernel_matrix(w, o) - kernel_matrix(out[o.kernel][0], o)     # (K, N)
+      b = cap.leaves[bp]
+      biases[bp] = (jnp.asarray(b, jnp.float32) + (mu @ delta).reshape(np.shape(b))
+                    ).astype(b.dtype)
+  return cap, out, biases
+
+
 def _captured(apply_fn, variables, batches, select, layer, *, sequential, max_batches):
   """Rounds of kernels through the interpreter's Hessian capture
   (:class:`~jaxopt_dnn.quant.hessian.HessianCapture`: Dense, Conv, Einsum, raw dots):
@@ -346,7 +392,7 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
             m: int | None = None, rules: Any = None, damp: float = 0.1,
             sequential: bool = True, block_size: int = 128, float_targets: bool = False,
             nm_select: str = "score", act_order: bool = False, refit: bool = False,
-            max_batches: int | None = None, log: Callable[[str], Any] | None = None):
+            bias_correct: bool = False, max_batches: int | None = None, log: Callable[[str], Any] | None = None):
   """One-shot pruning of a linen or NNX model's kernels from calibration batches.
 
   Args:
@@ -381,6 +427,10 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
       sweep (:func:`refit_masked`: the least-squares optimum of the damped layer
       reconstruction for that mask; the sweep's kept weights are optimal only towards
       the inputs pruned after them).
+    bias_correct: SparseGPT, for every kernel with a bias (:func:`bias_path`): prune
+      with the centred input Hessian and add the mean output shift ``mu (W - W')`` to
+      the bias (the bias becomes a free parameter of each layer's fit; the returned
+      params then differ from the input ones in those biases too).
     max_batches: use at most this many batches.
     log: called with one line per layer.
 
@@ -411,7 +461,14 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
       log(f"oneshot[{method}]: {o.kernel} {o.shape} zeros {int((~keep).sum())}/{keep.size}")
     return new, keep
 
-  if method == "sparsegpt" and sequential and float_targets:
+  if bias_correct and (method != "sparsegpt" or float_targets):
+    raise ValueError("oneshot: bias_correct is for method='sparsegpt' without float_targets")
+  biases: dict[str, Any] = {}
+  if bias_correct:
+    cap, out, biases = _bias_corrected(
+        apply_fn, variables, batches, _tree.default_prunable if rules is None else select,
+        layer, sequential=sequential, max_batches=max_batches)
+  elif method == "sparsegpt" and sequential and float_targets:
     cap, out = _sequential_float_targets(apply_fn, variables, batches,
                                          _tree.default_prunable if rules is None else select,
                                          layer,
@@ -425,7 +482,7 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
     if missing:
       raise ValueError(f"oneshot: rules chose {missing}, which no captured contraction "
                        "(dot_general / conv_general_dilated) consumes")
-  new_params = set_leaves(cap.params, {p: r[0] for p, r in out.items()})
+  new_params = set_leaves(cap.params, {**{p: r[0] for p, r in out.items()}, **biases})
   masks = _tree.map_with_path_str(
       lambda p, x: out[p][1] if p in out else dense_marker(), cap.params, is_leaf=is_qarray)
   return new_params, masks
