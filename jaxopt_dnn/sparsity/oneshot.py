@@ -110,39 +110,54 @@ def _group_obs_keep(grp: jax.Array, ug: jax.Array, pats: jax.Array) -> jax.Array
   return pats[jnp.argmin(loss, axis=0)]                            # (N, m)
 
 
-def refit_masked(w: jax.Array, h: jax.Array, keep: jax.Array, n_keep: int, *,
-                 chunk: int = 32) -> jax.Array:
-  """The exact minimiser of ``(w' - w)^T H (w' - w)`` per output column of ``w``
-  (``(K, N)``) over the ``w'`` that are zero where ``keep`` (``(K, N)`` bool) is not:
-  ``w'_S = H_SS^-1 (H w)_S`` on each column's kept set ``S``. ``H`` (``(K, K)``) must be
-  positive definite (damped); every column keeps exactly ``n_keep`` inputs (SparseGPT's
-  masks are exact per column). The SparseGPT sweep freezes each input once visited, so
-  its kept weights are optimal only towards the inputs pruned after them; this re-solves
-  all of them at once for the final mask."""
-  hw = h @ w                                                       # (K, N)
+def refit_masked(w: jax.Array, h: jax.Array, keep: jax.Array, w0: jax.Array | None = None,
+                 *, iters: int = 64) -> jax.Array:
+  """Minimises ``(w' - w)^T H (w' - w)`` per output column of ``w`` (``(K, N)``) over the
+  ``w'`` that are zero where ``keep`` (``(K, N)`` bool) is not, i.e. solves
+  ``H_SS w'_S = (H w)_S`` on each column's kept set ``S``, by ``iters`` steps of
+  Jacobi-preconditioned conjugate gradients on all columns at once, started from ``w0``
+  (the SparseGPT sweep's weights; default ``w`` masked): every step lowers the objective,
+  so the result is never worse than ``w0``. ``H`` (``(K, K)``) must be positive definite
+  (damped). The sweep freezes each input once visited, so its kept weights are optimal
+  only towards the inputs pruned after them; this re-fits all of them for the final
+  mask."""
+  keep = keep.astype(jnp.float32)
+  x = keep * (w if w0 is None else w0)
+  pre = keep / jnp.diag(h)[:, None]
+  r = keep * (h @ (w - x))                     # minus the gradient, on the mask
+  z = pre * r
+  p = z
+  rz = jnp.sum(r * z, axis=0)
 
-  def solve(args):
-    kc, bc = args                                                  # (K,) bool, (K,)
-    idx = jnp.argsort(~kc, stable=True)[:n_keep]                   # the kept inputs
-    a = h[idx][:, idx]
-    x = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(a), True), bc[idx])
-    return jnp.zeros(w.shape[0], x.dtype).at[idx].set(x)
+  def step(_, c):
+    x, r, p, rz = c
+    ap = keep * (h @ p)
+    pap = jnp.sum(p * ap, axis=0)
+    alpha = jnp.where(pap > 0, rz / jnp.where(pap > 0, pap, 1.0), 0.0)
+    x = x + alpha * p
+    r = r - alpha * ap
+    z = pre * r
+    rz2 = jnp.sum(r * z, axis=0)
+    beta = jnp.where(rz > 0, rz2 / jnp.where(rz > 0, rz, 1.0), 0.0)
+    return x, r, z + beta * p, rz2
 
-  return jax.lax.map(solve, (keep.T, hw.T), batch_size=chunk).T
+  x, *_ = jax.lax.fori_loop(0, iters, step, (x, r, p, rz))
+  return x
 
 
 @functools.partial(jax.jit, static_argnames=("sparsity", "n", "m", "block_size",
-                                             "nm_select", "act_order", "refit"))
+                                             "nm_select", "act_order", "refit",
+                                             "refit_iters"))
 def sparsegpt_solve(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5,
                     n: int | None = None, m: int | None = None, damp: float = 0.01,
                     block_size: int = 128, nm_select: str = "score",
-                    act_order: bool = False, refit: bool = False):
+                    act_order: bool = False, refit: bool = False, refit_iters: int = 64):
   """SparseGPT on one ``(K, N)`` kernel with its ``(K, K)`` Hessian.
 
   ``act_order``: visit the inputs by descending ``H_ii`` (N:M: whole groups by
   descending ``sum H_ii`` over the group, so the groups stay those of the kernel).
-  ``refit``: after the sweep, re-solve the kept weights exactly for the final mask
-  (:func:`refit_masked`, same damped Hessian).
+  ``refit``: after the sweep, re-fit the kept weights for the final mask
+  (:func:`refit_masked`, ``refit_iters`` CG steps, same damped Hessian).
 
   Returns:
     ``(pruned and updated kernel (K, N) float32, keep-mask (K, N) bool)``. Each output
@@ -223,8 +238,7 @@ def sparsegpt_solve(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5,
     inv = jnp.argsort(perm)
     new, keep = new[inv], keep[inv]
   if refit:
-    n_keep = k * n // m if n is not None else k - int(np.round(sparsity * k))
-    new = refit_masked(w_orig, h_orig, keep, n_keep)
+    new = refit_masked(w_orig, h_orig, keep, new, iters=refit_iters)
   return new, keep
 
 
@@ -423,10 +437,11 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
       simulated exactly, the updates inside the group included.
     act_order: SparseGPT visits the inputs by descending Hessian diagonal (N:M: whole
       groups, by the group's sum) instead of in index order.
-    refit: SparseGPT re-solves every kept weight exactly for the final mask after the
-      sweep (:func:`refit_masked`: the least-squares optimum of the damped layer
-      reconstruction for that mask; the sweep's kept weights are optimal only towards
-      the inputs pruned after them).
+    refit: SparseGPT re-fits every kept weight for the final mask after the sweep
+      (:func:`refit_masked`: 64 conjugate-gradient steps from the sweep's weights
+      towards the least-squares optimum of the damped layer reconstruction for that
+      mask; the sweep's kept weights are optimal only towards the inputs pruned after
+      them).
     bias_correct: SparseGPT, for every kernel with a bias (:func:`bias_path`): prune
       with the centred input Hessian and add the mean output shift ``mu (W - W')`` to
       the bias (the bias becomes a free parameter of each layer's fit; the returned
