@@ -46,3 +46,29 @@ def short_windows(texts, count: int, *, lo: int = 2, hi: int = 8, seed: int = 0,
       ids = jnp.asarray(rows[i:i + batch])
       out.append((ids, jnp.ones_like(ids)))
   return out
+
+
+def random_windows(count: int, *, lo: int = 2, hi: int = 8, seed: int = 1, batch: int = 8,
+                   first: int = 1996):
+  """``count`` inputs of ``lo`` to ``hi`` word pieces drawn uniformly from the vocabulary
+  ids ``>= first`` (1996: past the specials, ``[unused]`` and single characters of the
+  BERT uncased vocabulary), each as ``[CLS] ... [SEP]``, batched one length per batch:
+  calibration rows that no text register in particular, disjoint from any evaluation
+  text by construction (no sentence)."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  tok = P.tokenizer()
+  vocab = len(tok.vocab) if hasattr(tok, "vocab") else 30522
+  r = np.random.RandomState(seed)
+  lens = r.randint(lo, hi + 1, count)
+  out = []
+  for n in np.unique(lens):
+    c = int((lens == n).sum())
+    ids = r.randint(first, vocab, (c, n))
+    rows = np.concatenate([np.full((c, 1), tok.cls), ids, np.full((c, 1), tok.sep)],
+                          1).astype(np.int32)
+    for i in range(0, c, batch):
+      x = jnp.asarray(rows[i:i + batch])
+      out.append((x, jnp.ones_like(x)))
+  return out

@@ -191,3 +191,118 @@ def test_sparsegpt_nm_obs_selection_is_2_4_and_fits_better():
     model, b = Mlp(), _batches(1)
     sparsity.oneshot(model.apply, model.init(jax.random.key(0), b[0][0]), b,
                      method="sparsegpt", n=2, m=4, nm_select="best")
+
+
+def _damped_loss(W, H, damp):
+  """``(w' - w)^T (H + lambda I) (w' - w)`` summed over output columns (float64)."""
+  Hd = np.asarray(H, np.float64) + damp * np.mean(np.diag(H)) * np.eye(H.shape[0])
+  return lambda d: float(np.sum((np.asarray(d, np.float64) - W) * (Hd @ (np.asarray(d, np.float64) - W))))
+
+
+@pytest.mark.parametrize("kw", [dict(sparsity=0.5), dict(n=2, m=4, nm_select="obs")])
+def test_sparsegpt_refit_is_the_masked_least_squares_optimum(kw):
+  from jaxopt_dnn.sparsity.oneshot import refit_masked
+  rng = np.random.default_rng(4)
+  k, n = 48, 12
+  X, W = _correlated_problem(rng, 200, k, n, mix=0.5)
+  H = 2.0 * X.T.astype(np.float64) @ X
+  loss = _damped_loss(W, H, 0.01)
+  sweep, keep = sparsegpt_solve(jnp.asarray(W), jnp.asarray(H, jnp.float32), block_size=16,
+                                **kw)
+  new, keep2 = sparsegpt_solve(jnp.asarray(W), jnp.asarray(H, jnp.float32), block_size=16,
+                               refit=True, **kw)
+  keep = np.asarray(keep)
+  np.testing.assert_array_equal(np.asarray(keep2), keep)          # same mask
+  assert np.all(np.asarray(new)[~keep] == 0)
+  # float64 reference: each column's kept weights solve H_SS w_S = (H w)_S (damped H)
+  Hd = H + 0.01 * np.mean(np.diag(H)) * np.eye(k)
+  ref = np.zeros_like(W, np.float64)
+  for j in range(n):
+    s = np.flatnonzero(keep[:, j])
+    ref[s, j] = np.linalg.solve(Hd[np.ix_(s, s)], (Hd @ W[:, j])[s])
+  np.testing.assert_allclose(np.asarray(new), ref, rtol=1e-3, atol=1e-3)
+  assert loss(new) < 0.95 * loss(sweep)
+  # the refit alone (from the masked kernel; CG converges in K steps)
+  Hd32 = jnp.asarray(Hd, jnp.float32)
+  again = refit_masked(jnp.asarray(W), Hd32, jnp.asarray(keep), iters=k)
+  np.testing.assert_allclose(np.asarray(again), ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("kw", [dict(sparsity=0.5), dict(n=2, m=4)])
+def test_sparsegpt_act_order_visits_by_hessian_diagonal(kw):
+  """act_order is the same sweep on the inputs permuted by descending H_ii (N:M: whole
+  groups by their sum), mapped back."""
+  rng = np.random.default_rng(5)
+  k, n = 32, 8
+  X, W = _correlated_problem(rng, 200, k, n, mix=0.5)
+  X = X * np.exp(rng.standard_normal(k)).astype(np.float32)          # uneven diagonal
+  H = (2.0 * X.T.astype(np.float64) @ X).astype(np.float32)
+  d = np.diag(H)
+  if "n" in kw:
+    g = np.argsort(-d.reshape(-1, 4).sum(1), kind="stable")
+    perm = (g[:, None] * 4 + np.arange(4)).reshape(-1)
+  else:
+    perm = np.argsort(-d, kind="stable")
+  assert not np.array_equal(perm, np.arange(k))
+  new, keep = sparsegpt_solve(jnp.asarray(W), jnp.asarray(H), block_size=8, act_order=True,
+                              **kw)
+  pn, pk = sparsegpt_solve(jnp.asarray(W[perm]), jnp.asarray(H[np.ix_(perm, perm)]),
+                           block_size=8, **kw)
+  inv = np.argsort(perm)
+  np.testing.assert_array_equal(np.asarray(keep), np.asarray(pk)[inv])
+  np.testing.assert_allclose(np.asarray(new), np.asarray(pn)[inv], rtol=1e-4, atol=1e-4)
+  if "n" in kw:
+    assert np.all(np.asarray(keep).reshape(-1, 4, n).sum(1) == 2)   # the kernel's groups
+  plain, _ = sparsegpt_solve(jnp.asarray(W), jnp.asarray(H), block_size=8, **kw)
+  assert not np.allclose(np.asarray(plain), np.asarray(new))
+
+
+def test_oneshot_passes_refit_and_act_order(mlp):
+  model, variables, batches = mlp
+  base, mk0 = sparsity.oneshot(model.apply, variables, batches, method="sparsegpt", n=2, m=4,
+                               sequential=False)
+  for kw in (dict(refit=True), dict(act_order=True)):
+    p, mk = sparsity.oneshot(model.apply, variables, batches, method="sparsegpt", n=2, m=4,
+                             sequential=False, **kw)
+    keep = np.asarray(mk["fc1"]["kernel"])
+    assert np.all(keep.reshape(-1, 4, keep.shape[1]).sum(1) == 2)
+    assert np.all(np.asarray(p["fc1"]["kernel"])[~keep] == 0)
+    assert not np.allclose(np.asarray(p["fc1"]["kernel"]), np.asarray(base["fc1"]["kernel"]))
+
+
+def test_oneshot_bias_correct_centres_the_hessian_and_folds_the_mean_shift():
+  """One Dense layer on inputs with a large mean: bias_correct prunes with the centred
+  Hessian and moves the mean output shift into the bias, so its fit is better than the
+  plain SparseGPT fit (which spends the Hessian on the mean direction)."""
+  rng = np.random.default_rng(6)
+  k, n = 32, 16
+  X, _ = _correlated_problem(rng, 300, k, n, mix=0.5)
+  X = X + 4.0 * rng.standard_normal(k).astype(np.float32)            # a mean offset
+  model = nn.Dense(n)
+  v = model.init(jax.random.key(1), X[:2])
+  b = [(jnp.asarray(X[i:i + 100]),) for i in range(0, 300, 100)]
+  ref = np.asarray(model.apply(v, X))
+  err = {}
+  for bc in (False, True):
+    p, mk = sparsity.oneshot(model.apply, v, b, method="sparsegpt", n=2, m=4,
+                             bias_correct=bc)
+    keep = np.asarray(mk["kernel"])
+    assert np.all(keep.reshape(-1, 4, n).sum(1) == 2)
+    assert np.all(np.asarray(p["kernel"])[~keep] == 0)
+    err[bc] = float(np.sum((np.asarray(model.apply({"params": p}, X)) - ref) ** 2))
+    if bc:
+      Xc = X - X.mean(0)
+      new, kp = sparsegpt_solve(v["params"]["kernel"], jnp.asarray(2.0 * Xc.T @ Xc),
+                                n=2, m=4, damp=0.1)
+      np.testing.assert_array_equal(np.asarray(kp), keep)
+      np.testing.assert_allclose(np.asarray(p["kernel"]), np.asarray(new), rtol=2e-3,
+                                 atol=2e-3)
+      shift = X.mean(0) @ (np.asarray(v["params"]["kernel"]) - np.asarray(new))
+      np.testing.assert_allclose(np.asarray(p["bias"]),
+                                 np.asarray(v["params"]["bias"]) + shift, rtol=2e-3,
+                                 atol=2e-3)
+    else:
+      assert p["bias"] is v["params"]["bias"]
+  assert err[True] < 0.9 * err[False]
+  with pytest.raises(ValueError, match="bias_correct"):
+    sparsity.oneshot(model.apply, v, b, method="wanda", bias_correct=True)

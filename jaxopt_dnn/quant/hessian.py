@@ -350,6 +350,24 @@ class Stats(Gram):
     return ChannelStats(_one_device(amax), _one_device(asum), jnp.asarray(cnt), sample)
 
 
+class Moments(Gram):
+  """:class:`Gram` that also sums the rows: ``sums[path] = sum_t X_t`` (``(K,)``, kernel
+  row order) and ``counts[path]`` (number of rows), for centred Hessians."""
+
+  def __init__(self, where: str, wanted=None, stop_after=None):
+    super().__init__(where, wanted, stop_after)
+    self.sums: dict[str, jax.Array] = {}
+    self.counts: dict[str, int] = {}
+
+  def accumulate(self, path, x, x2, lay, key):
+    super().accumulate(path, x, x2, lay, key)
+    k = math.prod(x2.shape[x2.ndim - lay.n_in:])
+    flat = x2.reshape((-1, k)).astype(jnp.float32)
+    s = jnp.sum(flat, axis=0)
+    self.sums[path] = s if path not in self.sums else self.sums[path] + s
+    self.counts[path] = self.counts.get(path, 0) + flat.shape[0]
+
+
 class _InScan(hooks.Mode):
   """The mode of a ``scan`` body: a kernel consumed there has no single Gram."""
 
@@ -693,6 +711,21 @@ class HessianCapture:
                        "batches")
     return {p: _one_device(2.0 * total[p]) for p in sorted(want)}
 
+
+  def round_moments(self, params: dict[str, Any] | None, ops: list[OpInfo]
+                    ) -> dict[str, tuple[jax.Array, jax.Array, int]]:
+    """``{kernel path: (2 sum X^T X, sum_t X_t, number of rows)}`` of ``ops`` over every
+    batch, with ``params`` overrides (eager, as :meth:`round_hessians`)."""
+    want, modes = self._eager(params, ops, lambda w, st: Moments(self.where, w, st))
+    out = {}
+    for p in sorted(want):
+      got = [m for m in modes if p in m.grams]
+      if not got:
+        raise ValueError(f"{self.where}: kernel {p!r} did not run on the calibration "
+                         "batches")
+      out[p] = (_one_device(2.0 * sum(m.grams[p] for m in got)),
+                _one_device(sum(m.sums[p] for m in got)), sum(m.counts[p] for m in got))
+    return out
 
   def _eager(self, params, ops, make_mode):
     """Runs ``make_mode(want, stop_after)`` eagerly on every batch (stopping once the

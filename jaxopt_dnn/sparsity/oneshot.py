@@ -110,12 +110,54 @@ def _group_obs_keep(grp: jax.Array, ug: jax.Array, pats: jax.Array) -> jax.Array
   return pats[jnp.argmin(loss, axis=0)]                            # (N, m)
 
 
+def refit_masked(w: jax.Array, h: jax.Array, keep: jax.Array, w0: jax.Array | None = None,
+                 *, iters: int = 64) -> jax.Array:
+  """Minimises ``(w' - w)^T H (w' - w)`` per output column of ``w`` (``(K, N)``) over the
+  ``w'`` that are zero where ``keep`` (``(K, N)`` bool) is not, i.e. solves
+  ``H_SS w'_S = (H w)_S`` on each column's kept set ``S``, by ``iters`` steps of
+  Jacobi-preconditioned conjugate gradients on all columns at once, started from ``w0``
+  (the SparseGPT sweep's weights; default ``w`` masked): every step lowers the objective,
+  so the result is never worse than ``w0``. ``H`` (``(K, K)``) must be positive definite
+  (damped). The sweep freezes each input once visited, so its kept weights are optimal
+  only towards the inputs pruned after them; this re-fits all of them for the final
+  mask."""
+  keep = keep.astype(jnp.float32)
+  x = keep * (w if w0 is None else w0)
+  pre = keep / jnp.diag(h)[:, None]
+  r = keep * (h @ (w - x))                     # minus the gradient, on the mask
+  z = pre * r
+  p = z
+  rz = jnp.sum(r * z, axis=0)
+
+  def step(_, c):
+    x, r, p, rz = c
+    ap = keep * (h @ p)
+    pap = jnp.sum(p * ap, axis=0)
+    alpha = jnp.where(pap > 0, rz / jnp.where(pap > 0, pap, 1.0), 0.0)
+    x = x + alpha * p
+    r = r - alpha * ap
+    z = pre * r
+    rz2 = jnp.sum(r * z, axis=0)
+    beta = jnp.where(rz > 0, rz2 / jnp.where(rz > 0, rz, 1.0), 0.0)
+    return x, r, z + beta * p, rz2
+
+  x, *_ = jax.lax.fori_loop(0, iters, step, (x, r, p, rz))
+  return x
+
+
 @functools.partial(jax.jit, static_argnames=("sparsity", "n", "m", "block_size",
-                                             "nm_select"))
+                                             "nm_select", "act_order", "refit",
+                                             "refit_iters"))
 def sparsegpt_solve(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5,
                     n: int | None = None, m: int | None = None, damp: float = 0.01,
-                    block_size: int = 128, nm_select: str = "score"):
+                    block_size: int = 128, nm_select: str = "score",
+                    act_order: bool = False, refit: bool = False, refit_iters: int = 64):
   """SparseGPT on one ``(K, N)`` kernel with its ``(K, K)`` Hessian.
+
+  ``act_order``: visit the inputs by descending ``H_ii`` (N:M: whole groups by
+  descending ``sum H_ii`` over the group, so the groups stay those of the kernel).
+  ``refit``: after the sweep, re-fit the kept weights for the final mask
+  (:func:`refit_masked`, ``refit_iters`` CG steps, same damped Hessian).
 
   Returns:
     ``(pruned and updated kernel (K, N) float32, keep-mask (K, N) bool)``. Each output
@@ -123,6 +165,15 @@ def sparsegpt_solve(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5,
   """
   k, cols = w.shape
   h, w = prepare_hessian(h.astype(jnp.float32), w.astype(jnp.float32), damp)
+  w_orig, h_orig = w, h
+  if act_order:
+    dg = jnp.diag(h)
+    if n is None:
+      perm = jnp.argsort(-dg, stable=True)
+    else:
+      gperm = jnp.argsort(-dg.reshape(k // m, m).sum(1), stable=True)
+      perm = (gperm[:, None] * m + jnp.arange(m)[None, :]).reshape(k)
+    w, h = w[perm], h[perm][:, perm]
   u = inverse_cholesky_upper(h)
   B = block_size if m is None else max(block_size // m, 1) * m
   kp = -(-k // B) * B
@@ -182,7 +233,13 @@ def sparsegpt_solve(w: jax.Array, h: jax.Array, *, sparsity: float = 0.5,
   pats = None if n is None else _nm_patterns(n, m)
   wt, keep = jax.lax.fori_loop(0, kp // B, block, (wt, keep0))
   keep = keep[:, :k].T
-  return jnp.where(keep, wt[:, :k].T, 0.0), keep
+  new = jnp.where(keep, wt[:, :k].T, 0.0)
+  if act_order:
+    inv = jnp.argsort(perm)
+    new, keep = new[inv], keep[inv]
+  if refit:
+    new = refit_masked(w_orig, h_orig, keep, new, iters=refit_iters)
+  return new, keep
 
 
 def float_target(w2: jax.Array, h: jax.Array, d: jax.Array, damp: float) -> jax.Array:
@@ -235,6 +292,52 @@ def _sequential_float_targets(apply_fn, variables, batches, select, layer, *, da
   return cap, out
 
 
+def bias_path(o, leaves: dict[str, Any]) -> str | None:
+  """The bias leaf added to kernel ``o``'s output (the sibling ``bias`` of a ``.../kernel``
+  whose shape is the kernel's output axes), or None."""
+  if o.perm is not None or not o.kernel.endswith("kernel"):
+    return None
+  b = o.kernel[:-len("kernel")] + "bias"
+  leaf = leaves.get(b)
+  if leaf is None or not _tree.is_float_array(leaf) or tuple(np.shape(leaf)) != tuple(
+      o.shape[o.n_in:]):
+    return None
+  return b
+
+
+def _bias_corrected(apply_fn, variables, batches, select, layer, *, sequential,
+                    max_batches):
+  """As :func:`_captured`, for kernels with a bias: pruned with the centred Hessian
+  ``2 sum_t (x_t - mu)(x_t - mu)^T`` (``mu``: the mean calibration input), the mean
+  output shift ``mu (W - W')`` then added to the bias, so the bias is a free parameter of
+  the layer's least-squares fit. Returns ``(capture, kernels, {bias path: new bias})``."""
+  cap = _hessian.HessianCapture(apply_fn, variables, batches, select,
+                                max_batches=max_batches, where="oneshot")
+  if not cap.ops:
+    raise ValueError("oneshot: no kernel chosen by the rules was consumed by a contraction "
+                     "(dot_general / conv_general_dilated) on the calibration batches")
+  out: dict[str, Any] = {}
+  biases: dict[str, Any] = {}
+  allm = None if sequential else cap.round_moments(None, cap.ops)
+  for ops in cap.rounds():
+    mom = allm if not sequential else cap.round_moments(
+        {**{p: r[0] for p, r in out.items()}, **biases}, ops)
+    for o in ops:
+      h, sx, t = mom[o.kernel]
+      bp = bias_path(o, cap.leaves)
+      w = cap.leaves[o.kernel]
+      if bp is None:
+        out[o.kernel] = layer(o, w, h)
+        continue
+      mu = sx / t
+      out[o.kernel] = layer(o, w, h - 2.0 * t * jnp.outer(mu, mu))
+      delta = kernel_matrix(w, o) - kernel_matrix(out[o.kernel][0], o)     # (K, N)
+      b = cap.leaves[bp]
+      biases[bp] = (jnp.asarray(b, jnp.float32) + (mu @ delta).reshape(np.shape(b))
+                    ).astype(b.dtype)
+  return cap, out, biases
+
+
 def _captured(apply_fn, variables, batches, select, layer, *, sequential, max_batches):
   """Rounds of kernels through the interpreter's Hessian capture
   (:class:`~jaxopt_dnn.quant.hessian.HessianCapture`: Dense, Conv, Einsum, raw dots):
@@ -271,7 +374,8 @@ def _check(sparsity, n, m, method):
 
 def prune_layer(o, w: jax.Array, stat: jax.Array | None, *, method: str = "sparsegpt",
                 sparsity: float = 0.5, n: int | None = None, m: int | None = None,
-                damp: float = 0.1, block_size: int = 128, nm_select: str = "score"):
+                damp: float = 0.1, block_size: int = 128, nm_select: str = "score",
+                act_order: bool = False, refit: bool = False):
   """Prunes one captured kernel ``w`` (``o``: its :class:`~jaxopt_dnn.quant.layout.OpInfo`).
 
   ``stat``: the input Hessian ``2 X^T X`` (``(K, K)``) for SparseGPT, the per-input
@@ -288,7 +392,8 @@ def prune_layer(o, w: jax.Array, stat: jax.Array | None, *, method: str = "spars
   if method == "sparsegpt":
     new, keep = sparsegpt_solve(w2, stat, sparsity=float(sparsity), n=n, m=m,
                                 damp=float(damp), block_size=block_size,
-                                nm_select=nm_select)
+                                nm_select=nm_select, act_order=bool(act_order),
+                                refit=bool(refit))
   else:
     score = jnp.abs(w2) if method == "magnitude" else wanda_score(w2, stat)
     keep = score_mask(score, k_remove=k_remove, n=n, m=m)
@@ -300,8 +405,8 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
             method: str = "wanda", sparsity: float = 0.5, n: int | None = None,
             m: int | None = None, rules: Any = None, damp: float = 0.1,
             sequential: bool = True, block_size: int = 128, float_targets: bool = False,
-            nm_select: str = "score",
-            max_batches: int | None = None, log: Callable[[str], Any] | None = None):
+            nm_select: str = "score", act_order: bool = False, refit: bool = False,
+            bias_correct: bool = False, max_batches: int | None = None, log: Callable[[str], Any] | None = None):
   """One-shot pruning of a linen or NNX model's kernels from calibration batches.
 
   Args:
@@ -330,6 +435,17 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
       ``"score"`` the ``n`` largest ``w_i^2 / U_ii^2`` (the SparseGPT paper); ``"obs"``
       the pattern (of all ``C(m, n)``) with the smallest OBS error of the group's sweep
       simulated exactly, the updates inside the group included.
+    act_order: SparseGPT visits the inputs by descending Hessian diagonal (N:M: whole
+      groups, by the group's sum) instead of in index order.
+    refit: SparseGPT re-fits every kept weight for the final mask after the sweep
+      (:func:`refit_masked`: 64 conjugate-gradient steps from the sweep's weights
+      towards the least-squares optimum of the damped layer reconstruction for that
+      mask; the sweep's kept weights are optimal only towards the inputs pruned after
+      them).
+    bias_correct: SparseGPT, for every kernel with a bias (:func:`bias_path`): prune
+      with the centred input Hessian and add the mean output shift ``mu (W - W')`` to
+      the bias (the bias becomes a free parameter of each layer's fit; the returned
+      params then differ from the input ones in those biases too).
     max_batches: use at most this many batches.
     log: called with one line per layer.
 
@@ -354,12 +470,20 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
     # Wanda's ||X_j||^2 = sum_t X_tj^2 is the diagonal of H / 2
     new, keep = prune_layer(o, w, h if method == "sparsegpt" else 0.5 * jnp.diag(h),
                             method=method, sparsity=sparsity, n=n, m=m, damp=damp,
-                            block_size=block_size, nm_select=nm_select)
+                            block_size=block_size, nm_select=nm_select,
+                            act_order=act_order, refit=refit)
     if log is not None:
       log(f"oneshot[{method}]: {o.kernel} {o.shape} zeros {int((~keep).sum())}/{keep.size}")
     return new, keep
 
-  if method == "sparsegpt" and sequential and float_targets:
+  if bias_correct and (method != "sparsegpt" or float_targets):
+    raise ValueError("oneshot: bias_correct is for method='sparsegpt' without float_targets")
+  biases: dict[str, Any] = {}
+  if bias_correct:
+    cap, out, biases = _bias_corrected(
+        apply_fn, variables, batches, _tree.default_prunable if rules is None else select,
+        layer, sequential=sequential, max_batches=max_batches)
+  elif method == "sparsegpt" and sequential and float_targets:
     cap, out = _sequential_float_targets(apply_fn, variables, batches,
                                          _tree.default_prunable if rules is None else select,
                                          layer,
@@ -373,7 +497,7 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
     if missing:
       raise ValueError(f"oneshot: rules chose {missing}, which no captured contraction "
                        "(dot_general / conv_general_dilated) consumes")
-  new_params = set_leaves(cap.params, {p: r[0] for p, r in out.items()})
+  new_params = set_leaves(cap.params, {**{p: r[0] for p, r in out.items()}, **biases})
   masks = _tree.map_with_path_str(
       lambda p, x: out[p][1] if p in out else dense_marker(), cap.params, is_leaf=is_qarray)
   return new_params, masks
