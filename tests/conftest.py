@@ -46,15 +46,3 @@ def digits():
   from jaxopt_dnn.app import data
   return data.load_digits()
 
-
-def pytest_collection_modifyitems(config, items):
-  """Heaviest modules first: modules ordered by how many of their tests are marked slow
-  (stable, so each module's tests stay together and in file order).
-
-  pytest-xdist hands tests out in this order, so the long ones start early and the short
-  ones fill both workers' tails, instead of one worker finishing a 50 s test alone.
-  """
-  weight: dict = {}
-  for item in items:
-    weight[item.module] = weight.get(item.module, 0) + bool(item.get_closest_marker("slow"))
-  items.sort(key=lambda item: -weight[item.module])
