@@ -149,6 +149,11 @@ def test_oneshot_bad_args(mlp):
     sparsity.oneshot(model.apply, variables, batches, n=2, m=5)
   with pytest.raises(ValueError, match="nothing"):
     sparsity.oneshot(model.apply, variables, batches, rules=["nothing"])
+  # a chosen leaf that no contraction consumes: every capture path names it
+  for kw in ({}, {"method": "sparsegpt", "bias_correct": True},
+             {"method": "sparsegpt", "float_targets": True}):
+    with pytest.raises(ValueError, match="oneshot: no kernel chosen"):
+      sparsity.oneshot(model.apply, variables, batches, rules=[r"fc1/bias"], **kw)
 
 
 @pytest.mark.slow

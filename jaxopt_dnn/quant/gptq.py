@@ -342,10 +342,7 @@ def gptq(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any], *
                              scale_dtype=scale_dtype, where="gptq")
   select = _tree.default_prunable if chosen is None else (lambda p, x: p in chosen)
   cap = _hessian.HessianCapture(apply_fn, variables, batches, select,
-                                max_batches=max_batches, where="gptq")
-  if not cap.ops:
-    raise ValueError("gptq: no kernel chosen by the rules was consumed by a contraction "
-                     "(dot_general / conv_general_dilated) on the calibration batches")
+                                max_batches=max_batches, where="gptq", require_ops=True)
   out: dict[str, Any] = {}
 
   def layer(o, h):

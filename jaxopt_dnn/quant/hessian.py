@@ -610,6 +610,8 @@ class HessianCapture:
     apply_fn, variables: as for :class:`Forward`.
     batches: iterable of model inputs (a tuple is splatted); materialised once.
     select: ``select(path, leaf) -> bool``: which float leaves to capture.
+    require_ops: raise ``ValueError`` (naming ``where``) when no chosen kernel is
+      consumed by a contraction on the batches.
 
   Attributes:
     ops: :class:`~jaxopt_dnn.quant.layout.OpInfo` of every chosen kernel that a
@@ -620,7 +622,7 @@ class HessianCapture:
 
   def __init__(self, apply_fn: Callable, variables: Any, batches: Iterable[Any],
                select: Callable[[str, Any], bool], *, max_batches: int | None = None,
-               where: str = "capture"):
+               where: str = "capture", require_ops: bool = False):
     self.where = where
     self.fwd = Forward(apply_fn, variables, where)
     self.params, self.leaves = self.fwd.params, self.fwd.leaves
@@ -637,6 +639,10 @@ class HessianCapture:
     self._jit = jax.jit(self._grams)
     self._jaxprs: dict = {}
     self.ops = self._discover()
+    if require_ops and not self.ops:
+      raise ValueError(f"{where}: no kernel chosen by the rules was consumed by a "
+                       "contraction (dot_general / conv_general_dilated) on the "
+                       "calibration batches")
 
   def _grams(self, leaves, args):
     mode = Gram(self.where)

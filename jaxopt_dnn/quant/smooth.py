@@ -134,11 +134,8 @@ def scaled_rounds(where: str, apply_fn, variables, batches, *, rules, folds, max
   """
   cap = _hessian.HessianCapture(apply_fn, variables, batches,
                                 selector(variables, rules, where),
-                                max_batches=max_batches, where=where)
-  if not cap.ops:
-    raise ValueError(f"{where}: no kernel chosen by the rules was consumed by a "
-                     "contraction (dot_general / conv_general_dilated) on the "
-                     "calibration batches")
+                                max_batches=max_batches, where=where,
+                                require_ops=True)
   ref = cap.output()
   cur: dict[str, Any] = {}                  # {leaf path: folded value}
   report = []

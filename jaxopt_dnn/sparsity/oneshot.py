@@ -274,10 +274,7 @@ def _sequential_float_targets(apply_fn, variables, batches, select, layer, *, da
   Einsum, raw dots), and each kernel is pruned from :func:`float_target` with
   ``H = 2 X_q^T X_q``: ``layer(o, w*, H)``."""
   cap = _hessian.HessianCapture(apply_fn, variables, batches, select,
-                                max_batches=max_batches, where="oneshot")
-  if not cap.ops:
-    raise ValueError("oneshot: no kernel chosen by the rules was consumed by a contraction "
-                     "(dot_general / conv_general_dilated) on the calibration batches")
+                                max_batches=max_batches, where="oneshot", require_ops=True)
   out: dict[str, Any] = {}
   for r, ops in enumerate(cap.rounds()):
     xq = cap.rows({p: v[0] for p, v in out.items()}, ops)
@@ -312,10 +309,7 @@ def _bias_corrected(apply_fn, variables, batches, select, layer, *, sequential,
   output shift ``mu (W - W')`` then added to the bias, so the bias is a free parameter of
   the layer's least-squares fit. Returns ``(capture, kernels, {bias path: new bias})``."""
   cap = _hessian.HessianCapture(apply_fn, variables, batches, select,
-                                max_batches=max_batches, where="oneshot")
-  if not cap.ops:
-    raise ValueError("oneshot: no kernel chosen by the rules was consumed by a contraction "
-                     "(dot_general / conv_general_dilated) on the calibration batches")
+                                max_batches=max_batches, where="oneshot", require_ops=True)
   out: dict[str, Any] = {}
   biases: dict[str, Any] = {}
   allm = None if sequential else cap.round_moments(None, cap.ops)
@@ -344,10 +338,7 @@ def _captured(apply_fn, variables, batches, select, layer, *, sequential, max_ba
   ``layer(o, w, H)`` per kernel, each round on the already-pruned earlier rounds
   when ``sequential``."""
   cap = _hessian.HessianCapture(apply_fn, variables, batches, select,
-                                max_batches=max_batches, where="oneshot")
-  if not cap.ops:
-    raise ValueError("oneshot: no kernel chosen by the rules was consumed by a contraction "
-                     "(dot_general / conv_general_dilated) on the calibration batches")
+                                max_batches=max_batches, where="oneshot", require_ops=True)
   out: dict[str, Any] = {}
   hs = None if sequential else cap.hessians()
   for ops in cap.rounds():
