@@ -262,8 +262,18 @@ def dequantize(q: QArray, dtype: Any = None) -> jax.Array:
   if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
     raise TypeError(f"dequantize: dtype must be a floating dtype (the values are scaled "
                     f"reals), got {jnp.dtype(dtype)}")
+  dtype = jnp.dtype(dtype or q.dtype)
+  if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(q)):
+    return _dequantize(q, dtype)          # inside a trace: inline, as before
+  return _dequantize_jit(q, dtype)        # eager: one program per layout, not ~10 ops
+
+
+def _dequantize(q: QArray, dtype) -> jax.Array:
   v = int_values(q).astype(jnp.float32)
   if q.zero_point is not None:
     zp = q.zero_point.astype(jnp.float32)
     v = v - expand_groups(zp, q.group_size, q.group_axis, q.shape[q.group_axis or 0])
-  return (v * full_scale(q)).astype(dtype or q.dtype)
+  return (v * full_scale(q)).astype(dtype)
+
+
+_dequantize_jit = jax.jit(_dequantize, static_argnums=1)
