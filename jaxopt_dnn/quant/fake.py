@@ -333,8 +333,8 @@ def quantize(x: jax.Array, *, bits: int = 8, axis=None, symmetric: bool = True,
                   shape=jnp.shape(x), dtype=x.dtype, name=name, group_size=g, group_axis=ga,
                   super_scale=sup)
   if scale is None:   # one compiled program per leaf instead of ~10 eager primitives
-    value, scale, zero_point = _quantize_own_range(x, bits, chan, symmetric, method,
-                                                   float(percentile))
+    value, scale, zero_point, _ = _grouped_own_range(x, bits, chan, symmetric, method,
+                                                     float(percentile), None, None, None)
   else:
     value = _codes(x, scale, zero_point, bits)
   return QArray(value, jnp.asarray(scale, jnp.float32), zero_point, bits=bits,
@@ -350,8 +350,9 @@ def _codes(x, scale, zero_point, bits):
 
 def _grouped(x, scale, zero_point, bits, chan, symmetric, method, percentile, g, ga,
              scale_dtype):
-  """Codes, stored scale, zero point and super-scale of the group-wise / rounded-scale
-  path of :func:`quantize` (own range when ``scale`` is None)."""
+  """Codes, stored scale, zero point and super-scale of :func:`quantize` (own range when
+  ``scale`` is None; ``g = scale_dtype = None``: one float32 scale per channel, no
+  rounding)."""
   if scale is None:
     scale, zero_point = compute_qparams(x, bits=bits, axis=chan or None,
                                         symmetric=symmetric, method=method,
@@ -370,8 +371,3 @@ def _grouped_own_range(x, bits, chan, symmetric, method, percentile, g, ga, scal
                   scale_dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
-def _quantize_own_range(x, bits, chan, symmetric, method, percentile):
-  scale, zp = compute_qparams(x, bits=bits, axis=chan or None, symmetric=symmetric,
-                              method=method, percentile=percentile)
-  return _codes(x, scale, zp, bits), scale, zp
