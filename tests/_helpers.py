@@ -1,8 +1,9 @@
 """Shared test helpers (not a test module)."""
 
 # XLA_FLAGS of every test process (tests/conftest.py) and of the processes tests start:
-# LLVM codegen at level 0 (compiling is most of the suite's CPU time; no HLO pass changes)
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+# LLVM codegen at level 0 and the legacy fusion emitters (compiling is most of the suite's
+# CPU time; the same dots/convs and dtypes, see tests/conftest.py)
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 
 import jax
 import jax.numpy as jnp
