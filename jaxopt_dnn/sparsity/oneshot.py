@@ -441,7 +441,10 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
       the sweep (:func:`refit_masked`: 64 conjugate-gradient steps from the sweep's weights
       towards the least-squares optimum of the damped layer reconstruction for that
       mask; the sweep's kept weights are optimal only towards the inputs pruned after
-      them).
+      them). Cost: each CG step is one ``(K, K) x (K, N)`` product, so the re-fit costs
+      several sweeps (a 2048 x 2048 kernel at 2:4 on a 2-core CPU: sweep 0.85 s, with
+      refit 5.7 s; the paper's ``"score"`` sweep 2.4 s); pass ``refit=False`` when
+      pruning time matters more.
     bias_correct: SparseGPT, for every kernel with a bias (:func:`bias_path`): prune
       with the centred input Hessian and add the mean output shift ``mu (W - W')`` to
       the bias (the bias becomes a free parameter of each layer's fit; the returned
