@@ -9,8 +9,8 @@ instructions, code, numbers); calibration: the 32 ``CALIBRATION`` sentences. Row
   (``calibration="dynamic"``), each without and with ``smooth``; the jitted latency of
   static vs dynamic on the 64 texts (alternating rounds, medians);
 * SparseGPT 2:4 and 50% unstructured, calibrated on the 32 sentences alone (with the
-  SparseGPT paper's choices ``damp=0.1``, ``nm_select="score"``, no refit, and with the
-  library defaults) and on those + ``--short`` random short windows (2 to 8 word pieces)
+  previous defaults ``damp=0.1``, the paper's ``nm_select="score"``, no refit, and with
+  the library defaults) and on those + ``--short`` random short windows (2 to 8 word pieces)
   of their token stream (``_minilm.short_windows``; never the evaluation texts) +
   ``--random`` windows of random vocabulary ids (``_minilm.random_windows``), with
   oneshot's ``refit`` (``--refit``), ``damp=--damp`` (2:4: ``--damp-nm``) and 2:4
@@ -116,7 +116,7 @@ def main() -> None:
                + "".join(f", {k}={v!r}" for k, v in sel.items()))
       paper = dict(damp=0.1, refit=False, **(dict(nm_select="score") if "n" in kw else {}))
       for label, batches, extra in (
-          ("32 sentences, the paper's choices (damp=0.1, score, no refit)", cal, paper),
+          ("32 sentences, the previous defaults (damp=0.1, score, no refit)", cal, paper),
           ("32 sentences (library defaults)", cal, {}), (label, aug, sel)):
         t = time.perf_counter()
         p, _ = sparsity.oneshot(model.apply, v, batches, method="sparsegpt", rules=R,

@@ -418,13 +418,13 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
       The SparseGPT defaults (``damp``, ``nm_select``, ``refit``) were measured on
       all-MiniLM-L6-v2 with 32 calibration sentences (``python bench/ptq_targets.py
       --skip-w8a8 --short 0 --random 0``; min cosine over 16 held-out sentences / 24
-      other validation texts / mean over 64): the paper's choice (``damp=0.1,
-      nm_select="score", refit=False``) gives 2:4 0.785 / 0.670 / 0.819 and 50% 0.859 /
+      other validation texts / mean over 64): the previous defaults (``damp=0.1``, the
+      paper's ``nm_select="score"``, ``refit=False``) give 2:4 0.785 / 0.670 / 0.819 and 50% 0.859 /
       0.798 / 0.899; these defaults 2:4 0.818 / 0.695 / 0.841 and 50% 0.892 / 0.814 /
       0.911 (on the 24 chat-like short texts of ``EVALUATION_VARIED``'s end the 2:4
       minimum falls 0.625 -> 0.609; 50% rises 0.753 -> 0.764). With ``refit`` a larger
-      damping works better (2:4 at 0.1: 0.810 / 0.672 / 0.840). Pass the paper's values
-      to reproduce it.
+      damping works better (2:4 at 0.1: 0.810 / 0.672 / 0.840). Pass the previous values
+      to reproduce them (the paper itself damps by 0.01).
     sequential: calibrate each round on the outputs of the already-pruned layers.
     float_targets: SparseGPT (sequential) prunes each kernel towards the **float**
       model's outputs (:func:`float_target`: the earlier layers' pruning error is
@@ -438,8 +438,8 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
     act_order: SparseGPT visits the inputs by descending Hessian diagonal (N:M: whole
       groups, by the group's sum) instead of in index order.
     refit: (default on) SparseGPT re-fits every kept weight for the final mask after
-      the sweep (:func:`refit_masked`: 64 conjugate-gradient steps from the sweep's weights
-      towards the least-squares optimum of the damped layer reconstruction for that
+      the sweep (:func:`refit_masked`: 64 conjugate-gradient steps from the sweep's
+      weights towards the least-squares optimum of the damped layer reconstruction for that
       mask; the sweep's kept weights are optimal only towards the inputs pruned after
       them). Cost: each CG step is one ``(K, K) x (K, N)`` product, so the re-fit costs
       several sweeps (a 2048 x 2048 kernel at 2:4 on a 2-core CPU: sweep 0.85 s, with
