@@ -51,6 +51,12 @@ from jaxopt_dnn.quant.qarray import is_qarray
 from jaxopt_dnn.sparsity.masks import dense_marker
 
 METHODS = ("wanda", "sparsegpt", "magnitude")
+# SparseGPT's defaults, shared by :func:`oneshot` and :func:`prune_layer` (so ``jd.auto``
+# measures a sparse candidate with the settings ``oneshot`` then realises it with); the
+# measurements behind them are in :func:`oneshot`'s docstring.
+DAMP = 0.3
+NM_SELECT = "obs"
+REFIT = True
 
 
 def _keep_lowest_removed(score: jax.Array, k) -> jax.Array:
@@ -365,8 +371,8 @@ def _check(sparsity, n, m, method):
 
 def prune_layer(o, w: jax.Array, stat: jax.Array | None, *, method: str = "sparsegpt",
                 sparsity: float = 0.5, n: int | None = None, m: int | None = None,
-                damp: float = 0.3, block_size: int = 128, nm_select: str = "obs",
-                act_order: bool = False, refit: bool = True):
+                damp: float = DAMP, block_size: int = 128, nm_select: str = NM_SELECT,
+                act_order: bool = False, refit: bool = REFIT):
   """Prunes one captured kernel ``w`` (``o``: its :class:`~jaxopt_dnn.quant.layout.OpInfo`).
 
   ``stat``: the input Hessian ``2 X^T X`` (``(K, K)``) for SparseGPT, the per-input
@@ -395,9 +401,9 @@ def prune_layer(o, w: jax.Array, stat: jax.Array | None, *, method: str = "spars
 
 def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any], *,
             method: str = "wanda", sparsity: float = 0.5, n: int | None = None,
-            m: int | None = None, rules: Any = None, damp: float = 0.3,
+            m: int | None = None, rules: Any = None, damp: float = DAMP,
             sequential: bool = True, block_size: int = 128, float_targets: bool = False,
-            nm_select: str = "obs", act_order: bool = False, refit: bool = True,
+            nm_select: str = NM_SELECT, act_order: bool = False, refit: bool = REFIT,
             bias_correct: bool = False, max_batches: int | None = None, log: Callable[[str], Any] | None = None):
   """One-shot pruning of a linen or NNX model's kernels from calibration batches.
 
@@ -419,8 +425,8 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
       all-MiniLM-L6-v2 with 32 calibration sentences (``python bench/ptq_targets.py
       --skip-w8a8 --short 0 --random 0``; min cosine over 16 held-out sentences / 24
       other validation texts / mean over 64): the previous defaults (``damp=0.1``, the
-      paper's ``nm_select="score"``, ``refit=False``) give 2:4 0.785 / 0.670 / 0.819 and 50% 0.859 /
-      0.798 / 0.899; these defaults 2:4 0.818 / 0.695 / 0.841 and 50% 0.892 / 0.814 /
+      paper's ``nm_select="score"``, ``refit=False``) give 2:4 0.785 / 0.670 / 0.819 and
+      50% 0.859 / 0.798 / 0.899; these defaults 2:4 0.818 / 0.695 / 0.841 and 50% 0.892 / 0.814 /
       0.911 (on the 24 chat-like short texts of ``EVALUATION_VARIED``'s end the 2:4
       minimum falls 0.625 -> 0.609; 50% rises 0.753 -> 0.764). With ``refit`` a larger
       damping works better (2:4 at 0.1: 0.810 / 0.672 / 0.840). Pass the previous values
@@ -439,8 +445,8 @@ def oneshot(apply_fn: Callable[..., Any], variables: Any, batches: Iterable[Any]
       groups, by the group's sum) instead of in index order.
     refit: (default on) SparseGPT re-fits every kept weight for the final mask after
       the sweep (:func:`refit_masked`: 64 conjugate-gradient steps from the sweep's
-      weights towards the least-squares optimum of the damped layer reconstruction for that
-      mask; the sweep's kept weights are optimal only towards the inputs pruned after
+      weights towards the least-squares optimum of the damped layer reconstruction for
+      that mask; the sweep's kept weights are optimal only towards the inputs pruned after
       them). Cost: each CG step is one ``(K, K) x (K, N)`` product, so the re-fit costs
       several sweeps (a 2048 x 2048 kernel at 2:4 on a 2-core CPU: sweep 0.85 s, with
       refit 5.7 s; the paper's ``"score"`` sweep 2.4 s); pass ``refit=False`` when
